@@ -1,0 +1,1 @@
+"""af3: Audio Flamingo 3 in plain PyTorch."""

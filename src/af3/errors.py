@@ -1,0 +1,27 @@
+"""Every failure a user can cause is an :class:`AF3Error` with a message that says what to do.
+
+The CLI maps these to exit code 2 and one readable line; the server maps them to JSON errors with a 4xx status.
+"""
+
+from __future__ import annotations
+
+
+class AF3Error(Exception):
+    """Base class for errors caused by input, files or configuration (not by bugs)."""
+
+    #: HTTP status the server answers with for this kind of error.
+    status_code: int = 400
+
+
+class AudioError(AF3Error, ValueError):
+    """Audio that cannot be read, decoded or used (empty, NaN/inf, wrong shape, unknown format)."""
+
+
+class InputError(AF3Error, ValueError):
+    """A request that does not fit the model: bad conversation, placeholder/audio mismatch, wrong tensor shapes."""
+
+
+class CheckpointError(AF3Error):
+    """A checkpoint folder that is missing files or holds tensors that do not match the model."""
+
+    status_code = 500

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny reference checkpoints, built once per session in a temporary folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import oracle  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ckpt_factory(tmp_path_factory):
+    """``ckpt_factory(name)`` → (folder, reference processor, reference model), cached per name."""
+    cache: dict[str, tuple] = {}
+
+    def make(name: str = "base"):
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"ckpt_{name}")
+            proc, model = oracle.make_checkpoint(folder, name)
+            cache[name] = (str(folder), proc, model)
+        return cache[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(ckpt_factory):
+    return ckpt_factory("base")
+
+
+def synth_audio(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
+    """Deterministic test audio: a few tones plus noise, float32 in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.2 * np.sin(2 * np.pi * (1200 + 300 * seed) * t)
+    x = x + 0.05 * rng.standard_normal(n)
+    return x.astype(np.float32)
+
+
+@pytest.fixture
+def audio():
+    return synth_audio
