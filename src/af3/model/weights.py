@@ -1,0 +1,305 @@
+"""Checkpoint files: find, read (memory-mapped), map keys, write.
+
+Two on-disk layouts are understood:
+
+* **HF** (``nvidia/audio-flamingo-3-hf``): ``config.json``, ``generation_config.json`` and ``model.safetensors`` or
+  shards with ``model.safetensors.index.json``; tensor names equal our module names.
+* **NVIDIA** (``nvidia/audio-flamingo-3``): ``llm/``, ``sound_tower/`` and ``sound_mm_projector/``, each with its
+  own ``config.json`` and safetensors; keys get the prefix of their folder and the projector's ``layers.0``/``layers.2``
+  become ``linear_1``/``linear_2``.
+
+Weights are read tensor by tensor into a model whose storage was allocated empty, so loading needs about the
+weights' size in memory, not twice that.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import AF3Config, EncoderConfig, GenerationConfig, TextConfig, read_json, write_json
+from ..errors import CheckpointError
+
+logger = logging.getLogger("af3")
+
+NVIDIA_FOLDERS = {"llm": "language_model", "sound_tower": "audio_tower", "sound_mm_projector": "multi_modal_projector"}
+_PROJECTOR_RENAMES = [(re.compile(r"^multi_modal_projector\.layers\.0\."), "multi_modal_projector.linear_1."),
+                      (re.compile(r"^multi_modal_projector\.layers\.2\."), "multi_modal_projector.linear_2.")]
+
+
+def is_nvidia_layout(folder: str | os.PathLike) -> bool:
+    return all(os.path.isdir(os.path.join(folder, sub)) for sub in NVIDIA_FOLDERS)
+
+
+def weight_files(folder: str | os.PathLike, allow_pickle: bool = False) -> list[str]:
+    """The weight files of one folder: single safetensors, shards from an index, or (opt-in) a pickled .bin."""
+    folder = os.fspath(folder)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index!r} has an empty weight_map")
+        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+        if missing:
+            raise CheckpointError(f"{index!r} names shard(s) that are missing: {', '.join(missing)}")
+        return [os.path.join(folder, s) for s in shards]
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    if len(found) == 1:
+        return [os.path.join(folder, found[0])]
+    if len(found) > 1:
+        raise CheckpointError(f"{folder!r} has several .safetensors files but no model.safetensors.index.json")
+    bins = sorted(f for f in os.listdir(folder) if f.endswith(".bin") and "non_lora" not in f)
+    if bins and allow_pickle:
+        return [os.path.join(folder, b) for b in bins]
+    if bins:
+        raise CheckpointError(
+            f"{folder!r} only has pickled weights ({bins[0]}); they can run code when loaded. Convert them to "
+            "safetensors, or pass allow_pickle=True to load them with torch.load(weights_only=True)"
+        )
+    raise CheckpointError(f"no weights in {folder!r}: expected model.safetensors or a sharded index")
+
+
+class TensorSource:
+    """Lazy name → tensor access over one or more weight files (safetensors are memory-mapped)."""
+
+    def __init__(self, files: list[str], rename: Callable[[str], str] = lambda k: k):
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Any, str]] = {}
+        for path in files:
+            if path.endswith(".safetensors"):
+                try:
+                    handle = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+                except Exception as e:  # safetensors raises its own error types for corrupt headers
+                    raise CheckpointError(f"cannot read {path!r}: {e}") from None
+                keys = list(handle.keys())
+            else:
+                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                keys = list(handle)
+            for k in keys:
+                self._where[rename(k)] = (handle, k)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        handle, key = self._where[name]
+        return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def close(self) -> None:
+        self._stack.close()
+        self._where.clear()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _names_list(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(sorted(names)[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+
+
+def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> None:
+    """Copy every tensor of ``source`` into ``model`` (strict: missing or unexpected names are an error)."""
+    own = dict(model.named_parameters())
+    own.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
+    wanted, present = set(own), set(source.keys())
+    missing = sorted(wanted - present)
+    if tie_embeddings and missing == ["language_model.lm_head.weight"]:
+        missing = []
+    unexpected = sorted(present - wanted)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {_names_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {_names_list(unexpected)}")
+        raise CheckpointError("the checkpoint does not match the model config; " + "; ".join(parts))
+    with torch.no_grad():
+        for name, target in own.items():
+            key = name if name in present else "language_model.model.embed_tokens.weight"
+            tensor = source.get(key)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"tensor {key} has shape {tuple(tensor.shape)} in the checkpoint but the config implies "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(tensor)
+            del tensor
+
+
+# ---------------------------------------------------------------------- configs of the two layouts
+def read_hf_config(folder: str) -> tuple[AF3Config, GenerationConfig]:
+    config = AF3Config.from_file(os.path.join(folder, "config.json"))
+    gen_path = os.path.join(folder, "generation_config.json")
+    gen = GenerationConfig.from_file(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+    return config, _fill_generation_defaults(gen, config)
+
+
+def _fill_generation_defaults(gen: GenerationConfig, config: AF3Config) -> GenerationConfig:
+    text = config.text_config
+    if gen.eos_token_id is None:
+        gen.eos_token_id = text.eos_token_id
+    if gen.pad_token_id is None:
+        gen.pad_token_id = text.pad_token_id
+    if gen.bos_token_id is None:
+        gen.bos_token_id = text.bos_token_id
+    return gen
+
+
+def read_nvidia_config(folder: str) -> tuple[AF3Config, GenerationConfig]:
+    """Build our config from NVIDIA's per-part configs (``llm/config.json``, ``sound_tower/config.json``)."""
+    llm = read_json(os.path.join(folder, "llm", "config.json"))
+    tower_path = os.path.join(folder, "sound_tower", "config.json")
+    tower = read_json(tower_path) if os.path.isfile(tower_path) else {}
+    tower = {k: v for k, v in tower.items() if k not in ("model_type", "architectures")}
+    audio_token_id = _nvidia_audio_token_id(folder)
+    text = TextConfig.from_dict({k: v for k, v in llm.items() if k not in ("architectures", "model_type")})
+    config = AF3Config(audio_config=EncoderConfig.from_dict(tower), text_config=text, audio_token_id=audio_token_id)
+    gen_path = os.path.join(folder, "llm", "generation_config.json")
+    gen = GenerationConfig.from_file(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+    return config, _fill_generation_defaults(gen, config)
+
+
+def _nvidia_audio_token_id(folder: str) -> int:
+    path = os.path.join(folder, "llm", "tokenizer.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            tok = json.load(f)
+        for added in tok.get("added_tokens", []):
+            if added.get("content") == "<sound>":
+                return int(added["id"])
+        vocab = tok.get("model", {}).get("vocab", {})
+        if "<sound>" in vocab:
+            return int(vocab["<sound>"])
+    raise CheckpointError(f"cannot find the <sound> token in {path!r}; is this an AF3 checkpoint?")
+
+
+def nvidia_tensor_source(folder: str, allow_pickle: bool = False) -> TensorSource:
+    """All tensors of the three NVIDIA sub-folders, renamed to our (HF) names."""
+    files, renames = [], {}
+    for sub, prefix in NVIDIA_FOLDERS.items():
+        for path in weight_files(os.path.join(folder, sub), allow_pickle):
+            files.append(path)
+            renames[path] = prefix
+    sources = [TensorSource([p], _prefixer(renames[p])) for p in files]
+    merged = TensorSource([])
+    for s in sources:
+        merged._stack.enter_context(s._stack)  # keep the files open as long as the merged source
+        merged._where.update(s._where)
+    return merged
+
+
+def _prefixer(prefix: str) -> Callable[[str], str]:
+    def rename(key: str) -> str:
+        name = f"{prefix}.{key}"
+        for pattern, repl in _PROJECTOR_RENAMES:
+            name = pattern.sub(repl, name)
+        return name
+
+    return rename
+
+
+# ---------------------------------------------------------------------- load / save entry points
+def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    device: str | torch.device = "cpu", allow_pickle: bool = False):
+    """Build ``cls(config, generation_config)`` with empty storage on ``device`` and fill it from ``path``."""
+    folder = os.fspath(path)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
+    if is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")) \
+            and not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        config, gen = read_nvidia_config(folder)
+        source = nvidia_tensor_source(folder, allow_pickle)
+    else:
+        config, gen = read_hf_config(folder)
+        source = TensorSource(weight_files(folder, allow_pickle))
+    with source:
+        if dtype is None:
+            dtype = _checkpoint_dtype(source)
+        with torch.device("meta"):
+            model = cls(config, gen)
+        model = model.to_empty(device=device)
+        model.to(dtype)
+        if hasattr(model, "init_buffers"):
+            model.init_buffers()  # non-persistent buffers (rotary tables) are not in the checkpoint
+        load_state(model, source, tie_embeddings=config.text_config.tie_word_embeddings)
+    return model.eval()
+
+
+def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
+    for name in source.keys():
+        if name.endswith("embed_tokens.weight"):
+            t = source.get(name)
+            if t.is_floating_point():
+                return t.dtype
+    return torch.float32
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write ``config.json``, ``generation_config.json`` and safetensors (sharded past ``max_shard_bytes``) in the
+    HF layout. Files are written to a temporary folder first and moved in place, so a crash never leaves a
+    half-written checkpoint behind."""
+    folder = os.fspath(path)
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.to("cpu")
+        size += nbytes
+    tmp = tempfile.mkdtemp(prefix=".af3-save-", dir=folder)
+    try:
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+        for name, shard in zip(names, shards):
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        config = model.config.to_dict()
+        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        write_json(os.path.join(tmp, "config.json"), config)
+        model.generation_config.save(os.path.join(tmp, "generation_config.json"))
+        # Remove weights of an earlier save that this one does not overwrite (e.g. a different shard count).
+        for old in os.listdir(folder):
+            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", old) and old not in os.listdir(tmp):
+                os.remove(os.path.join(folder, old))
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of a checkpoint in our names, whichever layout it has (for tools and tests)."""
+    folder = os.fspath(path)
+    source = nvidia_tensor_source(folder) if is_nvidia_layout(folder) else TensorSource(weight_files(folder))
+    with source:
+        for name in source.keys():
+            yield name, source.get(name)
