@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -33,6 +34,8 @@ from ..errors import CheckpointError
 
 logger = logging.getLogger("af3")
 
+LM_HEAD = "language_model.lm_head.weight"
+EMBED = "language_model.model.embed_tokens.weight"
 NVIDIA_FOLDERS = {"llm": "language_model", "sound_tower": "audio_tower", "sound_mm_projector": "multi_modal_projector"}
 _PROJECTOR_RENAMES = [(re.compile(r"^multi_modal_projector\.layers\.0\."), "multi_modal_projector.linear_1."),
                       (re.compile(r"^multi_modal_projector\.layers\.2\."), "multi_modal_projector.linear_2.")]
@@ -73,6 +76,10 @@ def weight_files(folder: str | os.PathLike, allow_pickle: bool = False) -> list[
     raise CheckpointError(f"no weights in {folder!r}: expected model.safetensors or a sharded index")
 
 
+_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                         "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 class TensorSource:
     """Lazy name → tensor access over one or more weight files (safetensors are memory-mapped)."""
 
@@ -102,6 +109,15 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
+        """Shape and bytes per element without reading the tensor's data (safetensors header only)."""
+        handle, key = self._where[name]
+        if hasattr(handle, "get_slice"):
+            sl = handle.get_slice(key)
+            return tuple(sl.get_shape()), _SAFETENSORS_ITEMSIZE.get(sl.get_dtype(), 4)
+        t = handle[key]
+        return tuple(t.shape), t.element_size()
+
     def close(self) -> None:
         self._stack.close()
         self._where.clear()
@@ -113,37 +129,58 @@ class TensorSource:
         self.close()
 
 
+class StateSource(TensorSource):
+    """The same interface over tensors already in memory (a model's ``state_dict``)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__([])
+        self._state = state
+        self._where = {k: (state, k) for k in state}
+
+    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
+        t = self._state[name]
+        return tuple(t.shape), t.element_size()
+
+
 def _names_list(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(sorted(names)[:limit])
     return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
 
 
-def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> None:
-    """Copy every tensor of ``source`` into ``model`` (strict: missing or unexpected names are an error)."""
-    own = dict(model.named_parameters())
-    own.update({n: b for n, b in model.named_buffers() if n in model.state_dict()})
-    wanted, present = set(own), set(source.keys())
-    missing = sorted(wanted - present)
-    if tie_embeddings and missing == ["language_model.lm_head.weight"]:
+def check_match(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> list[str]:
+    """Names of the tensors ``model`` wants from ``source``; missing, unexpected or mis-shaped tensors raise a
+    :class:`CheckpointError` that names them. With tied embeddings a missing ``lm_head`` is allowed."""
+    wanted = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    present = set(source.keys())
+    missing = sorted(set(wanted) - present)
+    if tie_embeddings and missing == [LM_HEAD]:
         missing = []
-    unexpected = sorted(present - wanted)
+    unexpected = sorted(present - set(wanted))
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing tensors: {_names_list(missing)}")
         if unexpected:
             parts.append(f"unexpected tensors: {_names_list(unexpected)}")
-        raise CheckpointError("the checkpoint does not match the model config; " + "; ".join(parts))
+        raise CheckpointError("the checkpoint does not match its config; " + "; ".join(parts))
+    for name in wanted:
+        key = name if name in present else EMBED
+        shape = source.shape_and_itemsize(key)[0]
+        if shape != wanted[name]:
+            raise CheckpointError(f"tensor {key} has shape {shape} in the checkpoint but the config implies "
+                                  f"{wanted[name]}")
+    return list(wanted)
+
+
+def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> None:
+    """Copy every tensor of ``source`` into ``model`` (strict, see :func:`check_match`), one tensor at a time."""
+    names = check_match(model, source, tie_embeddings)
+    targets = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
     with torch.no_grad():
-        for name, target in own.items():
-            key = name if name in present else "language_model.model.embed_tokens.weight"
-            tensor = source.get(key)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(
-                    f"tensor {key} has shape {tuple(tensor.shape)} in the checkpoint but the config implies "
-                    f"{tuple(target.shape)}"
-                )
-            target.copy_(tensor)
+        for name in names:
+            tensor = source.get(name if name in source else EMBED)
+            targets[name].copy_(tensor)
             del tensor
 
 
@@ -237,9 +274,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
         if dtype is None:
             dtype = _checkpoint_dtype(source)
         with torch.device("meta"):
-            model = cls(config, gen)
+            model = cls(config, gen).to(dtype)
         model = model.to_empty(device=device)
-        model.to(dtype)
         if hasattr(model, "init_buffers"):
             model.init_buffers()  # non-persistent buffers (rotary tables) are not in the checkpoint
         load_state(model, source, tie_embeddings=config.text_config.tie_word_embeddings)
@@ -256,39 +292,57 @@ def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Write ``config.json``, ``generation_config.json`` and safetensors (sharded past ``max_shard_bytes``) in the
-    HF layout. Files are written to a temporary folder first and moved in place, so a crash never leaves a
-    half-written checkpoint behind."""
+    """Write ``model`` in the HF layout (see :func:`write_checkpoint`)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    write_checkpoint(path, StateSource(state), model, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: torch.nn.Module,
+                     dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write ``config.json``, ``generation_config.json`` and the tensors of ``source`` (checked against
+    ``skeleton``, a model of the right config, possibly on the meta device) as safetensors in the HF layout,
+    sharded past ``max_shard_bytes``. Tensors are read one shard at a time. Files go to a temporary folder
+    first and are then moved in place, so a crash never leaves a half-written checkpoint behind."""
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    names = check_match(skeleton, source, skeleton.config.text_config.tie_word_embeddings)
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for name in names:
+        shape, itemsize = source.shape_and_itemsize(name if name in source else EMBED)
+        nbytes = math.prod(shape) * (torch.empty((), dtype=dtype).element_size() if dtype else itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor.to("cpu")
+        shards[-1].append(name)
         size += nbytes
+        total += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     tmp = tempfile.mkdtemp(prefix=".af3-save-", dir=folder)
     try:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-        for name, shard in zip(names, shards):
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+        out_dtype = None
+        for file, shard in zip(files, shards):
+            tensors = {}
+            for name in shard:
+                t = source.get(name if name in source else EMBED)
+                t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
+                tensors[name] = t.clone() if name == LM_HEAD and name not in source else t
+                out_dtype = out_dtype or (t.dtype if t.is_floating_point() else None)
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            del tensors
         if len(shards) > 1:
-            weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            write_json(os.path.join(tmp, "model.safetensors.index.json"),
-                       {"metadata": {"total_size": total}, "weight_map": weight_map})
-        config = model.config.to_dict()
-        config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+            write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+                "metadata": {"total_size": total},
+                "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
+            })
+        config = skeleton.config.to_dict()
+        config["dtype"] = str(out_dtype or torch.float32).removeprefix("torch.")
         write_json(os.path.join(tmp, "config.json"), config)
-        model.generation_config.save(os.path.join(tmp, "generation_config.json"))
-        # Remove weights of an earlier save that this one does not overwrite (e.g. a different shard count).
+        skeleton.generation_config.save(os.path.join(tmp, "generation_config.json"))
+        # Remove weights of an earlier save that this one does not replace (e.g. another shard count).
         for old in os.listdir(folder):
-            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", old) and old not in os.listdir(tmp):
+            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", old) and old not in files:
                 os.remove(os.path.join(folder, old))
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))

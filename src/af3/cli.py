@@ -1,0 +1,167 @@
+"""The ``af3`` command line. Thin: every command loads a model + processor and calls the library.
+
+Errors a user can cause (``AF3Error``) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib import resources
+from pathlib import Path
+
+import typer
+
+from .errors import AF3Error
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Audio Flamingo 3: ask about audio, transcribe, convert checkpoints.")
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise AF3Error(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16")
+    return getattr(torch, DTYPES[name])
+
+
+def embedded_model_path() -> Path | None:
+    """The tiny model shipped inside the package, if this build has one."""
+    path = Path(str(resources.files("af3") / "assets" / "tiny"))
+    return path if (path / "config.json").is_file() else None
+
+
+def bundled_clip() -> Path:
+    return Path(str(resources.files("af3") / "assets" / "clips" / "three_beeps.wav"))
+
+
+def _resolve_model(model: str | None) -> str:
+    if model:
+        return model
+    env = os.environ.get("AF3_MODEL")
+    if env:
+        return env
+    embedded = embedded_model_path()
+    if embedded is None:
+        raise AF3Error("no model given: pass --model PATH (a local AF3 checkpoint folder) or set AF3_MODEL")
+    return str(embedded)
+
+
+def _generate(model_path: str, conversation: list[dict], max_new_tokens: int, temperature: float, dtype: str,
+              device: str, strip_prefix: bool = False) -> str:
+    from . import load
+
+    model, processor = load(model_path, dtype=_dtype(dtype), device=device)
+    inputs = processor.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True).to(model.device, dtype=model.dtype)
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature if temperature > 0 else None)
+    return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True, strip_prefix=strip_prefix)
+
+
+MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder (HF or NVIDIA layout). Default: $AF3_MODEL "
+                         "or the embedded tiny model.")
+DTYPE_OPT = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.")
+DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+
+
+@app.command()
+def ask(
+    audio: str = typer.Argument(..., help="Audio file path or http(s) URL."),
+    question: str = typer.Argument(..., help="What to ask about the audio."),
+    model: str = MODEL_OPT,
+    max_new_tokens: int = typer.Option(256, help="Upper bound on the answer's length in tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Answer one question about one audio clip."""
+    conv = [{"role": "user", "content": [{"type": "audio", "path": audio}, {"type": "text", "text": question}]}]
+    typer.echo(_generate(_resolve_model(model), conv, max_new_tokens, temperature, dtype, device))
+
+
+@app.command()
+def transcribe(
+    audio: str = typer.Argument(..., help="Audio file path or http(s) URL."),
+    model: str = MODEL_OPT,
+    prompt: str = typer.Option("Transcribe the input speech.", help="The instruction sent with the audio."),
+    max_new_tokens: int = typer.Option(512, help="Upper bound on the transcript's length in tokens."),
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Transcribe speech (the model's framing sentence and quotes are stripped)."""
+    conv = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "audio", "path": audio}]}]
+    typer.echo(_generate(_resolve_model(model), conv, max_new_tokens, 0.0, dtype, device, strip_prefix=True))
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="NVIDIA-layout checkpoint (llm/, sound_tower/, sound_mm_projector/)."),
+    dst: Path = typer.Argument(..., help="Output folder for the HF layout (must not exist unless --force)."),
+    dtype: str = typer.Option("auto", help="Weights' dtype in the output: auto keeps the input's."),
+    force: bool = typer.Option(False, help="Write into an existing folder."),
+) -> None:
+    """Convert NVIDIA's original checkpoint layout to the HF layout (loadable by af3 and transformers)."""
+    from .model.convert import convert_checkpoint
+
+    if dst.exists() and not force:
+        raise AF3Error(f"{dst} already exists; choose a new folder or pass --force")
+    convert_checkpoint(src, dst, dtype=_dtype(dtype))
+    typer.echo(f"wrote {dst}")
+
+
+@app.command()
+def demo(
+    question: str = typer.Option("How many beeps do you hear?", help="The question to ask about the clip."),
+    audio: str = typer.Option(None, help="Another clip instead of the bundled one."),
+) -> None:
+    """Answer a question about a bundled clip with the embedded model (no download, no GPU)."""
+    model_path = embedded_model_path()
+    if model_path is None:
+        from .tiny import build_random_tiny
+
+        cache = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "random-tiny"
+        if not (cache / "config.json").is_file():
+            build_random_tiny(cache)
+        model_path = cache
+        typer.echo("note: this build has no trained embedded model yet; using a tiny RANDOM model, "
+                   "so the answer below is random text.", err=True)
+    clip = audio or str(bundled_clip())
+    typer.echo(f"clip: {clip}\nquestion: {question}")
+    conv = [{"role": "user", "content": [{"type": "audio", "path": clip}, {"type": "text", "text": question}]}]
+    answer = _generate(str(model_path), conv, 32, 0.0, "auto", "cpu")
+    typer.echo(f"answer: {answer}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the typer app, turning AF3Error into one line and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except AF3Error as e:
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except (typer.Exit, SystemExit) as e:
+        return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

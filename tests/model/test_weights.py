@@ -1,0 +1,197 @@
+"""Loading and saving checkpoints: HF layout (single, sharded), NVIDIA layout, conversion, errors, memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import synth_audio
+from nvidia_layout import make_nvidia_layout
+from safetensors.torch import load_file, save_file
+
+from af3 import AF3Model, AF3Processor
+from af3.cli import main as cli_main
+from af3.errors import CheckpointError
+
+
+def reference_inputs(ref_proc):
+    convs = [
+        [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                      {"type": "audio", "audio": synth_audio(3.0)}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Transcribe the input speech."},
+                                      {"type": "audio", "audio": synth_audio(7.0, seed=1)}]}],
+    ]
+    return ref_proc.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True)
+
+
+def real_positions_logits(model, inputs):
+    """Logits of real (unpadded) positions; position ids from the mask so both sides see the same positions."""
+    mask = inputs["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(**inputs, position_ids=pos).logits
+    return logits[mask.bool()]
+
+
+def assert_logits_match(ours, ref_model, ref_proc, tol=1e-4):
+    inputs = reference_inputs(ref_proc)
+    a = real_positions_logits(ours, inputs)
+    b = real_positions_logits(ref_model, inputs)
+    assert (a - b).abs().max().item() <= tol
+
+
+def test_hf_checkpoint_loads_with_reference_logits(tiny_ckpt):
+    folder, ref_proc, ref_model = tiny_ckpt
+    model = AF3Model.from_pretrained(folder)
+    assert model.dtype == torch.float32
+    assert_logits_match(model, ref_model, ref_proc)
+    # Generation defaults come from generation_config.json.
+    assert model.generation_config.pad_token_id == ref_model.generation_config.pad_token_id
+
+
+def test_save_pretrained_sharded_loads_in_af3_and_transformers(tiny_ckpt, tmp_path):
+    from transformers import AudioFlamingo3ForConditionalGeneration
+
+    folder, ref_proc, ref_model = tiny_ckpt
+    model = AF3Model.from_pretrained(folder)
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
+    assert not list(tmp_path.glob(".af3-save-*"))  # the temporary folder is gone
+    again = AF3Model.from_pretrained(tmp_path)
+    assert_logits_match(again, ref_model, ref_proc, tol=0.0)
+    theirs = AudioFlamingo3ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert_logits_match(model, theirs, ref_proc, tol=1e-4)
+    # Saving again unsharded replaces the shards instead of leaving stale files behind.
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+def test_bfloat16_load_keeps_bfloat16_weights(tiny_ckpt, tmp_path):
+    folder, ref_proc, _ = tiny_ckpt
+    model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    assert load_file(str(tmp_path / "model.safetensors"))["language_model.lm_head.weight"].dtype == torch.bfloat16
+    again = AF3Model.from_pretrained(tmp_path)  # auto dtype = the checkpoint's
+    assert again.dtype == torch.bfloat16
+
+
+def test_nvidia_layout_loads_and_converts(tiny_ckpt, tmp_path):
+    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+
+    folder, ref_proc, ref_model = tiny_ckpt
+    nv = make_nvidia_layout(folder, str(tmp_path / "nv"))
+    model = AF3Model.from_pretrained(nv)
+    assert_logits_match(model, ref_model, ref_proc)
+    proc = AF3Processor.from_pretrained(nv)
+    conv = [{"role": "user", "content": [{"type": "audio", "audio": synth_audio(2.0)},
+                                         {"type": "text", "text": "What is it?"}]}]
+    kw = dict(tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert torch.equal(proc.apply_chat_template(conv, **kw)["input_ids"],
+                       ref_proc.apply_chat_template(conv, **kw)["input_ids"])
+
+    out = tmp_path / "hf"
+    assert cli_main(["convert", nv, str(out)]) == 0
+    theirs = AudioFlamingo3ForConditionalGeneration.from_pretrained(out).eval()
+    assert_logits_match(theirs, ref_model, ref_proc)
+    assert_logits_match(AF3Model.from_pretrained(out), ref_model, ref_proc)
+    their_proc = AutoProcessor.from_pretrained(out)
+    assert torch.equal(their_proc.apply_chat_template(conv, **kw)["input_ids"],
+                       ref_proc.apply_chat_template(conv, **kw)["input_ids"])
+    # Converting into an existing folder is refused (exit code 2, nothing overwritten).
+    assert cli_main(["convert", nv, str(out)]) == 2
+
+
+def _copy_ckpt(folder, dst):
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_missing_and_unexpected_tensors_are_named(tiny_ckpt, tmp_path):
+    folder, _, _ = tiny_ckpt
+    broken = _copy_ckpt(folder, tmp_path / "broken")
+    state = load_file(str(broken / "model.safetensors"))
+    del state["audio_tower.layers.1.fc2.bias"]
+    state["language_model.extra.weight"] = torch.zeros(2)
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        AF3Model.from_pretrained(broken)
+    assert "audio_tower.layers.1.fc2.bias" in str(err.value)
+    assert "language_model.extra.weight" in str(err.value)
+
+
+def test_wrong_shape_is_named(tiny_ckpt, tmp_path):
+    folder, _, _ = tiny_ckpt
+    broken = _copy_ckpt(folder, tmp_path / "shape")
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 1
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mlp"):
+        AF3Model.from_pretrained(broken)
+
+
+def test_missing_files_are_checkpoint_errors(tiny_ckpt, tmp_path):
+    folder, _, _ = tiny_ckpt
+    with pytest.raises(CheckpointError, match="does not exist"):
+        AF3Model.from_pretrained(tmp_path / "nothing-here")
+    no_config = _copy_ckpt(folder, tmp_path / "noconfig")
+    os.remove(no_config / "config.json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        AF3Model.from_pretrained(no_config)
+    no_weights = _copy_ckpt(folder, tmp_path / "noweights")
+    os.remove(no_weights / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no weights"):
+        AF3Model.from_pretrained(no_weights)
+
+
+def test_pickled_weights_need_explicit_opt_in(tiny_ckpt, tmp_path):
+    folder, ref_proc, ref_model = tiny_ckpt
+    pickled = _copy_ckpt(folder, tmp_path / "pickled")
+    state = load_file(str(pickled / "model.safetensors"))
+    os.remove(pickled / "model.safetensors")
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        AF3Model.from_pretrained(pickled)
+    model = AF3Model.from_pretrained(pickled, allow_pickle=True)
+    assert_logits_match(model, ref_model, ref_proc)
+
+
+PEAK_RSS_SCRIPT = r"""
+import resource, sys, torch
+from af3 import AF3Model
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = AF3Model.from_pretrained(sys.argv[1])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print((peak - base) * 1024 / weights)
+"""
+
+
+def test_loading_peak_memory_is_close_to_weight_size(tmp_path):
+    """Weights are read tensor by tensor into empty storage: loading costs about one copy of the weights."""
+    from af3.config import AF3Config, EncoderConfig, TextConfig
+
+    config = AF3Config(
+        audio_config=EncoderConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024),
+        text_config=TextConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
+                               num_attention_heads=8, num_key_value_heads=2),
+        audio_token_id=5,
+    )
+    model = AF3Model(config)
+    model.save_pretrained(tmp_path)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    assert nbytes > 300e6  # big enough that interpreter noise does not matter
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    ratio = float(out.stdout.strip().splitlines()[-1])
+    assert ratio <= 1.3, f"peak RSS while loading was {ratio:.2f}x the weights"
