@@ -125,6 +125,12 @@ class AF3Processor:
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
+        from .model.weights import is_nvidia_layout
+
+        if is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            # NVIDIA's layout: the tokenizer lives in llm/; its chat template is the LLM's text-only one, so the
+            # AF3 processor template is used instead.
+            return cls(TextTokenizer.from_folder(os.path.join(folder, "llm")), FeatureConfig(), None)
         tokenizer = TextTokenizer.from_folder(folder)
         proc_cfg: dict[str, Any] = {}
         proc_path = os.path.join(folder, "processor_config.json")

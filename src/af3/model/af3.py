@@ -1,0 +1,339 @@
+"""AF3Model: audio encoder → projector → Qwen2 decoder, with audio embeddings written into ``<sound>`` slots.
+
+Fusion is in place: each ``<sound>`` token of ``input_ids`` is one 40 ms audio embedding, so the sequence
+length never changes. Placeholders are filled in row-major (batch, time) order with the window-major audio
+embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AF3Config, GenerationConfig
+from ..errors import InputError
+from ..generation.cache import KVCache
+from ..generation.sampling import SamplingParams, choose_tokens, process_logits
+from .decoder import Qwen2ForCausalLM, attention_mask_4d
+from .encoder import AudioEncoder, pooled_lengths
+from .projector import Projector
+
+
+@dataclass
+class AF3Output:
+    """What :meth:`AF3Model.forward` returns; also readable as ``out["logits"]``."""
+
+    loss: Tensor | None = None
+    logits: Tensor | None = None  # [B, T or logits_to_keep, V]
+    cache: KVCache | None = None
+    audio_embeds: Tensor | None = None  # [sum of audio tokens, D_text]
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross entropy in float32: position t predicts labels[t+1]; -100 is ignored."""
+    vocab = logits.shape[-1]
+    pred = logits[:, :-1].float().reshape(-1, vocab)  # [B*(T-1), V]
+    target = labels[:, 1:].to(logits.device).reshape(-1)  # [B*(T-1)]
+    return F.cross_entropy(pred, target, ignore_index=-100, reduction="mean")
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Rotary positions that skip padding: cumsum(mask) - 1, pads at 0. [B, S] → [B, S]."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
+
+
+class AF3Model(nn.Module):
+    """Audio Flamingo 3. Submodule names equal the checkpoint's key prefixes (plain ``load_state_dict``)."""
+
+    def __init__(self, config: AF3Config, generation_config: GenerationConfig | None = None):
+        super().__init__()
+        text = config.text_config
+        self.config = config
+        self.generation_config = generation_config or GenerationConfig(
+            bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+        )
+        self.audio_tower = AudioEncoder(config.audio_config)
+        self.multi_modal_projector = Projector(config)
+        self.language_model = Qwen2ForCausalLM(text)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", allow_pickle: bool = False) -> AF3Model:
+        """Load a local checkpoint folder (HF layout, sharded or not, or NVIDIA's layout).
+
+        ``dtype=None`` keeps the checkpoint's dtype. Storage is allocated empty on ``device`` and filled tensor by
+        tensor from memory-mapped files. Pickled ``.bin`` weights are refused unless ``allow_pickle``.
+        """
+        from .weights import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
+        """Write the HF layout (config, generation config, safetensors), atomically."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.model.embed_tokens.weight.dtype
+
+    # ---------------------------------------------------------------- audio
+
+    def get_audio_features(self, input_features: Tensor, input_features_mask: Tensor | None = None) -> Tensor:
+        """Log-mel windows [N, mel, 2P] + frame mask [N, 2P] → audio embeddings [sum of post-pool lengths,
+        D_text], window-major (valid frames of window 0, then window 1, ...). No mask means full windows."""
+        input_features_mask = self._check_audio(input_features, input_features_mask)
+        hidden = self.audio_tower(input_features, input_features_mask)  # [N, P/2, D_audio]
+        lengths = pooled_lengths(input_features_mask.sum(-1).long())  # [N]
+        keep = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]  # [N, P/2]
+        # The projector works per frame, so project only the frames that are used.
+        return self.multi_modal_projector(hidden[keep])  # [sum(lengths), D_text]
+
+    def _check_audio(self, features: Tensor, mask: Tensor | None) -> Tensor:
+        cfg = self.config.audio_config
+        frames = 2 * cfg.max_source_positions
+        if features.dim() != 3 or features.shape[1] != cfg.num_mel_bins or features.shape[2] != frames:
+            raise InputError(
+                f"input_features must be [N, {cfg.num_mel_bins}, {frames}] (windows, mel bins, frames), "
+                f"got {list(features.shape)}"
+            )
+        if mask is None:
+            return torch.ones(features.shape[0], frames, dtype=torch.long, device=features.device)
+        if tuple(mask.shape) != (features.shape[0], frames):
+            raise InputError(
+                f"input_features_mask must be [{features.shape[0]}, {frames}] (one row per window), "
+                f"got {list(mask.shape)}"
+            )
+        return mask.to(features.device)
+
+    def _fuse(self, input_ids: Tensor, embeds: Tensor, audio: Tensor) -> Tensor:
+        """Write ``audio`` [N_tok, D] into the ``<sound>`` slots of ``embeds`` [B, T, D] (row-major order)."""
+        slots = input_ids == self.config.audio_token_id  # [B, T]
+        n = int(slots.sum())
+        if n != audio.shape[0]:
+            raise InputError(
+                f"audio features and <sound> tokens do not match: {n} tokens, {audio.shape[0]} audio frames"
+            )
+        audio = audio.to(device=embeds.device, dtype=embeds.dtype)
+        return embeds.masked_scatter(slots[..., None].expand_as(embeds), audio)  # [B, T, D]
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(  # noqa: PLR0917 (HF-compatible positional order)
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        input_features: Tensor | None = None,
+        input_features_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> AF3Output:
+        """Logits (and loss with ``labels``) for a batch of token sequences with optional audio.
+
+        ``attention_mask`` [B, S] (1 = real token) covers the cached tokens plus the new ones
+        (S = cache.length + T); without ``position_ids`` positions come from it (left padding is transparent).
+        With ``cache`` the new keys/values are written at slots ``cache.length ..``; ``cache.length`` advances
+        by T.
+        """
+        embeds = self._embed(input_ids, inputs_embeds)  # [B, T, D]
+        b, t = embeds.shape[:2]
+        audio_embeds = None
+        if input_features is not None:
+            if input_ids is None:
+                raise InputError("input_features need input_ids: the <sound> ids mark where the audio goes")
+            audio_embeds = self.get_audio_features(input_features, input_features_mask)
+            embeds = self._fuse(input_ids, embeds, audio_embeds)
+
+        start = cache.length if cache is not None else 0
+        mask, position_ids = self._mask_and_positions(attention_mask, position_ids, (b, t), cache)
+        if labels is not None:
+            if tuple(labels.shape) != (b, t):
+                raise InputError(f"labels must be shaped like input_ids {[b, t]}, got {list(labels.shape)}")
+            if logits_to_keep:
+                raise InputError("labels need the logits of every position; do not pass logits_to_keep")
+        if cache is not None and start + t > cache.max_len:
+            raise InputError(f"KV cache is full: {start} + {t} tokens > {cache.max_len} slots")
+
+        hidden = self.language_model.model(embeds, position_ids, mask, cache, start)  # [B, T, D]
+        if cache is not None:
+            cache.length = start + t
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]  # [B, k, D]
+        logits = self.language_model.lm_head(hidden)  # [B, T or k, V]
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return AF3Output(loss=loss, logits=logits, cache=cache, audio_embeds=audio_embeds)
+
+    def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        if input_ids is not None and input_ids.dim() != 2:
+            raise InputError(f"input_ids must be 2-D [batch, tokens], got shape {list(input_ids.shape)}")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3:
+                raise InputError(f"inputs_embeds must be 3-D, got {list(inputs_embeds.shape)}")
+            if input_ids is not None and input_ids.shape != inputs_embeds.shape[:2]:
+                raise InputError("input_ids and inputs_embeds describe different sequence shapes")
+            return inputs_embeds
+        if input_ids is None:
+            raise InputError("give input_ids or inputs_embeds")
+        return self.language_model.model.embed_tokens(input_ids)
+
+    def _mask_and_positions(
+        self, attention_mask: Tensor | None, position_ids: Tensor | None, shape: tuple[int, int],
+        cache: KVCache | None,
+    ) -> tuple[Tensor | None, Tensor]:
+        """SDPA mask [B, 1, T, start+T] (None = plain causal, no cache) and rotary positions [B, T]."""
+        b, t = shape
+        device = self.device
+        start = cache.length if cache is not None else 0
+        if position_ids is not None and tuple(position_ids.shape) != (b, t):
+            raise InputError(f"position_ids must be [{b}, {t}], got {list(position_ids.shape)}")
+        if attention_mask is None:
+            if position_ids is None:
+                position_ids = torch.arange(start, start + t, device=device).expand(b, t)  # [B, T]
+            if cache is None:
+                return None, position_ids  # no padding, empty cache: plain causal attention
+            attention_mask = torch.ones(b, start + t, dtype=torch.bool, device=device)
+        if tuple(attention_mask.shape) != (b, start + t):
+            want = f"[{b}, {t}]" if start == 0 else f"[{b}, {start} cached + {t} new]"
+            raise InputError(f"attention_mask must be {want}, got {list(attention_mask.shape)}")
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, start:]  # [B, T]
+        return attention_mask_4d(attention_mask.to(device), start, t), position_ids
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        input_features: Tensor | None = None,
+        input_features_mask: Tensor | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+        do_sample: bool | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+    ) -> Tensor:
+        """Decode up to ``max_new_tokens`` per row → [B, T_prompt + new] (prompt followed by the new tokens).
+
+        Options left at None come from ``self.generation_config`` (``top_k=0`` / ``top_p=1.0`` switch those
+        filters off). Rows stop at an end token and are padded with ``pad_token_id`` afterwards; decoding
+        stops once every row has finished. Left padding is supported. The repetition penalty sees the whole
+        row, prompt pads and ``<sound>`` ids included (as transformers does).
+        """
+        gc = self.generation_config
+        params = SamplingParams(
+            do_sample=gc.do_sample if do_sample is None else do_sample,
+            temperature=gc.temperature if temperature is None else temperature,
+            top_k=gc.top_k if top_k is None else top_k,
+            top_p=gc.top_p if top_p is None else top_p,
+            repetition_penalty=gc.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        )
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be 2-D [batch, tokens], got shape {list(input_ids.shape)}")
+        b, t = input_ids.shape
+        device = input_ids.device
+        eos_ids = self._eos_ids(eos_token_id)
+        pad = self._pad_id(pad_token_id, eos_ids)
+        max_new = self._max_new_tokens(max_new_tokens, t)
+        if max_new <= 0:
+            return input_ids.clone()
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask must be shaped like input_ids {list(input_ids.shape)}, "
+                f"got {list(attention_mask.shape)}"
+            )
+        if seed is not None and generator is None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+
+        total = t + max_new
+        text = self.config.text_config
+        cache = KVCache(text.num_hidden_layers, b, total, text.num_key_value_heads, text.head_dim,
+                        dtype=self.dtype, device=device)
+        key_valid = torch.ones(b, total, dtype=torch.bool, device=device)  # generated slots are always real
+        key_valid[:, :t] = attention_mask.bool()
+        tokens = torch.full((b, total), pad, dtype=torch.long, device=device)  # [B, T + max_new]
+        tokens[:, :t] = input_ids
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+
+        logits, pos = self._prefill(input_ids, key_valid[:, :t], input_features, input_features_mask, cache)
+        n_new = 0
+        for step in range(max_new):
+            cur = t + step
+            if step < min_new_tokens and len(eos_ids):
+                logits = logits.index_fill(1, eos, float("-inf"))
+            logits = process_logits(logits, tokens[:, :cur], params)
+            tok = choose_tokens(logits, params, generator)  # [B]
+            tok = torch.where(unfinished, tok, pad)
+            tokens[:, cur] = tok
+            n_new = step + 1
+            unfinished &= ~torch.isin(tok, eos)
+            if n_new == max_new or not bool(unfinished.any()):  # the one host sync per step
+                break
+            pos = pos + 1
+            logits = self._decode_one(tok, pos, key_valid[:, : cur + 1], cache)
+        return tokens[:, : t + n_new]
+
+    def _prefill(
+        self, input_ids: Tensor, key_valid: Tensor, input_features: Tensor | None,
+        input_features_mask: Tensor | None, cache: KVCache,
+    ) -> tuple[Tensor, Tensor]:
+        """Prompt + audio fusion into the empty cache → last logits [B, V] fp32, positions [B]."""
+        pos = positions_from_mask(key_valid)  # [B, T]
+        out = self(input_ids, key_valid, input_features, input_features_mask, position_ids=pos, cache=cache,
+                   logits_to_keep=1)
+        return out.logits[:, -1].float(), pos[:, -1]
+
+    def _decode_one(self, tok: Tensor, pos: Tensor, key_valid: Tensor, cache: KVCache) -> Tensor:
+        """Feed one token per row at rotary position ``pos`` [B] → next logits [B, V] fp32."""
+        out = self(tok[:, None], key_valid, position_ids=pos[:, None], cache=cache, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
+        if eos_token_id is None:
+            return self.generation_config.eos_ids
+        return [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+    def _pad_id(self, pad_token_id: int | None, eos_ids: list[int]) -> int:
+        gc, text = self.generation_config, self.config.text_config
+        for candidate in (pad_token_id, gc.pad_token_id, text.pad_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return eos_ids[0] if eos_ids else 0
+
+    def _max_new_tokens(self, max_new_tokens: int | None, prompt_len: int) -> int:
+        gc = self.generation_config
+        if max_new_tokens is not None:
+            return max_new_tokens
+        if gc.max_new_tokens is not None:
+            return gc.max_new_tokens
+        if gc.max_length is not None:
+            return gc.max_length - prompt_len
+        return 20

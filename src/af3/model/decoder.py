@@ -1,0 +1,200 @@
+"""Qwen2 decoder: token embeddings, pre-RMSNorm blocks with rotary GQA attention and SwiGLU MLP, lm_head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from ..errors import CheckpointError
+from ..generation.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, cast back before the weight (as in the reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position ids; rope_type "default" or "linear" (positions / factor)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        rope = cfg.rope()
+        rope_type = rope["rope_type"]
+        if rope_type not in ("default", "linear"):
+            raise CheckpointError(f"rope_type {rope_type!r} is not supported (only 'default' and 'linear')")
+        dim = cfg.head_dim
+        # Explicit CPU device: also correct when the model is built under `with torch.device("meta")`.
+        steps = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
+        inv_freq = 1.0 / (rope["rope_theta"] ** steps)
+        if rope_type == "linear":
+            if "factor" not in rope:
+                raise CheckpointError("rope_type 'linear' needs a 'factor' in the rope parameters")
+            inv_freq = inv_freq / float(rope["factor"])
+        # A plain attribute, not a buffer: `model.to(bfloat16)` must not round the frequencies. Moved lazily.
+        self.inv_freq = inv_freq  # [Dh/2] float32
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids [B, T] → cos, sin [B, T, Dh] in ``dtype`` (computed in float32)."""
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * self.inv_freq  # [B, T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, Dh], cos/sin [B, T, Dh] → rotated x."""
+    cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, Dh]
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask_4d(key_valid: Tensor, start: int, num_queries: int) -> Tensor:
+    """Boolean SDPA mask (True = attend) for queries in slots ``start .. start+T-1`` over ``S`` key slots.
+
+    key_valid [B, S] marks real (non-pad) keys. A query sees valid keys at or before its own slot, and always
+    itself, so fully padded query rows (left padding) stay finite instead of softmax-ing over nothing → NaN.
+    Returns [B, 1, T, S].
+    """
+    s = key_valid.shape[1]
+    q = torch.arange(start, start + num_queries, device=key_valid.device)[:, None]  # [T, 1]
+    k = torch.arange(s, device=key_valid.device)[None, :]  # [1, S]
+    mask = (k <= q)[None] & key_valid.bool()[:, None, :]  # [B, T, S]
+    mask = mask | (k == q)[None]  # [B, T, S]
+    return mask[:, None]  # [B, 1, T, S]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings; q/k/v with bias, o_proj without."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=True)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        slots: int | Tensor = 0,
+    ) -> Tensor:
+        b, t, _ = x.shape  # [B, T, D]
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+
+        if cache is not None:
+            # The mask's width says how many cache slots this step reads.
+            cache.update(self.layer_idx, k, v, slots)
+            k, v = cache.keys_values(self.layer_idx, mask.shape[-1])  # [B, Hkv, S, Dh]
+
+        rep = self.num_heads // self.num_kv_heads
+        if rep > 1 and t == 1 and mask is not None:
+            # One query per row (decoding): fold each head group into the query axis so the kv heads are not
+            # copied; the [B, 1, 1, S] mask broadcasts over the group.
+            out = F.scaled_dot_product_attention(q.view(b, self.num_kv_heads, rep, self.head_dim), k, v, mask)
+        else:
+            if rep > 1:  # [B, Hkv, S, Dh] → [B, H, S, Dh], head h reads kv head h // rep
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = out.reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, Dh]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+                slots: int | Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, slots)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    """Embeddings + decoder layers + final norm (on-disk prefix ``language_model.model``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise CheckpointError(f"text_config.hidden_act {cfg.hidden_act!r} is not supported (only 'silu')")
+        pad = cfg.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < cfg.vocab_size else None  # padding_idx: no gradient
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        slots: int | Tensor = 0,
+    ) -> Tensor:
+        """inputs_embeds [B, T, D], position_ids [B, T], mask [B, 1, T, S] bool or None (plain causal, no
+        cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read."""
+        if cache is not None and mask is None:
+            raise ValueError("a KV cache needs an explicit attention mask (its width = cache slots to read)")
+        rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache, slots)
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Decoder + lm_head (on-disk prefix ``language_model``)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,106 @@
+"""Audio encoder: Whisper-large-v3-style transformer over 30 s log-mel windows, then AvgPool(2) and LayerNorm.
+
+One window is [num_mel_bins, 3000] mel frames → 1500 conv frames → 750 pooled frames (one per 40 ms).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import EncoderConfig
+from ..errors import CheckpointError
+
+
+def conv_lengths(mel_lengths: Tensor) -> Tensor:
+    """Valid frames after conv2 (stride 2) for ``mel_lengths`` valid mel frames."""
+    return (mel_lengths - 1) // 2 + 1
+
+
+def pooled_lengths(mel_lengths: Tensor) -> Tensor:
+    """Encoder output frames after AvgPool(2,2) = audio tokens of a window of ``mel_lengths`` frames."""
+    return (conv_lengths(mel_lengths) - 2) // 2 + 1
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional multi-head self-attention; ``k_proj`` has no bias and q is pre-scaled (Whisper)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        n, t, d = x.shape  # [N, T, D]
+        shape = (n, t, self.num_heads, self.head_dim)
+        # Scale q before the kernel (scale=1.0 inside), in the same order as the reference.
+        q = (self.q_proj(x) * self.head_dim**-0.5).view(shape).transpose(1, 2)  # [N, H, T, Dh]
+        k = self.k_proj(x).view(shape).transpose(1, 2)  # [N, H, T, Dh]
+        v = self.v_proj(x).view(shape).transpose(1, 2)  # [N, H, T, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [N, H, T, Dh]
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, d))  # [N, T, D]
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.self_attn = EncoderAttention(d, cfg.num_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, d)
+        self.final_layer_norm = nn.LayerNorm(d)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:  # keep fp16 activations finite, like the reference
+            limit = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(-limit, limit)
+        return x
+
+
+class AudioEncoder(nn.Module):
+    """Whisper-style encoder on fixed 30 s windows; returns [N, max_source_positions // 2, hidden_size]."""
+
+    def __init__(self, cfg: EncoderConfig):
+        super().__init__()
+        if cfg.activation_function != "gelu":
+            raise CheckpointError(f"audio activation_function {cfg.activation_function!r} is not supported")
+        self.config = cfg
+        d = cfg.hidden_size
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.embed_positions.requires_grad_(False)  # learned once, frozen (as in the reference)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layer_norm = nn.LayerNorm(d)
+
+    def forward(self, input_features: Tensor, input_features_mask: Tensor | None = None) -> Tensor:
+        """input_features [N, mel, 2*P] (P = max_source_positions), mask [N, 2*P] with 1 = real frame
+        (a left-aligned prefix; only its sum is used) → [N, P // 2, D]."""
+        x = input_features.to(self.conv1.weight.dtype)
+        x = F.gelu(self.conv1(x))  # [N, D, 2P]
+        x = F.gelu(self.conv2(x))  # [N, D, P]
+        x = x.transpose(1, 2) + self.embed_positions.weight  # [N, P, D]
+
+        mask = None
+        if input_features_mask is not None:
+            lengths = conv_lengths(input_features_mask.sum(-1).long())  # [N]
+            # Key-padding mask only; skipped when every window is full so SDPA can use its fastest path.
+            # clamp(min=1): an empty window still sees one key, so it yields finite (unused) values, not NaN.
+            if (lengths < x.shape[1]).any():
+                keep = torch.arange(x.shape[1], device=x.device) < lengths.clamp(min=1)[:, None]  # [N, P]
+                mask = keep[:, None, None, :]  # [N, 1, 1, P]
+
+        for layer in self.layers:
+            x = layer(x, mask)
+        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # [N, P//2, D]
+        return self.layer_norm(x)

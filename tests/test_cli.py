@@ -1,0 +1,63 @@
+"""The command line: answers, one-line errors with exit code 2, the demo."""
+
+from __future__ import annotations
+
+import soundfile as sf
+import torch
+from conftest import synth_audio
+
+from af3 import AF3Model, AF3Processor
+from af3.cli import bundled_clip
+from af3.cli import main as cli_main
+
+
+def test_ask_prints_the_greedy_answer_of_the_library(tiny_ckpt, tmp_path, capsys):
+    folder, _, _ = tiny_ckpt
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, synth_audio(2.0), 16000)
+    assert cli_main(["ask", str(clip), "What is it?", "--model", folder, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    # Independent expectation: the same request through the Python API.
+    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
+    conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)}, {"type": "text", "text": "What is it?"}]}]
+    inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+    ids = model.generate(**inputs, max_new_tokens=8)
+    assert printed == proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_transcribe_runs_and_strips_prefix(tiny_ckpt, tmp_path, capsys):
+    folder, _, _ = tiny_ckpt
+    clip = tmp_path / "clip.flac"
+    sf.write(clip, synth_audio(1.0), 16000)
+    assert cli_main(["transcribe", str(clip), "--model", folder, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_missing_audio_is_one_line_and_exit_code_2(tiny_ckpt, tmp_path, capsys):
+    folder, _, _ = tiny_ckpt
+    code = cli_main(["ask", str(tmp_path / "missing.wav"), "What?", "--model", folder])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "missing.wav" in err and "\n" not in err
+
+
+def test_bad_model_folder_is_one_line_and_exit_code_2(tmp_path, capsys):
+    code = cli_main(["ask", str(bundled_clip()), "What?", "--model", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_unknown_dtype_is_an_error(tiny_ckpt, capsys):
+    folder, _, _ = tiny_ckpt
+    assert cli_main(["ask", str(bundled_clip()), "What?", "--model", folder, "--dtype", "int3"]) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+def test_demo_answers_about_the_bundled_clip(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AF3_CACHE", str(tmp_path))
+    assert cli_main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "three_beeps.wav" in out and "answer:" in out
+    info = sf.info(str(bundled_clip()))
+    assert info.samplerate == 16000 and info.frames > 0
+    assert torch.tensor(sf.read(str(bundled_clip()))[0]).abs().max() > 0.1
