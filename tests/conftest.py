@@ -43,6 +43,13 @@ def synth_audio(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def load_ours(folder: str):
+    """Our model from a reference checkpoint folder."""
+    from af3 import AF3Model
+
+    return AF3Model.from_pretrained(folder)
+
+
 @pytest.fixture
 def audio():
     return synth_audio

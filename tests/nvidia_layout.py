@@ -27,7 +27,7 @@ def make_nvidia_layout(hf_folder: str, dst: str, llm_shards: int = 2) -> str:
                 name = name.replace("linear_1.", "layers.0.").replace("linear_2.", "layers.2.")
                 parts[sub][name] = tensor.contiguous()
     os.makedirs(dst)
-    for sub, tensors in parts.items():
+    for sub in parts:
         os.makedirs(os.path.join(dst, sub))
     # llm: sharded safetensors with an index, Qwen2 config, tokenizer files.
     names = sorted(parts["llm"])

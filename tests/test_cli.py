@@ -19,7 +19,8 @@ def test_ask_prints_the_greedy_answer_of_the_library(tiny_ckpt, tmp_path, capsys
     printed = capsys.readouterr().out.strip()
     # Independent expectation: the same request through the Python API.
     model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
-    conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)}, {"type": "text", "text": "What is it?"}]}]
+    conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)},
+                                         {"type": "text", "text": "What is it?"}]}]
     inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
     ids = model.generate(**inputs, max_new_tokens=8)
     assert printed == proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

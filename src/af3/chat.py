@@ -154,7 +154,8 @@ class ChatTemplate:
 
     @cached_property
     def _template(self) -> jinja2.Template:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -251,9 +252,8 @@ def normalize_conversation(conversation: Sequence[dict], audio_token: str = "<so
         if not isinstance(content, Sequence):
             raise InputError(f"message {i}: content must be a string or a list of parts")
         texts, msg_audios = [], []
-        for j, part in enumerate(content):
-            if isinstance(part, str):
-                part = {"type": "text", "text": part}
+        for j, raw in enumerate(content):
+            part = {"type": "text", "text": raw} if isinstance(raw, str) else raw
             if not isinstance(part, dict):
                 raise InputError(f"message {i}, part {j}: expected a dict like {{'type': 'text', 'text': ...}}")
             if is_audio_part(part):

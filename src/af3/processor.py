@@ -48,11 +48,10 @@ class AF3Inputs(dict):
         out = AF3Inputs()
         for key, value in self.items():
             if isinstance(value, torch.Tensor):
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(device=device, dtype=dtype)
-                else:
-                    value = value.to(device=device)
-            out[key] = value
+                cast = dtype if dtype is not None and value.is_floating_point() else None
+                out[key] = value.to(device=device, dtype=cast)
+            else:
+                out[key] = value
         return out
 
 
@@ -239,7 +238,7 @@ class AF3Processor:
             labels[ids == self.pad_token_id] = IGNORE_INDEX
             if assistant_spans is not None:
                 keep = torch.zeros_like(mask, dtype=torch.bool)
-                for row, (enc, spans, shift) in enumerate(zip(encodings, assistant_spans, shifts)):
+                for row, (enc, spans, shift) in enumerate(zip(encodings, assistant_spans, shifts, strict=True)):
                     mapped = [(shift(a), shift(b)) for a, b in spans]
                     offset = ids.shape[1] - len(enc.ids) if padding_side == "left" else 0
                     for k, (start, _end) in enumerate(enc.offsets):
@@ -337,7 +336,7 @@ class AF3Processor:
         else:
             prompts = [prompt] * len(audios)
         conversations = []
-        for a, p in zip(audios, prompts):
+        for a, p in zip(audios, prompts, strict=True):
             part = {"type": "audio", "path": a} if isinstance(a, (str, os.PathLike)) else {"type": "audio", "audio": a}
             text = {"type": "text", "text": p if p is not None else self.default_transcription_prompt}
             conversations.append([{"role": "user", "content": [text, part]}])

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-from conftest import synth_audio
-from safetensors.torch import load_file
+from conftest import load_ours, synth_audio
 
-from af3.config import AF3Config, GenerationConfig
+from af3.config import GenerationConfig
 from af3.errors import InputError
 from af3.generation import KVCache, SamplingParams, process_logits
 from af3.generation.sampling import apply_repetition_penalty, apply_top_k, apply_top_p
-from af3.model import AF3Model
 
 NAMES = ["base", "odd", "mha"]
-
-
-def load_ours(folder: str) -> AF3Model:
-    model = AF3Model(
-        AF3Config.from_file(os.path.join(folder, "config.json")),
-        GenerationConfig.from_file(os.path.join(folder, "generation_config.json")),
-    )
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,24 +9,15 @@ import os
 
 import pytest
 import torch
-from conftest import synth_audio
+from conftest import load_ours, synth_audio
 from safetensors.torch import load_file
 
-from af3.config import AF3Config, GenerationConfig
+from af3.config import AF3Config
 from af3.errors import InputError
 from af3.model import AF3Model
 
 NAMES = ["base", "odd", "mha"]
 TOL = 1e-4
-
-
-def load_ours(folder: str) -> AF3Model:
-    model = AF3Model(
-        AF3Config.from_file(os.path.join(folder, "config.json")),
-        GenerationConfig.from_file(os.path.join(folder, "generation_config.json")),
-    )
-    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,12 @@ def test_loading_peak_memory_is_close_to_weight_size(tmp_path):
                          check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert ratio <= 1.3, f"peak RSS while loading was {ratio:.2f}x the weights"
+
+
+def test_module_names_equal_checkpoint_keys(tiny_ckpt):
+    """An HF checkpoint is a plain strict load_state_dict: our module names are the on-disk names."""
+    from af3.config import AF3Config
+
+    folder, _, _ = tiny_ckpt
+    model = AF3Model(AF3Config.from_file(os.path.join(folder, "config.json")))
+    model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)

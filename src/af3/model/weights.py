@@ -163,12 +163,12 @@ def check_match(model: torch.nn.Module, source: TensorSource, tie_embeddings: bo
         if unexpected:
             parts.append(f"unexpected tensors: {_names_list(unexpected)}")
         raise CheckpointError("the checkpoint does not match its config; " + "; ".join(parts))
-    for name in wanted:
+    for name, want in wanted.items():
         key = name if name in present else EMBED
         shape = source.shape_and_itemsize(key)[0]
-        if shape != wanted[name]:
+        if shape != want:
             raise CheckpointError(f"tensor {key} has shape {shape} in the checkpoint but the config implies "
-                                  f"{wanted[name]}")
+                                  f"{want}")
     return list(wanted)
 
 
@@ -283,7 +283,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
 
 
 def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
-    for name in source.keys():
+    for name in source.keys():  # noqa: SIM118 (TensorSource is not a dict)
         if name.endswith("embed_tokens.weight"):
             t = source.get(name)
             if t.is_floating_point():
@@ -322,7 +322,7 @@ def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: to
     tmp = tempfile.mkdtemp(prefix=".af3-save-", dir=folder)
     try:
         out_dtype = None
-        for file, shard in zip(files, shards):
+        for file, shard in zip(files, shards, strict=True):
             tensors = {}
             for name in shard:
                 t = source.get(name if name in source else EMBED)
@@ -334,7 +334,7 @@ def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: to
         if len(shards) > 1:
             write_json(os.path.join(tmp, "model.safetensors.index.json"), {
                 "metadata": {"total_size": total},
-                "weight_map": {name: file for file, shard in zip(files, shards) for name in shard},
+                "weight_map": {name: file for file, shard in zip(files, shards, strict=True) for name in shard},
             })
         config = skeleton.config.to_dict()
         config["dtype"] = str(out_dtype or torch.float32).removeprefix("torch.")
@@ -355,5 +355,5 @@ def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torc
     folder = os.fspath(path)
     source = nvidia_tensor_source(folder) if is_nvidia_layout(folder) else TensorSource(weight_files(folder))
     with source:
-        for name in source.keys():
+        for name in source.keys():  # noqa: SIM118 (TensorSource is not a dict)
             yield name, source.get(name)
