@@ -11,27 +11,32 @@ from af3.cli import bundled_clip
 from af3.cli import main as cli_main
 
 
+def library_answer(folder, clip, text, max_new_tokens, strip_prefix=False):
+    """The independent expectation: the same request through the Python API."""
+    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
+    conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)}, {"type": "text", "text": text}]}]
+    inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
+    return proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True, strip_prefix=strip_prefix)
+
+
 def test_ask_prints_the_greedy_answer_of_the_library(tiny_ckpt, tmp_path, capsys):
     folder, _, _ = tiny_ckpt
     clip = tmp_path / "clip.wav"
     sf.write(clip, synth_audio(2.0), 16000)
     assert cli_main(["ask", str(clip), "What is it?", "--model", folder, "--max-new-tokens", "8"]) == 0
-    printed = capsys.readouterr().out.strip()
-    # Independent expectation: the same request through the Python API.
-    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
-    conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)},
-                                         {"type": "text", "text": "What is it?"}]}]
-    inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
-    ids = model.generate(**inputs, max_new_tokens=8)
-    assert printed == proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    printed = capsys.readouterr().out
+    assert printed == library_answer(folder, clip, "What is it?", 8) + "\n"
 
 
-def test_transcribe_runs_and_strips_prefix(tiny_ckpt, tmp_path, capsys):
+def test_transcribe_prints_the_stripped_transcript(tiny_ckpt, tmp_path, capsys):
     folder, _, _ = tiny_ckpt
     clip = tmp_path / "clip.flac"
     sf.write(clip, synth_audio(1.0), 16000)
-    assert cli_main(["transcribe", str(clip), "--model", folder, "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().err == ""
+    assert cli_main(["transcribe", str(clip), "--model", folder, "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr()
+    assert out.err == ""
+    assert out.out == library_answer(folder, clip, "Transcribe the input speech.", 6, strip_prefix=True) + "\n"
 
 
 def test_missing_audio_is_one_line_and_exit_code_2(tiny_ckpt, tmp_path, capsys):
