@@ -324,3 +324,17 @@ def test_feature_config_keeps_unknown_fields_and_round_trips(tmp_path):
 def test_feature_config_rejects_left_padding():
     with pytest.raises(CheckpointError, match="padding_side='left'"):
         FeatureConfig(padding_side="left")
+
+
+@pytest.mark.parametrize("n", [0, 1, 150, 399, 401, 16000, 479_700, 480_000])
+def test_log_mel_skipping_padding_frames_gives_the_same_features(n):
+    """With ``lengths`` the STFT stops where zero padding starts; the result must not change."""
+    from af3.features import log_mel
+
+    rng = np.random.default_rng(n)
+    windows = torch.zeros(3, 480_000)
+    windows[0, :n] = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.1
+    windows[1, : n // 2] = 0.3
+    full = log_mel(windows)
+    fast = log_mel(windows, lengths=[n, n // 2, 0])
+    assert (full - fast).abs().max().item() <= 1e-6

@@ -152,6 +152,12 @@ class ChatTemplate:
         self.audio_token = audio_token
         self.end_token = end_token
 
+    def __getstate__(self) -> dict:
+        # The compiled template holds lambdas; drop it so processors pickle (DataLoader workers under spawn).
+        state = dict(self.__dict__)
+        state.pop("_template", None)
+        return state
+
     @cached_property
     def _template(self) -> jinja2.Template:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
