@@ -1,0 +1,113 @@
+"""TrainConfig: YAML + overrides, stage defaults, relative paths, errors; the LR schedule."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+from af3.errors import InputError
+from af3.training.config import load_config, save_config
+from af3.training.stages import STAGES, get_stage
+from af3.training.trainer import lr_factor
+
+
+def _yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_yaml_overrides_stage_defaults_and_paths(tmp_path, monkeypatch):
+    run = tmp_path / "runs"
+    run.mkdir()
+    cfg_path = _yaml(run / "cfg.yaml", {
+        "model": {"path": "../ckpt"},
+        "stage": "stage3",
+        "data": {"mixture": "2.0*asr+1.0*qa", "manifests": {"asr": "data/asr.jsonl", "qa": "/abs/qa.jsonl"},
+                 "eval": "data/dev.jsonl"},
+        "optim": {"lr": "1e-4", "betas": [0.9, 0.95]},  # YAML leaves 1e-4 a string: it must still be a float
+        "train": {"resume": "out/checkpoint-000010"},
+        "output": "out",
+    })
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(cfg_path, ["optim.lr=3e-4", "stage=stage2", "train.batch_size=3", "data.eval=dev2.jsonl",
+                                 "data.manifests.extra=x.jsonl", "train.bf16=true", "lora.target_modules=[q_proj]"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.9, 0.95]
+    assert cfg.stage == "stage2"
+    # Stage 2 preset fills what the file left open; the override wins over the preset.
+    assert cfg.data.max_audio_len == 30.0 and cfg.train.grad_accum == 4 and cfg.train.epochs == 1
+    assert cfg.train.batch_size == 3 and cfg.data.eval_batch_size == 3
+    assert cfg.train.bf16 is True and cfg.lora.target_modules == ["q_proj"]
+    # YAML paths are relative to the YAML's folder, override paths to the current directory.
+    assert cfg.model.path == str(tmp_path / "ckpt")
+    assert cfg.data.manifests == {"asr": str(run / "data" / "asr.jsonl"), "qa": "/abs/qa.jsonl",
+                                  "extra": str(tmp_path / "x.jsonl")}
+    assert cfg.data.eval == str(tmp_path / "dev2.jsonl")
+    assert cfg.output == str(run / "out")
+    assert cfg.train.resume == str(run / "out" / "checkpoint-000010")
+    assert cfg.data.mixture == "2.0*asr+1.0*qa"
+
+    # The saved config is complete and loads back to the same tree.
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("where", ["yaml", "override"])
+def test_unknown_keys_are_named(tmp_path, where):
+    data = {"model": {"path": "ckpt"}, "data": {"mixture": "a.jsonl"}}
+    overrides = []
+    if where == "yaml":
+        data["optim"] = {"lrr": 1}
+    else:
+        overrides = ["train.bogus_key=1"]
+    with pytest.raises(InputError, match="optim.lrr" if where == "yaml" else "train.bogus_key"):
+        load_config(_yaml(tmp_path / "c.yaml", data), overrides)
+
+
+def test_bad_values_and_sections(tmp_path):
+    path = _yaml(tmp_path / "c.yaml", {"model": {"path": "ckpt"}, "data": {"mixture": "a.jsonl"}})
+    with pytest.raises(InputError, match="optim.lr"):
+        load_config(path, ["optim.lr=fast"])
+    with pytest.raises(InputError, match="train.strategy"):
+        load_config(path, ["train.strategy=zero3"])
+    with pytest.raises(InputError, match="unknown stage"):
+        load_config(path, ["stage=stage9"])
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        load_config(path, ["optim.lr"])
+    with pytest.raises(InputError, match="model.path"):
+        load_config(_yaml(tmp_path / "d.yaml", {"data": {"mixture": "a.jsonl"}}))
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_default_config_values(tmp_path):
+    cfg = load_config(_yaml(tmp_path / "c.yaml", {"model": {"path": "ckpt"}, "data": {"mixture": "a.jsonl"},
+                                                   "stage": 3.5}))
+    assert cfg.stage == "stage3.5" and cfg.optim.lr == 5e-5 and cfg.data.max_audio_len == 600.0
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16.0, 0.05)
+    assert cfg.optim.warmup_ratio == 0.03 and cfg.optim.max_grad_norm == 1.0 and cfg.optim.schedule == "cosine"
+    assert cfg.train.strategy == "ddp" and cfg.train.bf16 == "auto" and cfg.train.assistant_only is True
+    assert cfg.output == os.path.join(str(tmp_path), "output")
+
+
+def test_stage_presets_and_names():
+    assert [s for s in STAGES] == ["stage1", "stage2", "stage3", "stage3.5", "stage4"]
+    assert [STAGES[s].max_audio_len for s in STAGES] == [30, 30, 150, 600, 600]
+    assert [STAGES[s].lr for s in STAGES] == [1e-3, 1.5e-5, 1.5e-5, 5e-5, 5e-5]
+    for name in ("stage3.5", "stage35", "3.5", 3.5, "STAGE3.5"):
+        assert get_stage(name).name == "stage3.5"
+    assert get_stage(1).name == "stage1" and get_stage("4").name == "stage4"
+    with pytest.raises(InputError):
+        get_stage("stage5")
+
+
+def test_lr_schedule():
+    f = [lr_factor(s, total=10, warmup=2, schedule="cosine", min_ratio=0.1) for s in range(11)]
+    assert f[0] == pytest.approx(1 / 3) and f[1] == pytest.approx(2 / 3)
+    assert f[2] == pytest.approx(1.0)  # peak right after warm-up
+    assert all(a >= b for a, b in zip(f[2:], f[3:], strict=False))  # then monotone decay
+    assert f[10] == pytest.approx(0.1) and f[6] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(5, 10, 0, "linear") == pytest.approx(0.5)
+    assert lr_factor(7, 10, 0, "constant") == 1.0
