@@ -136,6 +136,26 @@ def test_left_padded_batch_matches_reference_and_unpadded_rows(trio, name):
             assert max_diff(ours_one, hf(**one).logits[0]) <= TOL
 
 
+def test_right_padded_batch_matches_unpadded_rows_and_reference(trio):
+    """Right padding (training batches) takes the plain causal path; real positions must not change."""
+    proc, hf, ours = trio("odd")
+    texts = ["<sound>Transcribe the input speech.", "Hi <sound>"]
+    clips = [synth_audio(2.0, 7), synth_audio(6.5, 8)]
+    inputs = proc(text=texts, audio=clips, padding_side="right")
+    am = inputs["attention_mask"]
+    assert bool(am[:, 0].all()) and not bool(am[:, -1].all())  # right-padded
+    assert not ours.needs_attention_mask(am)
+    ours_batch = our_logits(ours, inputs)
+    for i, (text, clip) in enumerate(zip(texts, clips, strict=True)):
+        one = single(proc, text, clip)
+        n = one["input_ids"].shape[1]
+        assert max_diff(ours_batch[i, :n], our_logits(ours, one)[0]) <= TOL
+        with torch.no_grad():
+            assert max_diff(ours_batch[i, :n], hf(**one).logits[0]) <= TOL
+    # Left padding still needs (and gets) the mask.
+    assert ours.needs_attention_mask(proc(text=texts, audio=clips)["attention_mask"])
+
+
 def test_batch_with_windows_spanning_samples_matches_reference(trio):
     proc, hf, ours = trio("odd")
     clips = [synth_audio(61.0, 10), synth_audio(4.0, 11)]
