@@ -117,6 +117,49 @@ def convert(
     typer.echo(f"wrote {dst}")
 
 
+TRAIN_HELP = """Train or fine-tune (the AF3 curriculum), or merge a LoRA adapter.
+
+\b
+af3 train CONFIG.yaml [KEY=VALUE ...] [--resume[=CHECKPOINT]]
+af3 train merge-lora ADAPTER_DIR --out OUT_DIR [--base BASE_DIR] [--dtype bfloat16]
+torchrun --nproc_per_node N -m af3.training.trainer CONFIG.yaml ...   (several GPUs or nodes)
+"""
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, help=TRAIN_HELP)
+def train(ctx: typer.Context) -> None:
+    args = list(ctx.args)
+    if not args or args[0] in ("-h", "--help"):
+        typer.echo(TRAIN_HELP)
+        raise typer.Exit(0 if args else 2)
+    if args[0] == "merge-lora":
+        _merge_lora(args[1:])
+        return
+    from .training.trainer import main as train_main
+
+    code = train_main(args)
+    if code:
+        raise typer.Exit(code)
+
+
+def _merge_lora(args: list[str]) -> None:
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):  # one line through AF3Error instead of argparse's usage dump
+            raise AF3Error(f"merge-lora: {message}; usage: af3 train merge-lora ADAPTER --out OUT [--base BASE]")
+
+    parser = Parser(prog="af3 train merge-lora")
+    parser.add_argument("adapter")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None)
+    parser.add_argument("--dtype", default="auto")
+    ns = parser.parse_args(args)
+    from .training.lora import merge_lora
+
+    typer.echo(f"wrote {merge_lora(ns.base, ns.adapter, ns.out, dtype=_dtype(ns.dtype))}")
+
+
 @app.command()
 def demo(
     question: str = typer.Option("How many beeps do you hear?", help="The question to ask about the clip."),
@@ -144,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the typer app, turning AF3Error into one line and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
+            return code
     except AF3Error as e:
         typer.echo(f"error: {e}", err=True)
         return 2
