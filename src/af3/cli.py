@@ -122,6 +122,7 @@ TRAIN_HELP = """Train or fine-tune (the AF3 curriculum), or merge a LoRA adapter
 \b
 af3 train CONFIG.yaml [KEY=VALUE ...] [--resume[=CHECKPOINT]]
 af3 train merge-lora ADAPTER_DIR --out OUT_DIR [--base BASE_DIR] [--dtype bfloat16]
+af3 train tiny [--out runs/tiny] [--install]   (the embedded tiny model: synthetic data, training, model card)
 torchrun --nproc_per_node N -m af3.training.trainer CONFIG.yaml ...   (several GPUs or nodes)
 """
 
@@ -135,11 +136,33 @@ def train(ctx: typer.Context) -> None:
     if args[0] == "merge-lora":
         _merge_lora(args[1:])
         return
+    if args[0] == "tiny":
+        _train_tiny(args[1:])
+        return
     from .training.trainer import main as train_main
 
     code = train_main(args)
     if code:
         raise typer.Exit(code)
+
+
+def _train_tiny(args: list[str]) -> None:
+    import argparse
+    import json
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str):
+            raise AF3Error(f"train tiny: {message}; usage: af3 train tiny [--out DIR] [--install] [KEY=VALUE ...]")
+
+    parser = Parser(prog="af3 train tiny")
+    parser.add_argument("--out", default="runs/tiny")
+    parser.add_argument("--install", action="store_true", help="copy the result into af3/assets/tiny")
+    parser.add_argument("overrides", nargs="*")
+    ns = parser.parse_args(args)
+    logging.getLogger("af3").setLevel(logging.INFO)
+    from .training.tiny_recipe import run_recipe
+
+    typer.echo(json.dumps(run_recipe(ns.out, overrides=ns.overrides, install=ns.install), indent=2))
 
 
 def _merge_lora(args: list[str]) -> None:

@@ -94,7 +94,8 @@ def tone(freq: float, seconds: float, rng: np.random.Generator) -> np.ndarray:
     return x
 
 
-def _finish(signal: np.ndarray, rng: np.random.Generator, noise_level: tuple[float, float] = (0.002, 0.02)) -> np.ndarray:
+def _finish(signal: np.ndarray, rng: np.random.Generator,
+            noise_level: tuple[float, float] = (0.002, 0.02)) -> np.ndarray:
     """Scale to a random peak (0.05–0.9) and add faint white background noise."""
     peak = rng.uniform(0.05, 0.9)
     x = signal / (np.abs(signal).max() + 1e-12) * peak
@@ -274,7 +275,7 @@ def parse_answer(task: str, text: str, turn: int = 0) -> str | int | None:
         found = [NUMBER_WORDS.index(w) for w in words if w in NUMBER_WORDS[1:]]
         found += [int(w) for w in words if w.isdigit() and 1 <= int(w) <= 5]
         return found[0] if len(set(found)) == 1 else None
-    if task == "pitch" or task == "multi_turn":
+    if task in ("pitch", "multi_turn"):
         found = [w for w in words if w in PITCH_BANDS]
         return found[0] if len(set(found)) == 1 else None
     if task == "noise":
