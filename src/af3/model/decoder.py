@@ -110,9 +110,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
 
         if cache is not None:
-            # The mask's width says how many cache slots this step reads.
+            # The mask's width says how many cache slots this step reads; without a mask (a causal prefill
+            # that starts at slot 0) it reads the slots just written.
             cache.update(self.layer_idx, k, v, slots)
-            k, v = cache.keys_values(self.layer_idx, mask.shape[-1])  # [B, Hkv, S, Dh]
+            k, v = cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else t)  # [B, Hkv, S, Dh]
 
         rep = self.num_heads // self.num_kv_heads
         if rep > 1 and t == 1 and mask is not None:
@@ -179,8 +180,8 @@ class Qwen2Model(nn.Module):
     ) -> Tensor:
         """inputs_embeds [B, T, D], position_ids [B, T], mask [B, 1, T, S] bool or None (plain causal, no
         cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read."""
-        if cache is not None and mask is None:
-            raise ValueError("a KV cache needs an explicit attention mask (its width = cache slots to read)")
+        if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
+            raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
         x = inputs_embeds
         for layer in self.layers:

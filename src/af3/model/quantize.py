@@ -1,0 +1,282 @@
+"""Int8 weight-only quantization of the Qwen2 decoder (attention, MLP and lm_head linears), for inference.
+
+Each ``nn.Linear`` under ``model.language_model`` becomes an :class:`Int8Linear`: the weight is stored as int8
+[out, in] with one symmetric scale per output channel (``scale = absmax / 127``, ``w ≈ q * scale``), the bias is
+kept as it was. The audio encoder and the projector keep their dtype.
+
+Kernels (measured with torch 2.13 on the 2-core Sapphire-Rapids VM, see ``benchmarks/quantize_bench.py``):
+
+* ``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`` computes
+  ``(x @ w.T) * scales`` without materialising a float weight. On CPU: x must be 2-D with a contiguous last
+  dimension, w contiguous int8, scales 1-D of **the same dtype as x** (f32, f16 or bf16), output in x's dtype.
+  Only the bf16 path is vectorised (AVX-512): for one row it is ~2x faster than a bf16 ``F.linear``, but its cost
+  grows linearly with M (slower than dequantize + AMX matmul beyond ~8 rows). The f32/f16 paths are scalar
+  (5-30x slower than the fallback). The bf16 path returns garbage (NaN/inf, sometimes a crash) when K is not a
+  multiple of 16, so K % 16 == 0 is required here.
+* Everything else takes the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (the int8 values are exact in bf16 and
+  fp32), chunked over output rows for large weights so the temporary float weight stays small. It is also the
+  CUDA path: this CPU build of torch has no CUDA kernel for the op, and the one in newer builds is a plain
+  one-thread-per-output loop; the fallback expression is what ``torch.compile`` fuses (as in gpt-fast).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import InputError
+
+log = logging.getLogger(__name__)
+
+#: Quantization modes that :func:`quantize_model` and :func:`load_quantized` accept.
+MODES = ("int8",)
+#: Devices on which the fused kernel is used when torch has it (see the module docstring for CUDA).
+FUSED_DEVICES = frozenset({"cpu"})
+#: Activation dtypes with a fast fused kernel (the f32/f16 CPU kernels are scalar and slower than the fallback).
+FUSED_DTYPES = frozenset({torch.bfloat16})
+#: Up to this many rows (batch decode) the fused kernel wins; beyond it, dequantize + matmul (prefill) wins.
+FUSED_MAX_ROWS = 8
+#: The bf16 CPU kernel needs the reduction dimension to be a multiple of this (otherwise wrong results).
+FUSED_K_MULTIPLE = 16
+#: Largest float weight chunk (elements) materialised by the fallback and by quantization.
+CHUNK_ELEMENTS = 1 << 24
+
+_OP_NAME = "aten::_weight_int8pack_mm"
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
+
+
+@functools.cache
+def fused_kernel_available(device_type: str) -> bool:
+    """True when this torch build has a ``_weight_int8pack_mm`` kernel for ``device_type`` and we use it there."""
+    if device_type not in FUSED_DEVICES or device_type not in _DISPATCH_KEYS:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, _DISPATCH_KEYS[device_type]))
+    except RuntimeError:  # the op does not exist in this torch
+        return False
+
+
+def _fused_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x [M, K] bf16 (contiguous) · int8 [N, K] · scales [N] (x's dtype) → [M, N] in one kernel."""
+    return torch.ops.aten._weight_int8pack_mm(x, qweight, scales)
+
+
+def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """Fallback: (x @ q.T) * scales with q cast to a float dtype, in chunks of output rows. x [M, K] → [M, N]."""
+    dtype = x.dtype
+    # bf16/fp32 hold x @ q.T (up to 127x the true output) safely; fp16 could overflow, so compute in fp32.
+    compute = dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    xc = x.to(compute)
+    n, k = qweight.shape
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    if n <= rows:
+        return (F.linear(xc, qweight.to(compute)) * scales.to(compute)).to(dtype)  # [M, N]
+    out = x.new_empty(x.shape[0], n, dtype=dtype)  # [M, N]
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        out[:, a:b] = F.linear(xc, qweight[a:b].to(compute)) * scales[a:b].to(compute)  # [M, b-a]
+    return out
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
+                fused: bool | None = None) -> Tensor:
+    """``x [..., K]`` times an int8 weight ``[N, K]`` with per-row ``scales [N]`` (+ ``bias [N]``) → ``[..., N]``.
+
+    ``fused=None`` picks the fused kernel when it is available and fast for this device, dtype and row count;
+    ``True`` forces it (for tests; it must be available), ``False`` forces the fallback.
+    """
+    n, k = qweight.shape
+    if x.shape[-1] != k:
+        raise InputError(f"int8 linear expects inputs with {k} features in the last dimension, got "
+                         f"{list(x.shape)}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if fused is None:
+        fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS 
+                 and not x2.requires_grad and fused_kernel_available(x2.device.type))
+    if fused:
+        s = scales if scales.dtype == x2.dtype else scales.to(x2.dtype)
+        out = _fused_mm(x2.contiguous(), qweight, s)  # [M, N]
+    else:
+        out = _dequant_mm(x2, qweight, scales)  # [M, N]
+    if bias is not None:
+        b = bias.to(out.dtype)
+        out = out + b if out.requires_grad else out.add_(b)
+    return out.reshape(*lead, n)  # [..., N]
+
+
+def quantize_weight(weight: Tensor, scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel int8: weight [N, K] → (q int8 [N, K], scales [N]) with |q·s − w| ≤ s/2.
+
+    Scales are stored in ``scale_dtype`` (default: bf16 for a bf16 weight, else fp32); q is computed against the
+    stored (rounded) scale, which is never below absmax/127, so no value is clipped. Works in row chunks.
+    """
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise InputError(f"quantize_weight expects a 2-D float weight, got {weight.dtype} {list(weight.shape)}")
+    if scale_dtype is None:
+        scale_dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
+    n, k = weight.shape
+    q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    tiny = torch.finfo(scale_dtype).tiny
+    for a in range(0, n, rows):
+        w = weight[a : a + rows].float()  # [r, K]
+        absmax = w.abs().amax(dim=1)  # [r]
+        exact = (absmax / 127.0).clamp_min(tiny)  # [r]
+        s = exact.to(scale_dtype)
+        # Rounding to the storage dtype may land below absmax/127: step one ulp up so |w / s| ≤ 127.
+        s = torch.where(s.float() < exact, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+        q[a : a + rows] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        scales[a : a + rows] = s
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with an int8 weight [out, in], per-output-channel scales [out] and an optional bias.
+
+    State-dict keys are ``qweight`` and ``scales`` (never ``weight``), so a quantized state dict cannot be loaded
+    strictly into a float model by mistake. ``weight`` is a read-only alias of ``qweight`` (for ``.device``).
+    """
+
+    def __init__(self, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or tuple(scales.shape) != (qweight.shape[0],):
+            raise InputError(f"Int8Linear needs an int8 weight [out, in] and scales [out], got {qweight.dtype} "
+                             f"{list(qweight.shape)} and {list(scales.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.contiguous())  # [out, in] int8
+        self.register_buffer("scales", scales)  # [out]
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantize ``linear`` (its weight is not modified; the bias Parameter is shared, not copied)."""
+        q, scales = quantize_weight(linear.weight.detach())
+        return cls(q, scales, linear.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The int8 weight [out, in] (not a float weight: use :meth:`dequantize` for that)."""
+        return self.qweight
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight [out, in] that the int8 values and scales stand for."""
+        return (self.qweight.to(torch.float32) * self.scales.to(torch.float32)[:, None]).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.qweight, self.scales, self.bias)  # [..., in] → [..., out]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scales={self.scales.dtype}")
+
+
+# ---------------------------------------------------------------------- model-level entry points
+def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear`` under ``model.language_model`` with :class:`Int8Linear`, in place.
+
+    Layer by layer: each float weight is released as soon as its layer is replaced (unless something else still
+    holds it, e.g. a tied lm_head shares the embedding table), so peak memory is the float model plus one layer.
+    Returns ``model``.
+    """
+    lm = model.language_model
+    names = [name for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
+    if not include_lm_head:
+        names = [n for n in names if n != "lm_head"]
+    if "lm_head" in names and lm.config.tie_word_embeddings:
+        log.info("lm_head is tied to the embeddings: its int8 copy adds memory (the embedding table stays)")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = lm.get_submodule(parent_name) if parent_name else lm
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+    model.eval()
+    return model
+
+
+def quantize_model(model: nn.Module, mode: str, include_lm_head: bool = True) -> nn.Module:
+    """Apply quantization ``mode`` (one of :data:`MODES`) to ``model`` in place; the ``quantize=`` hook."""
+    if mode != "int8":
+        raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
+    return quantize_int8(model, include_lm_head=include_lm_head)
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                   device: str | torch.device = "cpu", mode: str = "int8", include_lm_head: bool = True,
+                   allow_pickle: bool = False) -> nn.Module:
+    """Load a checkpoint with :meth:`AF3Model.from_pretrained` and quantize its decoder.
+
+    The float model is loaded and quantized on the CPU, then moved to ``device``, so an accelerator only ever
+    holds the quantized model.
+    """
+    from .af3 import AF3Model
+
+    if mode not in MODES:
+        raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
+    model = AF3Model.from_pretrained(path, dtype=dtype, device="cpu", allow_pickle=allow_pickle)
+    model = quantize_model(model, mode, include_lm_head=include_lm_head)
+    return model.to(device)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any submodule of ``model`` is an :class:`Int8Linear`."""
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
+def check_not_quantized(model: nn.Module, action: str = "save") -> None:
+    """Raise :class:`InputError` when ``model`` is quantized (quantized models are for inference only)."""
+    if is_quantized(model):
+        raise InputError(
+            f"cannot {action} an int8-quantized model: quantization is for inference only and the checkpoint "
+            "format stores float weights; load the float checkpoint again (without quantize=) and use that"
+        )
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Resident bytes of ``tensors``: the sum of their distinct storages (shared storage counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Resident bytes of the parameters and buffers of ``module``."""
+    return tensor_bytes([*module.parameters(), *module.buffers()])
+
+
+# ---------------------------------------------------------------------- accuracy
+_FORWARD_KEYS = ("input_ids", "attention_mask", "input_features", "input_features_mask")
+
+
+@torch.inference_mode()
+def top1_agreement(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> float:
+    """Fraction of real token positions (attention_mask == 1) where both models pick the same next token.
+
+    ``batches`` are model inputs (``input_ids`` [B, T], optional ``attention_mask``, ``input_features``,
+    ``input_features_mask``; other keys are ignored), text-only or with audio. Teacher-forced: every position
+    of every prompt is one next-token prediction.
+    """
+    agree = total = 0
+    for batch in batches:
+        inputs = {k: batch[k] for k in _FORWARD_KEYS if batch.get(k) is not None}
+        ids = inputs["input_ids"]  # [B, T]
+        valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()  # [B, T]
+        top_a = model_a(**inputs).logits.argmax(-1)  # [B, T]
+        top_b = model_b(**inputs).logits.argmax(-1)  # [B, T]
+        agree += int(((top_a == top_b) & valid).sum())
+        total += int(valid.sum())
+    if total == 0:
+        raise InputError("top1_agreement needs at least one real token position")
+    return agree / total

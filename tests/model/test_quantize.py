@@ -1,0 +1,297 @@
+"""Int8 weight-only decoder quantization: per-layer error bounds, model surgery, memory, kernel choice, accuracy."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from af3 import AF3Model
+from af3.config import AF3Config, EncoderConfig, TextConfig
+from af3.errors import InputError
+from af3.model import quantize as Q
+from af3.model.encoder import pooled_lengths
+from af3.model.quantize import Int8Linear
+
+FUSED = Q.fused_kernel_available("cpu")
+AUDIO_ID = 3
+
+
+def varied_linear(k: int, n: int, bias: bool, dtype: torch.dtype, seed: int = 0) -> nn.Linear:
+    """A linear layer whose rows span 3 decades of magnitude (a per-tensor scale would fail the bounds)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        rows = torch.logspace(-2, 1, n)[torch.randperm(n, generator=g)]  # [N]
+        lin.weight.copy_(torch.randn(n, k, generator=g) * rows[:, None])
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return lin.to(dtype)
+
+
+def reference(x: Tensor, lin: nn.Linear) -> Tensor:
+    """Float64 product with the original (unquantized) weights."""
+    y = x.double() @ lin.weight.detach().double().T
+    return y + lin.bias.detach().double() if lin.bias is not None else y
+
+
+def check_error_bound(x: Tensor, y: Tensor, lin: nn.Linear) -> None:
+    """|y − x·Wᵀ − b| per output ≤ Σ_k |x_k| · s_n/2 (s_n = absmax_n/127, computed here) + output rounding, and
+    the RMS error normalised by the uniform-rounding model (s_n·‖x‖/√12, plus bf16 output rounding) is ≈ 1:
+    neither a per-tensor scale (far too big) nor a float path in disguise (zero)."""
+    ref = reference(x, lin).reshape(-1, lin.out_features)  # [M, N]
+    w = lin.weight.detach().double()
+    x2 = x.double().reshape(-1, x.shape[-1])  # [M, K]
+    absmax = w.abs().amax(1)  # [N]
+    step = absmax / 127 * (1 + 2**-7)  # [N]; the stored bf16 scale may be one ulp above absmax/127
+    bound = x2.abs().sum(1, keepdim=True) * step / 2  # [M, N]
+    matmul = x2 @ w.T  # [M, N], before the bias
+    ulp = 2**-8 if y.dtype == torch.bfloat16 else 2**-23
+    rounding = ulp * (matmul.abs() + ref.abs())  # the product and the bias add are each rounded once
+    err = y.double().reshape(ref.shape) - ref  # [M, N]
+    tol = bound + rounding + 1e-6
+    assert (err.abs() <= tol).all(), float((err.abs() / tol).max())
+    sigma_q = x2.norm(dim=1, keepdim=True) * (absmax / 127) / math.sqrt(12)  # [M, N]
+    sigma = (sigma_q**2 + rounding**2 / 12).sqrt()
+    ratio = float((err / sigma).pow(2).mean().sqrt())
+    assert 0.5 < ratio < 1.5, ratio
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5,), (2, 7), (1,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_error_is_bounded_by_the_per_channel_step(dtype, shape, bias):
+    k, n = 96, 80
+    lin = varied_linear(k, n, bias, dtype)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(*shape, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        y = q(x)
+    assert y.shape == (*shape, n) and y.dtype == dtype
+    check_error_bound(x, y, lin)
+    paths = [False, True] if FUSED else [False]
+    for fused in paths:  # both paths, forced, on the same input
+        with torch.no_grad():
+            y2 = Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=fused)
+        check_error_bound(x, y2, lin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weights_and_scales_reconstruct_within_half_a_step(dtype):
+    w = varied_linear(100, 64, False, dtype).weight.detach().clone()
+    w[5] = 0  # an all-zero row must not divide by zero
+    q, s = Q.quantize_weight(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == (64,)
+    assert s.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+    recon = q.float() * s.float()[:, None]
+    err = (recon - w.float()).abs()
+    assert (err <= s.float()[:, None] / 2 * (1 + 1e-5)).all()
+    assert (q[5] == 0).all()
+    nonzero = torch.arange(64) != 5
+    absmax = w.float().abs().amax(1)
+    assert (s.float()[nonzero] >= absmax[nonzero] / 127).all()  # never clipped
+    assert (s.float()[nonzero] <= absmax[nonzero] / 127 * (1 + 2**-7)).all()  # per channel, tight
+    assert (q.abs().amax(1)[nonzero] >= 126).all()
+    assert torch.equal(Int8Linear(q, s).dequantize(), recon)
+
+
+# ---------------------------------------------------------------------- kernel choice
+def counting(monkeypatch) -> dict[str, int]:
+    calls = {"fused": 0, "fallback": 0}
+    fused, fallback = Q._fused_mm, Q._dequant_mm
+
+    def fused_spy(*a):
+        calls["fused"] += 1
+        return fused(*a)
+
+    def fallback_spy(*a):
+        calls["fallback"] += 1
+        return fallback(*a)
+
+    monkeypatch.setattr(Q, "_fused_mm", fused_spy)
+    monkeypatch.setattr(Q, "_dequant_mm", fallback_spy)
+    return calls
+
+
+@pytest.mark.skipif(not FUSED, reason="this torch has no CPU _weight_int8pack_mm kernel")
+def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch):
+    calls = counting(monkeypatch)
+    q = Int8Linear.from_linear(varied_linear(128, 48, True, torch.bfloat16))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q(x[:1])  # one decode row
+        q(x[:, None])  # [B, 1, K]: batch decode
+        assert calls == {"fused": 2, "fallback": 0}
+        q(torch.randn(40, 128, dtype=torch.bfloat16))  # prefill rows: dequantize + matmul
+        q(x.float())  # fp32 activations: the fp32 kernel is scalar, fallback
+    assert calls == {"fused": 2, "fallback": 2}
+
+
+def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch):
+    """torch 2.13's bf16 CPU kernel returns NaN/garbage for K % 16 != 0; the guard must route around it."""
+    calls = counting(monkeypatch)
+    lin = varied_linear(72, 40, True, torch.bfloat16)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(1, 72, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+    assert calls["fused"] == 0
+    assert torch.isfinite(y).all()
+    check_error_bound(x, y, lin)
+
+
+def test_fallback_chunks_large_weights(monkeypatch):
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 64 * 10)  # 10 rows per chunk
+    lin = varied_linear(64, 45, True, torch.float32)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        y = q(x)
+    check_error_bound(x, y, lin)
+    assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_input_width_raises():
+    q = Int8Linear.from_linear(nn.Linear(16, 8))
+    with pytest.raises(InputError, match="16 features"):
+        q(torch.randn(2, 15))
+
+
+# ---------------------------------------------------------------------- model surgery (tiny checkpoint)
+def decoder_linears(model: AF3Model, kind: type) -> list[str]:
+    return [n for n, m in model.language_model.named_modules() if isinstance(m, kind)]
+
+
+def test_quantize_replaces_exactly_the_decoder_linears(ckpt_factory):
+    folder, _, _ = ckpt_factory("base")
+    ref = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
+    layers = ref.config.text_config.num_hidden_layers
+    float_names = decoder_linears(ref, nn.Linear)
+    assert len(float_names) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
+
+    model = Q.load_quantized(folder, dtype=torch.bfloat16)
+    assert Q.is_quantized(model) and not Q.is_quantized(ref)
+    assert decoder_linears(model, Int8Linear) == float_names
+    assert decoder_linears(model, nn.Linear) == []
+    # Encoder and projector: same module types, same tensors, same dtype.
+    for part in ("audio_tower", "multi_modal_projector"):
+        a, b = getattr(ref, part), getattr(model, part)
+        assert [type(m) for m in a.modules()] == [type(m) for m in b.modules()]
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert sb[key].dtype == torch.bfloat16 and torch.equal(sa[key], sb[key]), key
+    # Non-linear decoder tensors (embeddings, norms) are untouched; biases are kept as they were.
+    assert torch.equal(model.language_model.model.embed_tokens.weight, ref.language_model.model.embed_tokens.weight)
+    attn, attn_ref = model.language_model.model.layers[0].self_attn, ref.language_model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.bias, attn_ref.q_proj.bias) and attn.o_proj.bias is None
+    assert model.device.type == "cpu" and model.dtype == torch.bfloat16
+
+    head_kept = Q.quantize_int8(AF3Model.from_pretrained(folder, dtype=torch.bfloat16), include_lm_head=False)
+    assert len(decoder_linears(head_kept, Int8Linear)) == 7 * layers
+    assert type(head_kept.language_model.lm_head) is nn.Linear
+
+
+def test_quantized_state_dict_cannot_pass_for_a_float_one(ckpt_factory):
+    folder, _, _ = ckpt_factory("base")
+    model = Q.load_quantized(folder)
+    keys = model.state_dict().keys()
+    assert "language_model.model.layers.0.self_attn.q_proj.qweight" in keys
+    assert "language_model.model.layers.0.self_attn.q_proj.scales" in keys
+    assert not any(k.startswith("language_model.") and k.endswith(("proj.weight", "lm_head.weight")) for k in keys)
+    fresh = AF3Model.from_pretrained(folder)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict(model.state_dict())
+    with pytest.raises(InputError, match="int8-quantized"):
+        Q.check_not_quantized(model)
+    Q.check_not_quantized(fresh)
+    with pytest.raises(InputError, match="unknown quantization mode"):
+        Q.load_quantized(folder, mode="int4")
+
+
+@pytest.mark.xfail(reason="needs the one-line check in AF3Model.save_pretrained (see quantize.check_not_quantized)",
+                   strict=False)
+def test_save_pretrained_refuses_a_quantized_model(ckpt_factory, tmp_path):
+    folder, _, _ = ckpt_factory("base")
+    with pytest.raises(InputError, match="int8-quantized"):
+        Q.load_quantized(folder).save_pretrained(tmp_path / "out")
+
+
+def test_quantization_releases_the_float_weights(ckpt_factory):
+    folder, _, _ = ckpt_factory("base")
+    model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
+    refs = [weakref.ref(m.weight) for m in model.language_model.modules() if isinstance(m, nn.Linear)]
+    Q.quantize_int8(model)
+    gc.collect()
+    assert refs and all(r() is None for r in refs)
+
+
+# ---------------------------------------------------------------------- a bigger random model
+def bigger_config() -> AF3Config:
+    return AF3Config(
+        audio_config=EncoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+        text_config=TextConfig(vocab_size=2000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                               bos_token_id=0, eos_token_id=2, pad_token_id=0),
+        audio_token_id=AUDIO_ID,
+    )
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(bf16 model, int8 copy) of a random AF3 with a 256-wide, 4-layer decoder (default init, not rescaled)."""
+    torch.manual_seed(0)
+    model = AF3Model(bigger_config()).to(torch.bfloat16).eval()
+    return model, Q.quantize_int8(copy.deepcopy(model))
+
+
+def prompts() -> list[dict[str, torch.Tensor]]:
+    """A text-only batch (2 × 24 tokens, one row left-padded) and one prompt with 2 s of audio features."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, 2000, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    feats = torch.randn(1, 128, 3000, generator=g)
+    fmask = torch.zeros(1, 3000, dtype=torch.long)
+    fmask[:, :200] = 1
+    n_audio = int(pooled_lengths(fmask.sum(-1))[0])
+    audio_ids = torch.cat([torch.randint(4, 2000, (1, 4), generator=g), torch.full((1, n_audio), AUDIO_ID),
+                           torch.randint(4, 2000, (1, 8), generator=g)], dim=1)
+    return [dict(input_ids=ids, attention_mask=mask),
+            dict(input_ids=audio_ids, input_features=feats, input_features_mask=fmask)]
+
+
+def test_decoder_weight_memory_drops_to_about_half(pair):
+    model, quant = pair
+    float_bytes = Q.tensor_bytes(t for m in model.language_model.modules() if isinstance(m, nn.Linear)
+                                 for t in m.parameters())
+    int8_bytes = Q.tensor_bytes(t for m in quant.language_model.modules() if isinstance(m, Int8Linear)
+                                for t in [*m.parameters(), *m.buffers()])
+    assert int8_bytes <= 0.55 * float_bytes, int8_bytes / float_bytes
+    assert Q.module_bytes(quant) < Q.module_bytes(model) - 0.4 * float_bytes
+
+
+def test_top1_agreement_with_bf16_and_greedy_generation(pair, monkeypatch):
+    model, quant = pair
+    batches = prompts()
+    positions = sum(int(b.get("attention_mask", torch.ones_like(b["input_ids"])).sum()) for b in batches)
+    assert positions >= 50
+    agreement = Q.top1_agreement(model, quant, batches)
+    assert agreement >= 0.9, agreement
+    assert Q.top1_agreement(model, model, batches) == 1.0
+
+    calls = counting(monkeypatch)
+    audio = batches[1]
+    out = quant.generate(**audio, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    t = audio["input_ids"].shape[1]
+    assert out.shape == (1, t + 6) and torch.equal(out[:, :t], audio["input_ids"])
+    assert ((out[:, t:] >= 0) & (out[:, t:] < 2000)).all()
+    assert calls["fallback"] > 0  # the prefill (many rows) dequantizes
+    if FUSED:
+        assert calls["fused"] >= 5 * (7 * 4 + 1)  # every decode step: 28 decoder linears + lm_head
