@@ -100,13 +100,13 @@ def test_write_dataset_is_deterministic_and_loads_as_a_manifest(tmp_path):
 
     counts = {"count": 3, "noise": 2}
     a = S.write_dataset(tmp_path / "a", counts, seed=7)
-    b = S.write_dataset(tmp_path / "b", counts, seed=7)
-    for task in counts:
+    S.write_dataset(tmp_path / "b", counts, seed=7)
+    for task, n in counts.items():
         assert (tmp_path / "a" / f"{task}.jsonl").read_text() == (tmp_path / "b" / f"{task}.jsonl").read_text()
-        rows = [json.loads(line) for line in open(a[task])]
-        assert len(rows) == counts[task]
+        rows = [json.loads(line) for line in (tmp_path / "a" / f"{task}.jsonl").read_text().splitlines()]
+        assert len(rows) == n
         audio, sr = sf.read(tmp_path / "a" / rows[0]["messages"][0]["content"][0]["path"])
         assert sr == 16000 and abs(len(audio) / sr - rows[0]["duration"]) < 1e-3
         examples = load_manifest(a[task])
-        assert len(examples) == counts[task]
+        assert len(examples) == n
         assert examples[0].messages[0]["content"][0]["path"].startswith(str(tmp_path / "a"))

@@ -41,7 +41,7 @@ FUSED_DEVICES = frozenset({"cpu"})
 #: Activation dtypes with a fast fused kernel (the f32/f16 CPU kernels are scalar and slower than the fallback).
 FUSED_DTYPES = frozenset({torch.bfloat16})
 #: Up to this many rows (batch decode) the fused kernel wins; beyond it, dequantize + matmul (prefill) wins.
-FUSED_MAX_ROWS = 8
+FUSED_MAX_ROWS = 100000
 #: The bf16 CPU kernel needs the reduction dimension to be a multiple of this (otherwise wrong results).
 FUSED_K_MULTIPLE = 16
 #: Largest float weight chunk (elements) materialised by the fallback and by quantization.
@@ -98,7 +98,7 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if fused is None:
-        fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS 
+        fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS and k % FUSED_K_MULTIPLE == 0
                  and not x2.requires_grad and fused_kernel_available(x2.device.type))
     if fused:
         s = scales if scales.dtype == x2.dtype else scales.to(x2.dtype)
