@@ -55,6 +55,7 @@ class GenerationOptions:
     stop_token_ids: tuple[int, ...] | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    think: bool = False  # switch on the checkpoint's thinking / long-audio LoRA adapter for this request
 
     def resolved(self, gc: Any, default_max_new_tokens: int = 512) -> GenerationOptions:
         """Fill unset fields from a :class:`af3.config.GenerationConfig` and check the values."""
@@ -205,6 +206,7 @@ class LRUBytes:
 class _PrefixEntry:
     key: Tensor  # [L] int64 token keys (audio tokens carry their audio's hash)
     kv: list[tuple[Tensor, Tensor]]  # per layer [Hkv, L, Dh]
+    think: bool = False  # keys/values computed with the think adapter on
 
     @property
     def nbytes(self) -> int:
@@ -253,7 +255,7 @@ class Engine:
 
     def __init__(self, model, processor, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  audio_cache_bytes: int = 512 * 1024**2, prefix_cache_bytes: int = 1024**3,
-                 max_prefill_tokens: int = 16384):
+                 max_prefill_tokens: int = 16384, think_adapter: str | None = None, allow_pickle: bool = False):
         self.model = model.eval()
         self.processor = processor
         text = model.config.text_config
@@ -275,13 +277,26 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "encoded_windows": 0}
+        self.lora = None
+        if think_adapter is not None:
+            from ..model.adapters import SwitchableLoRA, check_non_lora, read_lora
+
+            check_non_lora(think_adapter, model, allow_pickle)
+            self.lora = SwitchableLoRA(model, read_lora(think_adapter))
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str = "cpu", **kwargs) -> Engine:
+    def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str = "cpu",
+                        think: bool | str = "auto", **kwargs) -> Engine:
+        """Load a checkpoint folder; ``think="auto"`` also loads its think adapter (``think/`` or ``stage35/``)
+        when there is one, ``True`` requires it, ``False`` skips it."""
         from .. import load
+        from ..model.adapters import find_adapter
 
         model, processor = load(path, dtype=dtype, device=device)
-        return cls(model, processor, **kwargs)
+        adapter = find_adapter(path) if think else None
+        if think is True and adapter is None:
+            raise InputError(f"{path!r} has no think adapter (think/ or stage35/ with adapter_config.json)")
+        return cls(model, processor, think_adapter=adapter, **kwargs)
 
     # ------------------------------------------------------------------ submitting
     def submit(self, conversation: Sequence[dict], options: GenerationOptions | None = None, *,
@@ -291,6 +306,10 @@ class Engine:
         if kwargs:
             options = replace(options, **kwargs)
         options = options.resolved(self.model.generation_config)
+        if options.think:
+            if self.lora is None:
+                raise InputError("think mode needs the checkpoint's think adapter; this engine was loaded without one")
+            conversation = _with_think_suffix(conversation)
         inputs = self.processor.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
                                                     return_dict=True)
         ids = inputs["input_ids"][0]
@@ -487,6 +506,8 @@ class Engine:
         best, best_len = None, 0
         n = req.key.numel() - 1  # always recompute the last prompt token (its logits start decoding)
         for entry, _ in self.prefix_cache.items.values():
+            if entry.think != req.options.think:
+                continue
             m = min(n, entry.key.numel())
             if m <= best_len:
                 continue
@@ -522,7 +543,11 @@ class Engine:
             mask = None if start == 0 else attention_mask_4d(torch.ones(1, start + t, dtype=torch.bool, device=dev),
                                                            start, t)
             self.cache.rows = slice(slot, slot + 1)
-            hidden = self.model.language_model.model(x, pos, mask, self.cache, start)  # [1, T, D]
+            self._lora_rows([req])
+            try:
+                hidden = self.model.language_model.model(x, pos, mask, self.cache, start)  # [1, T, D]
+            finally:
+                self._lora_rows([])
             logits = self.model.language_model.lm_head(hidden[:, -1]).float()  # [1, V]
             self.stats["prefill_tokens"] += t
             req.length = req.input_ids.numel()
@@ -541,12 +566,21 @@ class Engine:
         mask = valid[:, None, None, :]  # [n, 1, 1, S]
         x = self.model.language_model.model.embed_tokens(last)  # [n, 1, D]
         self.cache.rows = slice(0, n)
-        hidden = self.model.language_model.model(x, lengths[:, None], mask, self.cache, lengths[:, None])
+        self._lora_rows(reqs)
+        try:
+            hidden = self.model.language_model.model(x, lengths[:, None], mask, self.cache, lengths[:, None])
+        finally:
+            self._lora_rows([])  # the hooks stay on the shared model: leave them off between engine forwards
         logits = self.model.language_model.lm_head(hidden[:, -1]).float()  # [n, V]
         self.stats["decode_steps"] += 1
         for i, r in enumerate(reqs):
             r.length += 1
             self._choose(r, logits[i])
+
+    def _lora_rows(self, reqs: list[_Request]) -> None:
+        if self.lora is not None:
+            rows = [r.options.think for r in reqs]
+            self.lora.rows = torch.tensor(rows, device=self.model.device) if any(rows) else None
 
     # ------------------------------------------------------------------ tokens, stops, outputs
     def _choose(self, req: _Request, logits: Tensor) -> None:
@@ -637,7 +671,7 @@ class Engine:
             return
         length = req.length  # the last sampled token has no keys/values yet
         key = torch.cat([req.key, torch.tensor(req.tokens[: length - req.input_ids.numel()], dtype=torch.long)])
-        entry = _PrefixEntry(key[:length], self.cache.read(slot, length))
+        entry = _PrefixEntry(key[:length], self.cache.read(slot, length), req.options.think)
         self.prefix_cache.put(id(entry), entry, entry.nbytes)
 
     def _finish(self, req: _Request) -> None:
@@ -659,6 +693,29 @@ class Engine:
             "prefix_cache": {"entries": len(self.prefix_cache.items), "bytes": self.prefix_cache.bytes},
             **self.stats,
         }
+
+
+def _with_think_suffix(conversation: Sequence[dict]) -> list[dict]:
+    """Append AF3's think-mode instruction to the last user message."""
+    from ..model.adapters import THINK_SUFFIX
+
+    conv = [dict(m) for m in conversation]
+    for m in reversed(conv):
+        if m.get("role") != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            m["content"] = content + THINK_SUFFIX
+        else:
+            parts = [dict(p) if isinstance(p, dict) else {"type": "text", "text": p} for p in content or []]
+            texts = [p for p in parts if p.get("type", "text") == "text" and "text" in p]
+            if texts:
+                texts[-1]["text"] += THINK_SUFFIX
+            else:
+                parts.append({"type": "text", "text": THINK_SUFFIX.lstrip()})
+            m["content"] = parts
+        break
+    return conv
 
 
 __all__ = ["Delta", "Engine", "GenerationOptions", "Output", "TokenLogprob"]

@@ -1,0 +1,140 @@
+"""LoRA adapters at inference, switchable per request (AF3's "think" / long-audio adapter).
+
+The adapter shipped with the checkpoints (``think/`` in the HF repo, ``stage35/`` in NVIDIA's) is a peft LoRA
+folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``non_lora_trainables.bin``). It is read here
+without peft, and applied through forward hooks, so module names and the base weights stay untouched and one
+batch can mix rows with and without the adapter: ``controller.rows`` is a bool per batch row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+
+THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
+ADAPTER_FOLDERS = ("think", "stage35")
+
+# The decoder-layer part of a LoRA target, whatever prefix the training code used
+# (peft's "base_model.model.", LLaVA's "llm.", transformers' "model.language_model." ...).
+_LAYER = re.compile(r"layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)$")
+
+
+@dataclass
+class LoRAWeights:
+    a: Tensor  # [r, in]
+    b: Tensor  # [out, r]
+    scale: float
+
+
+def find_adapter(checkpoint: str | os.PathLike) -> str | None:
+    """The think adapter folder inside a checkpoint folder, if it has one."""
+    for name in ADAPTER_FOLDERS:
+        folder = os.path.join(checkpoint, name)
+        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            return folder
+    return None
+
+
+def _our_module_name(peft_module: str) -> str:
+    m = _LAYER.search(peft_module)
+    if m is None:
+        raise CheckpointError(f"LoRA target {peft_module!r} is not a decoder projection; only the language model's "
+                              "attention and MLP layers can carry an adapter")
+    return f"language_model.model.layers.{m.group(1)}.{m.group(2)}"
+
+
+def read_lora(folder: str | os.PathLike) -> dict[str, LoRAWeights]:
+    """Our module name → LoRA weights of a peft LoRA folder (``scale`` = alpha / r, or alpha / √r with rsLoRA)."""
+    folder = os.fspath(folder)
+    cfg_path = os.path.join(folder, "adapter_config.json")
+    weights_path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(cfg_path) or not os.path.isfile(weights_path):
+        raise CheckpointError(f"{folder!r} is not a LoRA adapter: it needs adapter_config.json and "
+                              "adapter_model.safetensors")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise CheckpointError(f"{cfg_path}: only plain LoRA adapters are supported")
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in load_file(weights_path).items():
+        m = re.match(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if m is None:
+            raise CheckpointError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights)")
+        pairs.setdefault(_our_module_name(m.group(1)), {})[m.group(2)] = tensor
+    out = {}
+    for name, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise CheckpointError(f"{weights_path}: {name} has lora_{next(iter(ab))} but not its pair")
+        out[name] = LoRAWeights(ab["A"], ab["B"], scale)
+    if not out:
+        raise CheckpointError(f"{weights_path} holds no LoRA weights")
+    return out
+
+
+class SwitchableLoRA:
+    """Adds ``scale * x Aᵀ Bᵀ`` to the outputs of the targeted linears for the rows where ``rows`` is True.
+
+    ``rows`` is None (adapter off for everyone: no extra work) or a bool tensor [batch] set by the caller before
+    each forward."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, LoRAWeights]):
+        modules = dict(model.named_modules())
+        missing = sorted(set(weights) - set(modules))
+        if missing:
+            raise CheckpointError(f"the adapter targets modules this model does not have: {missing[:4]}")
+        self.rows: Tensor | None = None
+        self._handles = []
+        for name, w in weights.items():
+            linear = modules[name]
+            if w.a.shape[1] != linear.in_features or w.b.shape[0] != linear.out_features:
+                raise CheckpointError(f"adapter shapes for {name} do not fit the model")
+            a = w.a.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            b = w.b.to(device=linear.weight.device, dtype=linear.weight.dtype)
+            self._handles.append(linear.register_forward_hook(self._hook(a, b, w.scale)))
+
+    def _hook(self, a: Tensor, b: Tensor, scale: float):
+        def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            rows = self.rows
+            if rows is None or not bool(rows.any()):
+                return out
+            x = args[0]  # [B, T, in]
+            delta = (x @ a.T) @ b.T * scale  # [B, T, out]
+            return out + delta * rows.to(out.dtype).view(-1, *([1] * (out.dim() - 1)))
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def check_non_lora(folder: str | os.PathLike, model: nn.Module, allow_pickle: bool = False) -> None:
+    """An adapter folder may carry ``non_lora_trainables.bin`` (pickled). Tensors there that differ from the base
+    model cannot be switched per request; refuse them rather than answer with the wrong weights."""
+    path = os.path.join(folder, "non_lora_trainables.bin")
+    if not os.path.isfile(path):
+        return
+    if not allow_pickle:
+        raise CheckpointError(f"{path} is pickled; pass allow_pickle=True to read it (torch.load, weights_only)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    differing = []
+    for key, value in state.items():
+        name = key.removeprefix("base_model.model.")
+        if name not in own or own[name].shape != value.shape or not torch.allclose(
+                own[name].float().cpu(), value.float(), atol=1e-3):
+            differing.append(key)
+    if differing:
+        raise CheckpointError(f"{path} changes {len(differing)} base tensors (e.g. {differing[0]}); per-request "
+                              "switching cannot apply them — merge the adapter into a separate checkpoint instead")
