@@ -92,15 +92,25 @@ class AudioEncoder(nn.Module):
         x = x.transpose(1, 2) + self.embed_positions.weight  # [N, P, D]
 
         mask = None
+        positions = x.shape[1]
         if input_features_mask is not None:
             lengths = conv_lengths(input_features_mask.sum(-1).long())  # [N]
-            # Key-padding mask only; skipped when every window is full so SDPA can use its fastest path.
-            # clamp(min=1): an empty window still sees one key, so it yields finite (unused) values, not NaN.
-            if (lengths < x.shape[1]).any():
-                keep = torch.arange(x.shape[1], device=x.device) < lengths.clamp(min=1)[:, None]  # [N, P]
-                mask = keep[:, None, None, :]  # [N, 1, 1, P]
+            # Padded frames are never used: valid keys are all a query attends to, and a valid pooled frame
+            # averages two valid positions. So the transformer runs only on the longest window's valid prefix
+            # (a 2 s clip costs ~1/15 of the window's attention) and the tail is zero-filled. The key-padding
+            # mask stays for windows shorter than that (none when all are full: SDPA's fastest path);
+            # clamp(min=1): an empty window still sees one key and yields finite (unused) values, not NaN.
+            longest = int(lengths.max())
+            cut = min(positions, max(2, longest + longest % 2))
+            x = x[:, :cut]
+            if bool((lengths < cut).any()):
+                keep = torch.arange(cut, device=x.device) < lengths.clamp(min=1)[:, None]  # [N, cut]
+                mask = keep[:, None, None, :]  # [N, 1, 1, cut]
 
         for layer in self.layers:
             x = layer(x, mask)
-        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # [N, P//2, D]
-        return self.layer_norm(x)
+        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)  # [N, cut//2, D]
+        x = self.layer_norm(x)
+        if x.shape[1] < positions // 2:
+            x = F.pad(x, (0, 0, 0, positions // 2 - x.shape[1]))  # [N, P//2, D], unused zero tail
+        return x
