@@ -214,12 +214,12 @@ def test_quantized_state_dict_cannot_pass_for_a_float_one(ckpt_factory):
         Q.load_quantized(folder, mode="int4")
 
 
-@pytest.mark.xfail(reason="needs the one-line check in AF3Model.save_pretrained (see quantize.check_not_quantized)",
-                   strict=False)
 def test_save_pretrained_refuses_a_quantized_model(ckpt_factory, tmp_path):
     folder, _, _ = ckpt_factory("base")
     with pytest.raises(InputError, match="int8-quantized"):
         Q.load_quantized(folder).save_pretrained(tmp_path / "out")
+    # and loading through AF3Model.from_pretrained(quantize=...) gives the quantized model
+    assert Q.is_quantized(AF3Model.from_pretrained(folder, quantize="int8"))
 
 
 def test_quantization_releases_the_float_weights(ckpt_factory):

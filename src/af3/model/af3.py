@@ -67,19 +67,29 @@ class AF3Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu", allow_pickle: bool = False) -> AF3Model:
+                        device: str | torch.device = "cpu", allow_pickle: bool = False,
+                        quantize: str | None = None) -> AF3Model:
         """Load a local checkpoint folder (HF layout, sharded or not, or NVIDIA's layout).
 
         ``dtype=None`` keeps the checkpoint's dtype. Storage is allocated empty on ``device`` and filled tensor by
         tensor from memory-mapped files. Pickled ``.bin`` weights are refused unless ``allow_pickle``.
+        ``quantize="int8"`` stores the decoder's linear weights as int8 with per-channel scales (bf16 compute).
         """
+        if quantize is not None:
+            from .quantize import load_quantized
+
+            return load_quantized(path, dtype=dtype or torch.bfloat16, device=device, mode=quantize,
+                                  allow_pickle=allow_pickle)
         from .weights import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write the HF layout (config, generation config, safetensors), atomically."""
+        from .quantize import check_not_quantized
         from .weights import save_pretrained
+
+        check_not_quantized(self)
 
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 

@@ -10,13 +10,15 @@ Kernels (measured with torch 2.13 on the 2-core Sapphire-Rapids VM, see ``benchm
   ``(x @ w.T) * scales`` without materialising a float weight. On CPU: x must be 2-D with a contiguous last
   dimension, w contiguous int8, scales 1-D of **the same dtype as x** (f32, f16 or bf16), output in x's dtype.
   Only the bf16 path is vectorised (AVX-512): for one row it is ~2x faster than a bf16 ``F.linear``, but its cost
-  grows linearly with M (slower than dequantize + AMX matmul beyond ~8 rows). The f32/f16 paths are scalar
-  (5-30x slower than the fallback). The bf16 path returns garbage (NaN/inf, sometimes a crash) when K is not a
-  multiple of 16, so K % 16 == 0 is required here.
+  grows linearly with M (slower than dequantize + AMX matmul beyond ~8-12 rows). The f32/f16 paths are not
+  vectorised (1.5x slower than the fallback for one row, 7x for four). The bf16 path returns garbage (NaN/inf,
+  once a segfault) when K is not a multiple of 16, so K % 16 == 0 is required here.
 * Everything else takes the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (the int8 values are exact in bf16 and
   fp32), chunked over output rows for large weights so the temporary float weight stays small. It is also the
-  CUDA path: this CPU build of torch has no CUDA kernel for the op, and the one in newer builds is a plain
-  one-thread-per-output loop; the fallback expression is what ``torch.compile`` fuses (as in gpt-fast).
+  CUDA path (untested here): this CPU build registers the op for CPU only, and the CUDA kernels seen upstream
+  are simple per-output loops, so CUDA is not in :data:`FUSED_DEVICES`; the fallback expression is the one
+  ``torch.compile`` fuses into a single kernel (as in gpt-fast). ``torch._int_mm`` needs int8 activations too
+  (W8A8), so it is not a weight-only kernel and is not used.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .af3 import AF3Model
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ FUSED_DEVICES = frozenset({"cpu"})
 #: Activation dtypes with a fast fused kernel (the f32/f16 CPU kernels are scalar and slower than the fallback).
 FUSED_DTYPES = frozenset({torch.bfloat16})
 #: Up to this many rows (batch decode) the fused kernel wins; beyond it, dequantize + matmul (prefill) wins.
-FUSED_MAX_ROWS = 100000
+FUSED_MAX_ROWS = 8
 #: The bf16 CPU kernel needs the reduction dimension to be a multiple of this (otherwise wrong results).
 FUSED_K_MULTIPLE = 16
 #: Largest float weight chunk (elements) materialised by the fallback and by quantization.
@@ -125,14 +131,15 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype | None = None) -> t
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
-    tiny = torch.finfo(scale_dtype).tiny
+    info = torch.finfo(scale_dtype)
     for a in range(0, n, rows):
         w = weight[a : a + rows].float()  # [r, K]
         absmax = w.abs().amax(dim=1)  # [r]
-        exact = (absmax / 127.0).clamp_min(tiny)  # [r]
+        exact = (absmax / 127.0).clamp_min(info.tiny)  # [r]
         s = exact.to(scale_dtype)
-        # Rounding to the storage dtype may land below absmax/127: step one ulp up so |w / s| ≤ 127.
-        s = torch.where(s.float() < exact, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
+        # Rounding to the storage dtype may land below absmax/127; there, round up instead (half an eps above
+        # rounds to nearest at or above it), so |w / s| ≤ 127 and nothing is clipped.
+        s = torch.where(s.float() < exact, (exact * (1 + info.eps / 2)).to(scale_dtype), s)
         q[a : a + rows] = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
         scales[a : a + rows] = s
     return q, scales
@@ -183,7 +190,7 @@ class Int8Linear(nn.Module):
 
 
 # ---------------------------------------------------------------------- model-level entry points
-def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
+def quantize_int8(model: AF3Model, include_lm_head: bool = True) -> AF3Model:
     """Replace every ``nn.Linear`` under ``model.language_model`` with :class:`Int8Linear`, in place.
 
     Layer by layer: each float weight is released as soon as its layer is replaced (unless something else still
@@ -204,20 +211,21 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     return model
 
 
-def quantize_model(model: nn.Module, mode: str, include_lm_head: bool = True) -> nn.Module:
+def quantize_model(model: AF3Model, mode: str, include_lm_head: bool = True) -> AF3Model:
     """Apply quantization ``mode`` (one of :data:`MODES`) to ``model`` in place; the ``quantize=`` hook."""
     if mode != "int8":
         raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
     return quantize_int8(model, include_lm_head=include_lm_head)
 
 
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
                    device: str | torch.device = "cpu", mode: str = "int8", include_lm_head: bool = True,
-                   allow_pickle: bool = False) -> nn.Module:
+                   allow_pickle: bool = False) -> AF3Model:
     """Load a checkpoint with :meth:`AF3Model.from_pretrained` and quantize its decoder.
 
     The float model is loaded and quantized on the CPU, then moved to ``device``, so an accelerator only ever
-    holds the quantized model.
+    holds the quantized model. ``dtype`` is the compute dtype of everything else (None: the checkpoint's); bf16 is
+    the one with a fused int8 kernel on CPU.
     """
     from .af3 import AF3Model
 
