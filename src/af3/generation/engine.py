@@ -56,6 +56,8 @@ class GenerationOptions:
     logprobs: bool = False
     top_logprobs: int = 0
     think: bool = False  # switch on the checkpoint's thinking / long-audio LoRA adapter for this request
+    #: JSON output: a JSON schema (dict or JSON string), or True for any JSON object (llguidance-constrained).
+    json_schema: dict | str | bool | None = None
 
     def resolved(self, gc: Any, default_max_new_tokens: int = 512) -> GenerationOptions:
         """Fill unset fields from a :class:`af3.config.GenerationConfig` and check the values."""
@@ -235,6 +237,7 @@ class _Request:
     output: Output | None = None
     stream: queue.Queue | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    constraint: Any = None  # a JsonSchemaConstraint for JSON output
 
 
 def _hash_window(features: Tensor, mask: Tensor) -> int:
@@ -323,8 +326,14 @@ class Engine:
         generator = None
         if options.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(options.seed)
+        constraint = None
+        if options.json_schema is not None and options.json_schema is not False:
+            from .structured import JsonSchemaConstraint
+
+            schema = None if options.json_schema is True else options.json_schema
+            constraint = JsonSchemaConstraint(self.processor.tokenizer, schema, options.stop_token_ids)
         req = _Request(next(self._ids), ids, self._prompt_key(ids, features, mask), features, mask, options,
-                       generator, stream=queue.Queue() if stream else None)
+                       generator, stream=queue.Queue() if stream else None, constraint=constraint)
         with self._wake:
             self._waiting.append(req)
             self._wake.notify()
@@ -588,7 +597,10 @@ class Engine:
         o = req.options
         logits = logits[: self.vocab_size][None]  # [1, V]
         raw = logits  # logprobs report the model's own distribution, before penalties and sampling filters
-        if len(req.tokens) < o.min_new_tokens and o.stop_token_ids:
+        c = req.constraint
+        if c is not None:  # JSON output: only tokens the grammar allows (an end token once the JSON is complete)
+            logits = logits.masked_fill(~c.allowed(logits.shape[-1], logits.device), float("-inf"))
+        elif len(req.tokens) < o.min_new_tokens and o.stop_token_ids:
             logits = logits.index_fill(1, torch.tensor(o.stop_token_ids, device=logits.device), float("-inf"))
         if o.repetition_penalty != 1.0:
             seen = torch.cat([req.input_ids, torch.tensor(req.tokens, dtype=torch.long)]).to(logits.device)
@@ -610,7 +622,9 @@ class Engine:
                 top = list(zip(idx.tolist(), values.tolist(), strict=True))
             req.logprobs.append(TokenLogprob(token, float(lp[token]), top))
         req.tokens.append(token)
-        if token in o.stop_token_ids:
+        if c is not None and token not in o.stop_token_ids:
+            c.advance(token)
+        if token in o.stop_token_ids or (c is not None and c.is_complete()):
             req.finish_reason = "stop"
         elif len(req.tokens) >= o.max_new_tokens:
             req.finish_reason = "length"
