@@ -248,7 +248,7 @@ def write_dataset(out_dir: str | os.PathLike, counts: dict[str, int], seed: int 
                 sample = make_sample(task, rng, vary_questions)
                 rel = f"audio/{task}_{i:06d}.{audio_format}"
                 sf.write(os.path.join(out_dir, rel), sample.audio, SR, subtype="PCM_16")
-                msgs = _with_path(sample.messages, rel)
+                msgs = fill_audio(sample.messages, {"type": "audio", "path": rel})
                 f.write(json.dumps({"id": f"{task}-{i}", "task": task, "label": sample.label,
                                     "duration": round(sample.duration, 3), "messages": msgs}) + "\n")
         os.replace(path + ".tmp", path)
@@ -256,12 +256,12 @@ def write_dataset(out_dir: str | os.PathLike, counts: dict[str, int], seed: int 
     return manifests
 
 
-def _with_path(messages: list[dict], path: str) -> list[dict]:
+def fill_audio(messages: list[dict], part: dict) -> list[dict]:
+    """The conversation with its ``{"type": "audio"}`` placeholder part replaced by ``part`` (a path or array)."""
     out = []
     for m in messages:
         if isinstance(m["content"], list):
-            content = [{"type": "audio", "path": path} if p.get("type") == "audio" else p for p in m["content"]]
-            out.append({**m, "content": content})
+            out.append({**m, "content": [part if p.get("type") == "audio" else p for p in m["content"]]})
         else:
             out.append(m)
     return out

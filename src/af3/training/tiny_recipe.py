@@ -63,17 +63,6 @@ def build_init(folder: str | os.PathLike, seed: int = 0, audio_width: int = 64, 
     return folder
 
 
-def _conversation_with_audio(messages: list[dict], audio: np.ndarray) -> list[dict]:
-    out = []
-    for m in messages:
-        if isinstance(m["content"], list):
-            parts = [{"type": "audio", "audio": audio} if p.get("type") == "audio" else p for p in m["content"]]
-            out.append({**m, "content": parts})
-        else:
-            out.append(m)
-    return out
-
-
 @torch.inference_mode()
 def task_accuracy(model, processor, tasks: Sequence[str] = S.TASKS, n: int = ACCURACY_CLIPS, seed: int = 12345,
                   batch_size: int = 16) -> dict[str, float]:
@@ -89,7 +78,7 @@ def task_accuracy(model, processor, tasks: Sequence[str] = S.TASKS, n: int = ACC
         correct = 0
         for i in range(0, n, batch_size):
             chunk = samples[i:i + batch_size]
-            prompts = [_conversation_with_audio(s.messages, s.audio)[: 1 + 2 * turn] for s in chunk]
+            prompts = [S.fill_audio(s.messages, {"type": "audio", "audio": s.audio})[: 1 + 2 * turn] for s in chunk]
             inputs = processor.apply_chat_template(prompts, tokenize=True, add_generation_prompt=True,
                                                    return_dict=True).to(model.device, dtype=model.dtype)
             ids = model.generate(**inputs, max_new_tokens=12, do_sample=False)
