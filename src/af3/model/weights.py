@@ -26,7 +26,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import AF3Config, EncoderConfig, GenerationConfig, TextConfig, read_json, write_json
@@ -80,19 +79,83 @@ _SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32
                          "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """One safetensors file read with plain file reads (no memory map).
+
+    A memory map keeps every page it touched in the process's resident memory until the file is closed, so
+    loading through it peaks at twice the weights. Reading each tensor into its destination (or a temporary
+    that is freed right after) keeps the peak at the weights plus one tensor.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
+        try:
+            size = int.from_bytes(self._file.read(8), "little")
+            if not 0 < size <= 100 * 1024**2:
+                raise ValueError(f"header size {size}")
+            header = json.loads(self._file.read(size))
+        except (ValueError, UnicodeDecodeError) as e:
+            self._file.close()
+            raise CheckpointError(f"cannot read {path!r}: not a safetensors file ({e})") from None
+        header.pop("__metadata__", None)
+        self._base = 8 + size
+        self._header = header
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if os.path.getsize(path) < self._base + end:
+            self._file.close()
+            raise CheckpointError(f"{path!r} is truncated: its header promises {self._base + end} bytes")
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def dtype_name(self, key: str) -> str:
+        return self._header[key]["dtype"]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def _dtype(self, key: str) -> torch.dtype:
+        name = self.dtype_name(key)
+        if name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {name}")
+        return _SAFETENSORS_DTYPES[name]
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill ``out`` (CPU, contiguous, the tensor's dtype and shape) with the tensor's bytes."""
+        begin, end = self._header[key]["data_offsets"]
+        view = out.reshape(-1).view(torch.uint8).numpy()
+        if view.nbytes != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {key} has {end - begin} bytes, expected {view.nbytes}")
+        self._file.seek(self._base + begin)
+        if self._file.readinto(memoryview(view)) != view.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {key} is cut short")
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        out = torch.empty(self.shape(key), dtype=self._dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class TensorSource:
-    """Lazy name → tensor access over one or more weight files (safetensors are memory-mapped)."""
+    """Lazy name → tensor access over one or more weight files (safetensors read tensor by tensor)."""
 
     def __init__(self, files: list[str], rename: Callable[[str], str] = lambda k: k):
         self._stack = ExitStack()
         self._where: dict[str, tuple[Any, str]] = {}
         for path in files:
             if path.endswith(".safetensors"):
-                try:
-                    handle = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-                except Exception as e:  # safetensors raises its own error types for corrupt headers
-                    raise CheckpointError(f"cannot read {path!r}: {e}") from None
-                keys = list(handle.keys())
+                handle = SafetensorsFile(path)
+                self._stack.callback(handle.close)
+                keys = handle.keys()
             else:
                 handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 keys = list(handle)
@@ -106,15 +169,24 @@ class TensorSource:
         handle, key = self._where[name]
         return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
 
+    def copy_into(self, name: str, target: torch.Tensor) -> None:
+        """``target.copy_(tensor)``, reading straight into ``target`` when it is a CPU tensor of the same dtype."""
+        handle, key = self._where[name]
+        if (isinstance(handle, SafetensorsFile) and target.device.type == "cpu" and target.is_contiguous()
+                and handle.dtype_name(key) in _SAFETENSORS_DTYPES
+                and _SAFETENSORS_DTYPES[handle.dtype_name(key)] == target.dtype):
+            handle.read_into(key, target)
+        else:
+            target.copy_(self.get(name))
+
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
     def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
         """Shape and bytes per element without reading the tensor's data (safetensors header only)."""
         handle, key = self._where[name]
-        if hasattr(handle, "get_slice"):
-            sl = handle.get_slice(key)
-            return tuple(sl.get_shape()), _SAFETENSORS_ITEMSIZE.get(sl.get_dtype(), 4)
+        if isinstance(handle, SafetensorsFile):
+            return handle.shape(key), _SAFETENSORS_ITEMSIZE.get(handle.dtype_name(key), 4)
         t = handle[key]
         return tuple(t.shape), t.element_size()
 
@@ -179,9 +251,7 @@ def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: boo
     targets.update(dict(model.named_buffers()))
     with torch.no_grad():
         for name in names:
-            tensor = source.get(name if name in source else EMBED)
-            targets[name].copy_(tensor)
-            del tensor
+            source.copy_into(name if name in source else EMBED, targets[name])
 
 
 # ---------------------------------------------------------------------- configs of the two layouts
