@@ -630,7 +630,8 @@ class Engine:
             req.finish_reason = "length"
         if req.finish_reason is None and req.length + 1 >= self.max_seq_len:
             req.finish_reason = "length"
-        self._update_text(req)
+        if req.stream is not None or o.stop or req.finish_reason is not None:
+            self._update_text(req)  # detokenize per step only when someone reads the text before the end
 
     def _update_text(self, req: _Request) -> None:
         ids = req.tokens[:-1] if req.finish_reason == "stop" and req.tokens[-1] in req.options.stop_token_ids \
