@@ -238,6 +238,7 @@ class _Request:
     stream: queue.Queue | None = None
     done: threading.Event = field(default_factory=threading.Event)
     constraint: Any = None  # a JsonSchemaConstraint for JSON output
+    window_hashes: list[int] = field(default_factory=list)  # content hash of each audio window (cache keys)
 
 
 def _hash_window(features: Tensor, mask: Tensor) -> int:
@@ -332,25 +333,26 @@ class Engine:
 
             schema = None if options.json_schema is True else options.json_schema
             constraint = JsonSchemaConstraint(self.processor.tokenizer, schema, options.stop_token_ids)
-        req = _Request(next(self._ids), ids, self._prompt_key(ids, features, mask), features, mask, options,
-                       generator, stream=queue.Queue() if stream else None, constraint=constraint)
+        hashes = [] if features is None else [_hash_window(f, m) for f, m in zip(features, mask, strict=True)]
+        req = _Request(next(self._ids), ids, self._prompt_key(ids, hashes, mask), features, mask, options,
+                       generator, stream=queue.Queue() if stream else None, constraint=constraint,
+                       window_hashes=hashes)
         with self._wake:
             self._waiting.append(req)
             self._wake.notify()
         return req
 
-    def _prompt_key(self, ids: Tensor, features: Tensor | None, mask: Tensor | None) -> Tensor:
-        """Token ids, with each audio token replaced by a negative number derived from its window's content, so
-        that equal keys mean equal inputs to the decoder (same text, same audio)."""
+    def _prompt_key(self, ids: Tensor, hashes: list[int], mask: Tensor | None) -> Tensor:
+        """Token ids, with each audio token replaced by a negative number derived from its window's content hash,
+        so that equal keys mean equal inputs to the decoder (same text, same audio)."""
         key = ids.clone()
-        if features is None:
+        if mask is None:
             return key
         from ..features import conv_output_lengths
 
         post = conv_output_lengths(mask.sum(-1).long())[1].tolist()
         codes = []
-        for w, n in enumerate(post):
-            base = _hash_window(features[w], mask[w])
+        for base, n in zip(hashes, post, strict=True):
             codes.extend(-((base + i) % (1 << 62)) - 1 for i in range(n))
         slots = (ids == self.audio_token_id).nonzero().flatten()
         if len(codes) != len(slots):
@@ -482,8 +484,7 @@ class Engine:
             if r.features is None:
                 continue
             parts: list[Tensor | int] = []
-            for w in range(r.features.shape[0]):
-                h = _hash_window(r.features[w], r.features_mask[w])
+            for w, h in enumerate(r.window_hashes):
                 hit = self.audio_cache.get(h)
                 if hit is None:
                     todo.append((r, w, h))

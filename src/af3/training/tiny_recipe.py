@@ -26,7 +26,7 @@ RECIPE = Path(__file__).resolve().parents[3] / "recipes" / "tiny.yaml"
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
 # Clips per task in the training set (each is seen about ``epochs`` times) and in the held-out eval manifest.
-TRAIN_COUNTS = {"count": 2400, "pitch": 700, "noise": 700, "long_count": 1000, "multi_turn": 1400}
+TRAIN_COUNTS = {"count": 3000, "pitch": 500, "noise": 500, "long_count": 800, "multi_turn": 1200}
 EVAL_COUNTS = {task: 12 for task in S.TASKS}
 ACCURACY_CLIPS = 100  # freshly generated clips per task for the model card
 GOALS = {"count": 0.95, "pitch": 0.95, "noise": 0.95, "long_count": 0.85, "multi_turn": 0.90}
@@ -43,7 +43,7 @@ def task_corpus() -> list[str]:
 
 
 def build_init(folder: str | os.PathLike, seed: int = 0, audio_width: int = 64, audio_heads: int = 2,
-               text_width: int = 128, layers: int = 2, vocab_size: int = 320) -> str:
+               text_width: int = 128, layers: int = 2, text_layers: int = 4, vocab_size: int = 320) -> str:
     """A randomly initialised tiny AF3 (HF layout, with tokenizer and processor files) to train from."""
     from ..config import GenerationConfig
     from ..model import AF3Model
@@ -56,6 +56,7 @@ def build_init(folder: str | os.PathLike, seed: int = 0, audio_width: int = 64, 
     config.audio_config.num_attention_heads = audio_heads
     text = config.text_config
     text.hidden_size, text.intermediate_size, text.head_dim = text_width, 2 * text_width, text_width // 4
+    text.num_hidden_layers = text_layers  # counting needs depth: 2 decoder layers stayed at chance, 4 learn it
     torch.manual_seed(seed)
     gen = GenerationConfig(bos_token_id=0, eos_token_id=2, pad_token_id=0, max_new_tokens=32)
     AF3Model(config, gen).save_pretrained(folder)
@@ -111,8 +112,8 @@ conversation (count, then the pitch of the beeps; the second turn is scored).
 ## Recipe
 - Command: `af3 train tiny --out runs/tiny` (settings in `recipes/tiny.yaml`), on {info['machine']}.
 - Data: {counts} synthetic clips (`af3.training.synthetic`, seed {info['seed']}), questions with varied wording.
-- Model: encoder width {info['audio_width']} ({info['layers']} layers, {info['audio_heads']} heads), decoder width
-  {info['text_width']} ({info['layers']} layers), byte-level BPE vocabulary of {info['vocab']} with AF3's
+- Model: encoder width {info['audio_width']} ({info['audio_layers']} layers, {info['audio_heads']} heads), decoder
+  width {info['text_width']} ({info['layers']} layers), byte-level BPE vocabulary of {info['vocab']} with AF3's
   special tokens.
 - Training: stage `stage3` (everything trains), {info['steps']} steps of batch {info['batch_size']}, AdamW
   lr {info['lr']}, cosine schedule with warm-up, assistant-only loss.
@@ -162,6 +163,7 @@ def run_recipe(out: str | os.PathLike = "runs/tiny", recipe: str | os.PathLike |
     info = {
         "params": sum(p.numel() for p in model.parameters()), "accuracy_clips": accuracy_clips, "seed": seed,
         "audio_width": model.config.audio_config.hidden_size,
+        "audio_layers": model.config.audio_config.num_hidden_layers,
         "audio_heads": model.config.audio_config.num_attention_heads,
         "train_counts": train_counts,
         "text_width": text.hidden_size, "layers": text.num_hidden_layers, "vocab": text.vocab_size,
