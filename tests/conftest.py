@@ -29,6 +29,20 @@ def ckpt_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trio(ckpt_factory):
+    """``trio(name)`` → (reference processor, reference model, our model loaded from the same folder), cached."""
+    cache: dict[str, tuple] = {}
+
+    def get(name: str = "base"):
+        if name not in cache:
+            folder, proc, hf = ckpt_factory(name)
+            cache[name] = (proc, hf, load_ours(folder))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt(ckpt_factory):
     return ckpt_factory("base")
 

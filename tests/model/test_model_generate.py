@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import load_ours, synth_audio
+from conftest import synth_audio
 
 from af3.config import GenerationConfig
 from af3.errors import InputError
@@ -17,19 +17,16 @@ NAMES = ["base", "odd", "mha"]
 
 
 @pytest.fixture(scope="module")
-def trio(ckpt_factory):
-    """``trio(name)`` → (reference processor, reference model, our model, left-padded batch with audio)."""
+def trio_batch(trio):
+    """``trio_batch(name)`` → (reference processor, reference model, our model, left-padded batch with audio)."""
     cache = {}
 
     def get(name: str):
         if name not in cache:
-            folder, proc, hf = ckpt_factory(name)
+            proc, hf, ours = trio(name)
             texts = ["<sound>Transcribe the input speech.", "Hi <sound>", "<sound>How many beeps do you hear"]
-            batch = proc(
-                text=texts,
-                audio=[synth_audio(2.0, 1), synth_audio(3.5, 2), synth_audio(0.6, 3)],
-            )
-            cache[name] = (proc, hf, load_ours(folder), batch)
+            batch = proc(text=texts, audio=[synth_audio(2.0, 1), synth_audio(3.5, 2), synth_audio(0.6, 3)])
+            cache[name] = (proc, hf, ours, batch)
         return cache[name]
 
     return get
@@ -41,8 +38,8 @@ def hf_generate(hf, batch, **kw):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_batch_with_left_padding_matches_reference(trio, name):
-    _, hf, ours, batch = trio(name)
+def test_greedy_batch_with_left_padding_matches_reference(trio_batch, name):
+    _, hf, ours, batch = trio_batch(name)
     assert (batch["attention_mask"] == 0).any()
     ref = hf_generate(hf, batch, max_new_tokens=20, min_new_tokens=20)
     out = ours.generate(**batch, max_new_tokens=20, min_new_tokens=20, do_sample=False)
@@ -51,16 +48,16 @@ def test_greedy_batch_with_left_padding_matches_reference(trio, name):
     assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
 
 
-def test_text_only_greedy_matches_reference(trio):
-    proc, hf, ours, _ = trio("odd")
+def test_text_only_greedy_matches_reference(trio_batch):
+    proc, hf, ours, _ = trio_batch("odd")
     batch = proc(text=["the quick brown fox", "You are a helpful assistant. How many beeps?"])
     ref = hf_generate(hf, batch, max_new_tokens=12, min_new_tokens=12)
     assert torch.equal(ours.generate(**batch, max_new_tokens=12, min_new_tokens=12), ref)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_early_eos_pads_finished_rows_and_stops_when_all_done(trio, name):
-    proc, hf, ours, batch = trio(name)
+def test_early_eos_pads_finished_rows_and_stops_when_all_done(trio_batch, name):
+    proc, hf, ours, batch = trio_batch(name)
     t = batch["input_ids"].shape[1]
     pad = proc.tokenizer.pad_token_id
     free = ours.generate(**batch, max_new_tokens=20, min_new_tokens=20)[:, t:]  # [3, 20]
@@ -85,8 +82,8 @@ def test_early_eos_pads_finished_rows_and_stops_when_all_done(trio, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_repetition_penalty_matches_reference(trio, name):
-    _, hf, ours, batch = trio(name)
+def test_repetition_penalty_matches_reference(trio_batch, name):
+    _, hf, ours, batch = trio_batch(name)
     ref = hf_generate(hf, batch, max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.3)
     out = ours.generate(**batch, max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.3)
     assert torch.equal(out, ref)
@@ -94,8 +91,8 @@ def test_repetition_penalty_matches_reference(trio, name):
     assert not torch.equal(out, plain)  # the penalty changed the output: the comparison above means something
 
 
-def test_defaults_come_from_generation_config(trio):
-    _, _, ours, batch = trio("base")
+def test_defaults_come_from_generation_config(trio_batch):
+    _, _, ours, batch = trio_batch("base")
     t = batch["input_ids"].shape[1]
     model = copy.copy(ours)
     model.generation_config = GenerationConfig(eos_token_id=[], pad_token_id=0)
@@ -109,8 +106,8 @@ def test_defaults_come_from_generation_config(trio):
 # ---------------------------------------------------------------- sampling
 
 
-def test_same_seed_same_output_different_seeds_differ(trio):
-    _, _, ours, batch = trio("base")
+def test_same_seed_same_output_different_seeds_differ(trio_batch):
+    _, _, ours, batch = trio_batch("base")
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=True, temperature=1.5, top_k=0)
     a = ours.generate(**batch, seed=1, **kw)
     assert torch.equal(a, ours.generate(**batch, seed=1, **kw))
@@ -118,8 +115,8 @@ def test_same_seed_same_output_different_seeds_differ(trio):
     assert not torch.equal(a, ours.generate(**batch, seed=2, **kw))
 
 
-def test_top_k_1_and_tiny_top_p_equal_greedy(trio):
-    _, _, ours, batch = trio("odd")
+def test_top_k_1_and_tiny_top_p_equal_greedy(trio_batch):
+    _, _, ours, batch = trio_batch("odd")
     greedy = ours.generate(**batch, max_new_tokens=15, min_new_tokens=15, do_sample=False)
     for kw in (dict(top_k=1), dict(top_k=0, top_p=1e-6)):
         sampled = ours.generate(**batch, max_new_tokens=15, min_new_tokens=15, do_sample=True,
@@ -154,8 +151,8 @@ def test_logits_processing_matches_reference_processors():
     assert (apply_top_p(logits, 0.5) > float("-inf")).sum(-1).min() >= 1
 
 
-def test_bad_sampling_options_are_input_errors(trio):
-    _, _, ours, batch = trio("base")
+def test_bad_sampling_options_are_input_errors(trio_batch):
+    _, _, ours, batch = trio_batch("base")
     for kw in (dict(do_sample=True, temperature=0.0), dict(do_sample=True, top_p=0.0), dict(top_k=-1)):
         with pytest.raises(InputError):
             ours.generate(**batch, max_new_tokens=2, **kw)
@@ -182,10 +179,10 @@ def test_kv_cache_writes_shared_and_per_row_slots():
 # ---------------------------------------------------------------- bf16
 
 
-def test_bf16_matches_reference_bf16_and_stays_close_to_fp32(trio, ckpt_factory):
+def test_bf16_matches_reference_bf16_and_stays_close_to_fp32(trio_batch, ckpt_factory):
     from transformers import AudioFlamingo3ForConditionalGeneration
 
-    _, _, ours, batch = trio("base")
+    _, _, ours, batch = trio_batch("base")
     bf16 = copy.deepcopy(ours).to(torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
     # The reference loaded in bf16 keeps its rotary frequencies in fp32, as we do.

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import load_ours, synth_audio
+from conftest import synth_audio
 from safetensors.torch import load_file
 
 from af3.config import AF3Config
@@ -20,18 +20,6 @@ NAMES = ["base", "odd", "mha"]
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def trio(ckpt_factory):
-    """``trio(name)`` → (reference processor, reference model, our model)."""
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            folder, proc, hf = ckpt_factory(name)
-            cache[name] = (proc, hf, load_ours(folder))
-        return cache[name]
-
-    return get
 
 
 def ref_logits(hf, inputs) -> torch.Tensor:
