@@ -75,9 +75,6 @@ def weight_files(folder: str | os.PathLike, allow_pickle: bool = False) -> list[
     raise CheckpointError(f"no weights in {folder!r}: expected model.safetensors or a sharded index")
 
 
-_SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                         "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -120,7 +117,7 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._header[key]["shape"])
 
-    def _dtype(self, key: str) -> torch.dtype:
+    def dtype(self, key: str) -> torch.dtype:
         name = self.dtype_name(key)
         if name not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {name}")
@@ -137,7 +134,7 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {key} is cut short")
 
     def get_tensor(self, key: str) -> torch.Tensor:
-        out = torch.empty(self.shape(key), dtype=self._dtype(key))
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
         self.read_into(key, out)
         return out
 
@@ -148,10 +145,12 @@ class SafetensorsFile:
 class TensorSource:
     """Lazy name → tensor access over one or more weight files (safetensors read tensor by tensor)."""
 
-    def __init__(self, files: list[str], rename: Callable[[str], str] = lambda k: k):
+    def __init__(self, files: list[str], rename: Callable[[str], str] | dict[str, Callable[[str], str]] = lambda k: k):
+        """``rename`` maps a file's tensor names to ours: one function for all files, or one per file path."""
         self._stack = ExitStack()
         self._where: dict[str, tuple[Any, str]] = {}
         for path in files:
+            file_rename = rename[path] if isinstance(rename, dict) else rename
             if path.endswith(".safetensors"):
                 handle = SafetensorsFile(path)
                 self._stack.callback(handle.close)
@@ -160,7 +159,7 @@ class TensorSource:
                 handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 keys = list(handle)
             for k in keys:
-                self._where[rename(k)] = (handle, k)
+                self._where[file_rename(k)] = (handle, k)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -186,7 +185,7 @@ class TensorSource:
         """Shape and bytes per element without reading the tensor's data (safetensors header only)."""
         handle, key = self._where[name]
         if isinstance(handle, SafetensorsFile):
-            return handle.shape(key), _SAFETENSORS_ITEMSIZE.get(handle.dtype_name(key), 4)
+            return handle.shape(key), handle.dtype(key).itemsize
         t = handle[key]
         return tuple(t.shape), t.element_size()
 
@@ -303,17 +302,9 @@ def _nvidia_audio_token_id(folder: str) -> int:
 
 def nvidia_tensor_source(folder: str, allow_pickle: bool = False) -> TensorSource:
     """All tensors of the three NVIDIA sub-folders, renamed to our (HF) names."""
-    files, renames = [], {}
-    for sub, prefix in NVIDIA_FOLDERS.items():
-        for path in weight_files(os.path.join(folder, sub), allow_pickle):
-            files.append(path)
-            renames[path] = prefix
-    sources = [TensorSource([p], _prefixer(renames[p])) for p in files]
-    merged = TensorSource([])
-    for s in sources:
-        merged._stack.enter_context(s._stack)  # keep the files open as long as the merged source
-        merged._where.update(s._where)
-    return merged
+    renames = {path: _prefixer(prefix) for sub, prefix in NVIDIA_FOLDERS.items()
+               for path in weight_files(os.path.join(folder, sub), allow_pickle)}
+    return TensorSource(list(renames), renames)
 
 
 def _prefixer(prefix: str) -> Callable[[str], str]:
@@ -380,7 +371,7 @@ def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: to
     size = total = 0
     for name in names:
         shape, itemsize = source.shape_and_itemsize(name if name in source else EMBED)
-        nbytes = math.prod(shape) * (torch.empty((), dtype=dtype).element_size() if dtype else itemsize)
+        nbytes = math.prod(shape) * (dtype.itemsize if dtype else itemsize)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
