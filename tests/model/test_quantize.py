@@ -16,7 +16,7 @@ from af3.config import AF3Config, EncoderConfig, TextConfig
 from af3.errors import InputError
 from af3.model import quantize as Q
 from af3.model.encoder import pooled_lengths
-from af3.model.quantize import Int8Linear
+from af3.model.quantize import Int8Embedding, Int8Linear
 
 FUSED = Q.fused_kernel_available("cpu")
 AUDIO_ID = 3
@@ -186,15 +186,40 @@ def test_quantize_replaces_exactly_the_decoder_linears(ckpt_factory):
         assert sa.keys() == sb.keys()
         for key in sa:
             assert sb[key].dtype == torch.bfloat16 and torch.equal(sa[key], sb[key]), key
-    # Non-linear decoder tensors (embeddings, norms) are untouched; biases are kept as they were.
-    assert torch.equal(model.language_model.model.embed_tokens.weight, ref.language_model.model.embed_tokens.weight)
+    # The embedding table is int8 too (rows within half a step of the float ones); norms are untouched and
+    # biases are kept as they were.
+    emb, emb_ref = model.language_model.model.embed_tokens, ref.language_model.model.embed_tokens
+    assert isinstance(emb, Int8Embedding) and emb.qweight.dtype == torch.int8
+    ids = torch.tensor([[0, 5, 17], [3, 3, emb_ref.num_embeddings - 1]])
+    looked_up, exact = emb(ids), emb_ref(ids)  # [2, 3, D]
+    assert looked_up.dtype == torch.bfloat16 and looked_up.shape == exact.shape
+    step = emb.scales.float()[ids].unsqueeze(-1)  # [2, 3, 1]
+    assert ((looked_up.float() - exact.float()).abs() <= 0.5 * step + 0.01 * exact.float().abs()).all()
+    assert torch.equal(model.language_model.model.norm.weight, ref.language_model.model.norm.weight)
     attn, attn_ref = model.language_model.model.layers[0].self_attn, ref.language_model.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.bias, attn_ref.q_proj.bias) and attn.o_proj.bias is None
     assert model.device.type == "cpu" and model.dtype == torch.bfloat16
 
-    head_kept = Q.quantize_int8(AF3Model.from_pretrained(folder, dtype=torch.bfloat16), include_lm_head=False)
+    head_kept = Q.quantize_int8(AF3Model.from_pretrained(folder, dtype=torch.bfloat16), include_lm_head=False,
+                                include_embeddings=False)
     assert len(decoder_linears(head_kept, Int8Linear)) == 7 * layers
     assert type(head_kept.language_model.lm_head) is nn.Linear
+    assert type(head_kept.language_model.model.embed_tokens) is nn.Embedding
+
+
+def test_tied_lm_head_and_embeddings_share_one_int8_table(ckpt_factory):
+    folder, _, _ = ckpt_factory("base")
+    model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
+    lm = model.language_model
+    lm.config.tie_word_embeddings = True
+    lm.lm_head.weight = lm.model.embed_tokens.weight
+    table = lm.model.embed_tokens.weight.detach().clone()
+    Q.quantize_int8(model)
+    head, emb = lm.lm_head, lm.model.embed_tokens
+    assert head.qweight.data_ptr() == emb.qweight.data_ptr() and head.scales.data_ptr() == emb.scales.data_ptr()
+    assert Q.tensor_bytes([head.qweight, emb.qweight]) == table.numel()  # one int8 byte per entry, counted once
+    rows = torch.arange(table.shape[0])
+    assert torch.allclose(emb(rows).float(), head.dequantize(), atol=0, rtol=0.01)
 
 
 def test_quantized_state_dict_cannot_pass_for_a_float_one(ckpt_factory):
@@ -274,6 +299,9 @@ def test_decoder_weight_memory_drops_to_about_half(pair):
     int8_bytes = Q.tensor_bytes(t for m in quant.language_model.modules() if isinstance(m, Int8Linear)
                                 for t in [*m.parameters(), *m.buffers()])
     assert int8_bytes <= 0.55 * float_bytes, int8_bytes / float_bytes
+    # The whole decoder (linears, embedding table, norms): the "resident memory of weights <= 0.55x bf16".
+    ratio = Q.module_bytes(quant.language_model) / Q.module_bytes(model.language_model)
+    assert ratio <= 0.55, ratio
     assert Q.module_bytes(quant) < Q.module_bytes(model) - 0.4 * float_bytes
 
 

@@ -99,7 +99,7 @@ class AF3Model(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.model.embed_tokens.weight.dtype
+        return self.language_model.model.norm.weight.dtype  # (the embedding table may be int8)
 
     # ---------------------------------------------------------------- audio
 

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization of the Qwen2 decoder (attention, MLP and lm_head linears), for inference.
+"""Int8 weight-only quantization of the Qwen2 decoder (attention, MLP, lm_head, token embeddings), for inference.
 
 Each ``nn.Linear`` under ``model.language_model`` becomes an :class:`Int8Linear`: the weight is stored as int8
 [out, in] with one symmetric scale per output channel (``scale = absmax / 127``, ``w ≈ q * scale``), the bias is
@@ -189,33 +189,78 @@ class Int8Linear(nn.Module):
                 f"scales={self.scales.dtype}")
 
 
-# ---------------------------------------------------------------------- model-level entry points
-def quantize_int8(model: AF3Model, include_lm_head: bool = True) -> AF3Model:
-    """Replace every ``nn.Linear`` under ``model.language_model`` with :class:`Int8Linear`, in place.
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 [vocab, dim] with one scale per row; lookups return ``dtype`` rows.
 
-    Layer by layer: each float weight is released as soon as its layer is replaced (unless something else still
-    holds it, e.g. a tied lm_head shares the embedding table), so peak memory is the float model plus one layer.
-    Returns ``model``.
+    Per-row scales are the same per-output-channel scheme as :class:`Int8Linear` on a [vocab, dim] weight, so a
+    tied lm_head shares these buffers (one int8 copy of the table, not two).
+    """
+
+    def __init__(self, qweight: Tensor, scales: Tensor, dtype: torch.dtype):
+        super().__init__()
+        if qweight.dtype != torch.int8 or qweight.dim() != 2 or tuple(scales.shape) != (qweight.shape[0],):
+            raise InputError(f"Int8Embedding needs an int8 table [vocab, dim] and scales [vocab], got "
+                             f"{qweight.dtype} {list(qweight.shape)} and {list(scales.shape)}")
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.contiguous())  # [V, D] int8
+        self.register_buffer("scales", scales)  # [V]
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        q, scales = quantize_weight(embedding.weight.detach())
+        return cls(q, scales, embedding.weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The int8 table [vocab, dim] (for ``.device``; not a float weight)."""
+        return self.qweight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        rows = F.embedding(ids, self.qweight)  # [..., D] int8
+        return rows.to(self.dtype) * self.scales[ids].to(self.dtype).unsqueeze(-1)  # [..., D]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
+
+
+# ---------------------------------------------------------------------- model-level entry points
+def quantize_int8(model: AF3Model, include_lm_head: bool = True, include_embeddings: bool = True) -> AF3Model:
+    """Replace every ``nn.Linear`` under ``model.language_model`` with :class:`Int8Linear` (and the token embedding
+    table with :class:`Int8Embedding`), in place.
+
+    Layer by layer: each float weight is released as soon as its layer is replaced, so peak memory is the float
+    model plus one layer. A tied lm_head and embedding table share one int8 copy. Returns ``model``.
     """
     lm = model.language_model
     names = [name for name, m in lm.named_modules() if isinstance(m, nn.Linear)]
     if not include_lm_head:
         names = [n for n in names if n != "lm_head"]
-    if "lm_head" in names and lm.config.tie_word_embeddings:
-        log.info("lm_head is tied to the embeddings: its int8 copy adds memory (the embedding table stays)")
+    tied = lm.config.tie_word_embeddings
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
         setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+    if include_embeddings:
+        head = lm.lm_head
+        if tied and isinstance(head, Int8Linear):  # same [V, D] rows, same per-row scales: share the buffers
+            emb = Int8Embedding(head.qweight, head.scales, lm.model.embed_tokens.weight.dtype)
+        else:
+            emb = Int8Embedding.from_embedding(lm.model.embed_tokens)
+        lm.model.embed_tokens = emb
+    elif tied and "lm_head" in names:
+        log.info("lm_head is tied to the embeddings: its int8 copy adds memory (the embedding table stays)")
     model.eval()
     return model
 
 
-def quantize_model(model: AF3Model, mode: str, include_lm_head: bool = True) -> AF3Model:
+def quantize_model(model: AF3Model, mode: str, include_lm_head: bool = True,
+                   include_embeddings: bool = True) -> AF3Model:
     """Apply quantization ``mode`` (one of :data:`MODES`) to ``model`` in place; the ``quantize=`` hook."""
     if mode != "int8":
         raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
-    return quantize_int8(model, include_lm_head=include_lm_head)
+    return quantize_int8(model, include_lm_head=include_lm_head, include_embeddings=include_embeddings)
 
 
 def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
@@ -237,8 +282,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = torch.bf
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True when any submodule of ``model`` is an :class:`Int8Linear`."""
-    return any(isinstance(m, Int8Linear) for m in model.modules())
+    """True when any submodule of ``model`` is an :class:`Int8Linear` or :class:`Int8Embedding`."""
+    return any(isinstance(m, Int8Linear | Int8Embedding) for m in model.modules())
 
 
 def check_not_quantized(model: nn.Module, action: str = "save") -> None:
