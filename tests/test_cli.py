@@ -11,11 +11,12 @@ from af3.cli import bundled_clip
 from af3.cli import main as cli_main
 
 
-def library_answer(folder, clip, text, max_new_tokens, strip_prefix=False):
-    """The independent expectation: the same request through the Python API."""
-    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
+def library_answer(folder, clip, text, max_new_tokens, strip_prefix=False, quantize=None):
+    """The independent expectation: the same request through the Python API (``model.generate``)."""
+    model, proc = AF3Model.from_pretrained(folder, quantize=quantize), AF3Processor.from_pretrained(folder)
     conv = [{"role": "user", "content": [{"type": "audio", "path": str(clip)}, {"type": "text", "text": text}]}]
     inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+    inputs = inputs.to(model.device, dtype=model.dtype)
     ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
     return proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True, strip_prefix=strip_prefix)
 
@@ -67,3 +68,50 @@ def test_demo_answers_about_the_bundled_clip(tmp_path, monkeypatch, capsys):
     info = sf.info(str(bundled_clip()))
     assert info.samplerate == 16000 and info.frames > 0
     assert torch.tensor(sf.read(str(bundled_clip()))[0]).abs().max() > 0.1
+
+
+def test_ask_without_streaming_and_with_int8_match_the_library(tiny_ckpt, tmp_path, capsys):
+    folder, _, _ = tiny_ckpt
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, synth_audio(1.5), 16000)
+    assert cli_main(["ask", str(clip), "What is it?", "--model", folder, "--max-new-tokens", "6", "--no-stream"]) == 0
+    assert capsys.readouterr().out == library_answer(folder, clip, "What is it?", 6) + "\n"
+
+    assert cli_main(["ask", str(clip), "What is it?", "--model", folder, "--max-new-tokens", "6",
+                     "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out == library_answer(folder, clip, "What is it?", 6, quantize="int8") + "\n"
+
+
+def test_transcribe_long_audio_as_subtitles(tiny_ckpt, tmp_path, capsys):
+    from af3 import longform
+
+    folder, _, _ = tiny_ckpt
+    wave = synth_audio(70.0)
+    wave[int(31 * 16000):int(33 * 16000)] = 0  # a pause near the first 30 s boundary
+    clip = tmp_path / "long.wav"
+    sf.write(clip, wave, 16000)
+    assert cli_main(["transcribe", str(clip), "--model", folder, "--max-new-tokens", "4", "--format", "json"]) == 0
+    import json
+
+    printed = json.loads(capsys.readouterr().out)
+    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
+    expected = longform.transcribe_long(model, proc, str(clip), max_new_tokens=4)
+    assert len(expected.segments) >= 3
+    assert [(s["start"], s["end"], s["text"]) for s in printed["segments"]] == \
+        [(round(s.start, 3), round(s.end, 3), s.text) for s in expected.segments]
+
+    assert cli_main(["transcribe", str(clip), "--model", folder, "--max-new-tokens", "4", "--format", "srt"]) == 0
+    assert capsys.readouterr().out == longform.to_srt(expected).rstrip("\n") + "\n"
+    assert cli_main(["transcribe", str(clip), "--model", folder, "--format", "doc"]) == 2
+    assert "--format" in capsys.readouterr().err
+
+
+def test_bad_json_schema_and_missing_think_adapter_are_one_line_errors(tiny_ckpt, capsys):
+    folder, _, _ = tiny_ckpt
+    clip = str(bundled_clip())
+    assert cli_main(["ask", clip, "What?", "--model", folder, "--json", "{not json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --json") and "\n" not in err
+    assert cli_main(["ask", clip, "What?", "--model", folder, "--think"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "think adapter" in err and "\n" not in err

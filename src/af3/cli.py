@@ -54,22 +54,59 @@ def _resolve_model(model: str | None) -> str:
     return str(embedded)
 
 
-def _generate(model_path: str, conversation: list[dict], max_new_tokens: int, temperature: float, dtype: str,
-              device: str, strip_prefix: bool = False) -> str:
-    from . import load
+def _engine(model_path: str, dtype: str, device: str, quantize: str | None = None, think: bool = False,
+            max_batch_size: int = 1):
+    from .generation.engine import Engine
 
-    model, processor = load(model_path, dtype=_dtype(dtype), device=device)
-    inputs = processor.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
-                                           return_dict=True).to(model.device, dtype=model.dtype)
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                         temperature=temperature if temperature > 0 else None)
-    return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True, strip_prefix=strip_prefix)
+    return Engine.from_pretrained(model_path, dtype=_dtype(dtype), device=device, quantize=quantize,
+                                  think=True if think else "auto", max_batch_size=max_batch_size)
+
+
+def _json_schema(value: str | None):
+    """--json: 'any' (any JSON object), a JSON schema file, or the schema inline."""
+    import json
+
+    if value is None:
+        return None
+    if value == "any":
+        return True
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise AF3Error(f"--json: not a JSON schema file or inline JSON ({e.msg} at char {e.pos})") from None
+
+
+def _answer(model_path: str, conversation: list[dict], options, dtype: str, device: str, quantize: str | None = None,
+            stream: bool = True, strip_prefix: bool = False) -> None:
+    """Run one request through the Engine and print the answer (token by token when streaming)."""
+    engine = _engine(model_path, dtype, device, quantize, think=options.think)
+    if stream and not strip_prefix:
+        for delta in engine.stream(conversation, options):
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    out = engine.generate(conversation, options)
+    text = engine.processor.decode(out.token_ids, skip_special_tokens=True, strip_prefix=strip_prefix)
+    typer.echo(text)
 
 
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder (HF or NVIDIA layout). Default: $AF3_MODEL "
                          "or the embedded tiny model.")
 DTYPE_OPT = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.")
 DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
+QUANT_OPT = typer.Option(None, "--quantize", help="int8: weight-only int8 decoder (about half the memory).")
+
+
+def _options(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
+             think: bool, json_schema: str | None):
+    from .generation.engine import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=temperature > 0,
+                             top_p=top_p, top_k=top_k, seed=seed, think=think, json_schema=_json_schema(json_schema))
 
 
 @app.command()
@@ -79,12 +116,20 @@ def ask(
     model: str = MODEL_OPT,
     max_new_tokens: int = typer.Option(256, help="Upper bound on the answer's length in tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
+    top_p: float = typer.Option(None, help="Nucleus sampling (with --temperature > 0)."),
+    top_k: int = typer.Option(None, help="Top-k sampling (with --temperature > 0)."),
+    seed: int = typer.Option(None, help="Sampling seed (same seed, same answer)."),
+    think: bool = typer.Option(False, "--think", help="Use the checkpoint's thinking adapter (think/ or stage35/)."),
+    json_schema: str = typer.Option(None, "--json", help="Answer in JSON: 'any', a schema file, or inline schema."),
+    stream: bool = typer.Option(True, help="Print the answer as it is generated."),
+    quantize: str = QUANT_OPT,
     dtype: str = DTYPE_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
     """Answer one question about one audio clip."""
     conv = [{"role": "user", "content": [{"type": "audio", "path": audio}, {"type": "text", "text": question}]}]
-    typer.echo(_generate(_resolve_model(model), conv, max_new_tokens, temperature, dtype, device))
+    options = _options(max_new_tokens, temperature, top_p, top_k, seed, think, json_schema)
+    _answer(_resolve_model(model), conv, options, dtype, device, quantize, stream=stream)
 
 
 @app.command()
@@ -92,13 +137,24 @@ def transcribe(
     audio: str = typer.Argument(..., help="Audio file path or http(s) URL."),
     model: str = MODEL_OPT,
     prompt: str = typer.Option("Transcribe the input speech.", help="The instruction sent with the audio."),
-    max_new_tokens: int = typer.Option(512, help="Upper bound on the transcript's length in tokens."),
+    max_new_tokens: int = typer.Option(512, help="Upper bound on each segment's transcript in tokens."),
+    output_format: str = typer.Option("text", "--format", help="text, srt, vtt or json (segments with times)."),
+    quantize: str = QUANT_OPT,
     dtype: str = DTYPE_OPT,
     device: str = DEVICE_OPT,
 ) -> None:
-    """Transcribe speech (the model's framing sentence and quotes are stripped)."""
-    conv = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "audio", "path": audio}]}]
-    typer.echo(_generate(_resolve_model(model), conv, max_new_tokens, 0.0, dtype, device, strip_prefix=True))
+    """Transcribe speech of any length (long recordings are cut at quiet points; the model's framing sentence
+    and quotes are stripped)."""
+    from . import longform
+
+    formats = {"srt": longform.to_srt, "vtt": longform.to_vtt, "json": longform.to_json}
+    if output_format not in (*formats, "text"):
+        raise AF3Error(f"unknown --format {output_format!r}; use text, srt, vtt or json")
+    engine = _engine(_resolve_model(model), dtype, device, quantize, max_batch_size=8)
+    transcript = longform.transcribe_long(None, engine.processor, audio, prompt=prompt, batch_size=8,
+                                          max_new_tokens=max_new_tokens,
+                                          generate_fn=longform.engine_generate_fn(engine))
+    typer.echo(transcript.text if output_format == "text" else formats[output_format](transcript).rstrip("\n"))
 
 
 @app.command()
@@ -202,7 +258,10 @@ def demo(
     clip = audio or str(bundled_clip())
     typer.echo(f"clip: {clip}\nquestion: {question}")
     conv = [{"role": "user", "content": [{"type": "audio", "path": clip}, {"type": "text", "text": question}]}]
-    answer = _generate(str(model_path), conv, 32, 0.0, "auto", "cpu")
+    from .generation.engine import GenerationOptions
+
+    engine = _engine(str(model_path), "auto", "cpu")
+    answer = engine.generate(conv, GenerationOptions(max_new_tokens=32, temperature=0.0)).text
     typer.echo(f"answer: {answer}")
 
 

@@ -182,6 +182,20 @@ def model_generate_fn(model: Any, processor: Any, *, max_audio_len: float | None
     return generate
 
 
+def engine_generate_fn(engine: Any, **options: Any) -> GenerateFn:
+    """A :data:`GenerateFn` over an :class:`af3.Engine` (batched, cached); greedy unless ``options`` say otherwise
+    (any :class:`af3.generation.engine.GenerationOptions` field)."""
+    from .generation.engine import GenerationOptions
+
+    options.setdefault("temperature", 0.0)
+
+    def generate(conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        outs = engine.generate(conversations, GenerationOptions(max_new_tokens=max_new_tokens, **options))
+        return [o.text for o in outs]
+
+    return generate
+
+
 def _run(generate_fn: GenerateFn, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
     texts = generate_fn(conversations, max_new_tokens)
     if not isinstance(texts, (list, tuple)) or len(texts) != len(conversations) \

