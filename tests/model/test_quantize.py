@@ -203,7 +203,7 @@ def test_quantize_replaces_exactly_the_decoder_linears(ckpt_factory):
     head_kept = Q.quantize_int8(AF3Model.from_pretrained(folder, dtype=torch.bfloat16), include_lm_head=False,
                                 include_embeddings=False)
     assert len(decoder_linears(head_kept, Int8Linear)) == 7 * layers
-    assert type(head_kept.language_model.lm_head) is nn.Linear
+    assert isinstance(head_kept.language_model.lm_head, nn.Linear)
     assert type(head_kept.language_model.model.embed_tokens) is nn.Embedding
 
 

@@ -11,6 +11,32 @@ from ..errors import CheckpointError
 from ..generation.cache import KVCache
 
 
+#: Up to this many rows, CPU bf16/fp16 linears run as ``W @ x.T`` (a GEMV-shaped product) instead of ``x @ W.T``.
+SMALL_ROWS = 8
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) with a faster path for decoding on CPU.
+
+    With one to :data:`SMALL_ROWS` rows in bf16/fp16 on CPU, ``F.linear`` (``x @ W.T``) reads the weight at about
+    half the memory bandwidth that ``W @ x.T`` (``torch.mv`` for one row) reaches on the same weight (measured:
+    ``benchmarks/gemv_bench.py``); decoding is bound by reading the weights, so it takes the latter. Everything
+    else (training, prefill, fp32, CUDA) is plain ``F.linear``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (rows > SMALL_ROWS or x.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16)
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return F.linear(x, w, self.bias)
+        x2 = x.reshape(rows, x.shape[-1])  # [M, K]
+        out = torch.mv(w, x2[0])[None] if rows == 1 else torch.mm(w, x2.T).T.contiguous()  # [M, N]
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, cast back before the weight (as in the reference)."""
 
@@ -90,10 +116,10 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=True)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=True)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, self.num_heads * hd, bias=True)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, bias=True)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, bias=True)
+        self.o_proj = Linear(self.num_heads * hd, d, bias=False)
 
     def forward(
         self,
@@ -134,9 +160,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -196,6 +222,6 @@ class Qwen2ForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Qwen2Model(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

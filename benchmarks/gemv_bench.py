@@ -1,0 +1,53 @@
+"""Decode-shaped linears in bf16 on CPU: ``F.linear`` (x @ W.T) against af3's ``Linear`` (W @ x.T / torch.mv).
+
+Shapes are the mid-size benchmark model's (Qwen2.5-0.5B decoder: hidden 896, ffn 4864, vocab 151936).
+
+    python -m benchmarks.gemv_bench [--threads 2] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from af3.model.decoder import Linear
+
+SHAPES = {"q/k/v (1152x896)": (1152, 896), "mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864),
+          "lm_head (151936x896)": (151936, 896)}
+
+
+def seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print("| weight | rows | F.linear GB/s | af3 Linear GB/s | speed-up |\n|---|---|---|---|---|")
+    with torch.inference_mode():
+        for name, (n, k) in SHAPES.items():
+            layer = Linear(k, n, bias=False).to(torch.bfloat16)
+            gb = layer.weight.numel() * 2 / 1e9
+            for rows in (1, 4, 8):
+                x = torch.randn(rows, k, dtype=torch.bfloat16)
+                base = seconds(lambda x=x, w=layer.weight: F.linear(x, w), args.repeats)
+                ours = seconds(lambda x=x, layer=layer: layer(x), args.repeats)
+                print(f"| {name} | {rows} | {gb / base:.1f} | {gb / ours:.1f} | {base / ours:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
