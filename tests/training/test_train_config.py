@@ -111,3 +111,31 @@ def test_lr_schedule():
     assert f[10] == pytest.approx(0.1) and f[6] == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(5, 10, 0, "linear") == pytest.approx(0.5)
     assert lr_factor(7, 10, 0, "constant") == 1.0
+
+
+def test_part_learning_rates_give_each_part_its_own_scheduled_lr(tmp_path, tiny_ckpt):
+    from af3 import AF3Model
+    from af3.training.trainer import build_optimizer, build_scheduler
+
+    folder, _, _ = tiny_ckpt
+    path = _yaml(tmp_path / "c.yaml", {"model": {"path": folder}, "data": {"mixture": "a.jsonl"}, "stage": "stage3",
+                                       "optim": {"lr": 1e-3, "warmup_steps": 0, "weight_decay": 0.1}})
+    cfg = load_config(path, ["optim.part_lr={audio_tower: 4.0e-3, language_model.lm_head: 1.0e-4}"])
+    model = AF3Model.from_pretrained(folder)
+    opt = build_optimizer(model, cfg)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in by_param
+            continue
+        lr = 4e-3 if name.startswith("audio_tower.") else 1e-4 if name.startswith("language_model.lm_head") else 1e-3
+        assert by_param[id(p)] == (lr, 0.1 if p.dim() >= 2 else 0.0), name
+    sched = build_scheduler(opt, cfg, total_steps=10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    factor = lr_factor(5, 10, 0, "cosine", 0.0)
+    assert sorted({round(g["lr"], 12) for g in opt.param_groups}) == \
+        sorted(round(x * factor, 12) for x in (1e-4, 1e-3, 4e-3))
+    with pytest.raises(InputError, match="optim.part_lr"):
+        load_config(path, ["optim.part_lr={audio_tower: -1}"])

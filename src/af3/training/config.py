@@ -66,6 +66,10 @@ class OptimSection:
     min_lr_ratio: float = 0.0
     #: Clip the global gradient norm to this (0 = no clipping, the norm is still logged).
     max_grad_norm: float = 1.0
+    #: Peak learning rates for parts of the model, by parameter-name prefix (``audio_tower``,
+    #: ``multi_modal_projector``, ``language_model``, or deeper such as ``language_model.lm_head``); the longest
+    #: matching prefix wins, everything else uses ``lr``. The schedule scales them all alike.
+    part_lr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -376,6 +380,9 @@ def _check(cfg: TrainConfig) -> None:
     need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     need(cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
     need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(isinstance(cfg.optim.part_lr, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                     for k, v in cfg.optim.part_lr.items()),
+         "optim.part_lr", "must map parameter-name prefixes to learning rates > 0")
     need(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be 0 (off) or more")
     t = cfg.train
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1")

@@ -165,15 +165,26 @@ def token_accuracy_counts(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
 
 # ---------------------------------------------------------------------- optimizer and schedule
 
+def _part_lr(name: str, o) -> float:
+    """The peak lr of parameter ``name``: the longest matching ``optim.part_lr`` prefix, else ``optim.lr``."""
+    best, lr = -1, o.lr
+    for prefix, value in o.part_lr.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, lr = len(prefix), float(value)
+    return lr
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
+    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay; ``optim.part_lr``
+    gives parts of the model their own peak learning rate."""
     o = cfg.optim
-    groups = [g for g in ({"params": decay, "weight_decay": o.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            clean = name.removeprefix("module.").replace("_fsdp_wrapped_module.", "").replace("base_model.model.", "")
+            buckets.setdefault((_part_lr(clean, o), p.dim() >= 2), []).append(p)
+    groups = [{"params": params, "lr": lr, "weight_decay": o.weight_decay if decays else 0.0}
+              for (lr, decays), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
     if not groups:
         raise TrainingError(f"stage {cfg.stage} leaves no parameter trainable")
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
@@ -726,7 +737,8 @@ class Trainer:
             loss_sum += ce.detach().double()
         loss = float(_all_reduce(loss_sum, env)) / max(1, n_labels)
 
-        lr = scheduler.get_last_lr()[0]
+        group = optimizer.param_groups[0]  # the logged lr is optim.lr's (part_lr groups follow the same schedule)
+        lr = cfg.optim.lr * scheduler.get_last_lr()[0] / group["initial_lr"]
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         if hasattr(grad_norm, "full_tensor"):
