@@ -110,3 +110,19 @@ def test_write_dataset_is_deterministic_and_loads_as_a_manifest(tmp_path):
         examples = load_manifest(a[task])
         assert len(examples) == n
         assert examples[0].messages[0]["content"][0]["path"].startswith(str(tmp_path / "a"))
+
+
+def test_beep_band_weights_shift_the_beeps_pitch_only_in_beep_tasks():
+    rng = np.random.default_rng(0)
+    bands = [S.make_sample("count", rng, beep_bands={"high": 3, "low": 1}).label["pitch"] for _ in range(400)]
+    assert "medium" not in bands and 0.68 <= bands.count("high") / 400 <= 0.82
+    s = S.make_sample("multi_turn", np.random.default_rng(1), beep_bands={"high": 1})
+    lo, hi = S.PITCH_BANDS["high"]
+    assert s.label["pitch"] == "high" and lo * 0.97 <= dominant_freq(s.audio) <= hi * 1.03
+    assert count_bursts(s.audio) == s.label["count"]
+    # Tasks without beeps ignore the weights (same clip as without them); unknown bands are named.
+    a = S.make_sample("pitch", np.random.default_rng(2), beep_bands={"high": 1})
+    b = S.make_sample("pitch", np.random.default_rng(2))
+    assert np.array_equal(a.audio, b.audio)
+    with pytest.raises(ValueError, match="ultra"):
+        S.make_sample("count", rng, beep_bands={"ultra": 1})

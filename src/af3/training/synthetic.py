@@ -128,8 +128,19 @@ def beeps(n: int, total: float, freq: float, rng: np.random.Generator, min_gap: 
     return x
 
 
-def _band_freq(rng: np.random.Generator, band: str | None = None) -> tuple[str, float]:
-    band = band or str(rng.choice(list(PITCH_BANDS)))
+def _band_freq(rng: np.random.Generator, band: str | None = None,
+               weights: dict[str, float] | None = None) -> tuple[str, float]:
+    """A band (uniform, or drawn with ``weights`` per band name) and a log-uniform frequency inside it."""
+    if band is None:
+        names = list(PITCH_BANDS)
+        if weights:
+            unknown = set(weights) - set(names)
+            if unknown:
+                raise ValueError(f"unknown pitch band(s) {sorted(unknown)}; bands are {names}")
+            p = np.array([float(weights.get(b, 0.0)) for b in names])
+            band = str(rng.choice(names, p=p / p.sum()))
+        else:
+            band = str(rng.choice(names))
     lo, hi = PITCH_BANDS[band]
     return band, float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
@@ -164,9 +175,9 @@ def _conversation(question: str, answer: str | None, *follow_up: str) -> list[di
     return msgs
 
 
-def make_count(rng: np.random.Generator, vary: bool = True) -> Sample:
+def make_count(rng: np.random.Generator, vary: bool = True, beep_bands: dict[str, float] | None = None) -> Sample:
     n = int(rng.integers(1, 6))
-    band, freq = _band_freq(rng)
+    band, freq = _band_freq(rng, weights=beep_bands)
     need = n * 0.3 + (n - 1) * 0.15 + 0.6
     total = float(rng.uniform(max(1.5, need), 8.0))
     x = _finish(beeps(n, total, freq, rng), rng)
@@ -193,9 +204,10 @@ def make_noise(rng: np.random.Generator, vary: bool = True) -> Sample:
     return Sample("noise", x, _conversation(_q(NOISE_QUESTIONS, rng, vary), noise_answer(kind)), {"noise": kind})
 
 
-def make_long_count(rng: np.random.Generator, vary: bool = True) -> Sample:
+def make_long_count(rng: np.random.Generator, vary: bool = True,
+                    beep_bands: dict[str, float] | None = None) -> Sample:
     n = int(rng.integers(1, 6))
-    band, freq = _band_freq(rng)
+    band, freq = _band_freq(rng, weights=beep_bands)
     total = float(rng.uniform(35.0, 75.0))
     # Spread out: gaps of at least 2 s, so the beeps land in different windows of a long clip.
     x = beeps(n, total, freq, rng, min_gap=2.0, lead=(0.2, 1.0))
@@ -204,8 +216,9 @@ def make_long_count(rng: np.random.Generator, vary: bool = True) -> Sample:
                   {"count": n, "pitch": band, "freq": freq})
 
 
-def make_multi_turn(rng: np.random.Generator, vary: bool = True) -> Sample:
-    base = make_count(rng, vary)
+def make_multi_turn(rng: np.random.Generator, vary: bool = True,
+                    beep_bands: dict[str, float] | None = None) -> Sample:
+    base = make_count(rng, vary, beep_bands)
     n, band = base.label["count"], base.label["pitch"]
     msgs = _conversation(_q(COUNT_QUESTIONS, rng, vary), count_answer(n),
                          _q(BEEP_PITCH_QUESTIONS, rng, vary), pitch_answer(band, beeps=True))
@@ -221,15 +234,24 @@ MAKERS: dict[str, Callable[[np.random.Generator, bool], Sample]] = {
 }
 
 
-def make_sample(task: str, rng: np.random.Generator, vary: bool = True) -> Sample:
+#: Tasks whose clips are beeps (their band can be drawn with other weights than uniform).
+BEEP_TASKS = ("count", "long_count", "multi_turn")
+
+
+def make_sample(task: str, rng: np.random.Generator, vary: bool = True,
+                beep_bands: dict[str, float] | None = None) -> Sample:
+    """One clip of ``task``; ``beep_bands`` (e.g. ``{"low": 1, "medium": 1, "high": 2}``) weights the pitch
+    band of the beeps in the beep tasks (default: uniform)."""
     if task not in MAKERS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {', '.join(TASKS)}")
+    if beep_bands and task in BEEP_TASKS:
+        return MAKERS[task](rng, vary, beep_bands)
     return MAKERS[task](rng, vary)
 
 
 # ---------------------------------------------------------------------- manifests
 def write_dataset(out_dir: str | os.PathLike, counts: dict[str, int], seed: int = 0, vary_questions: bool = True,
-                  audio_format: str = "flac") -> dict[str, str]:
+                  audio_format: str = "flac", beep_bands: dict[str, float] | None = None) -> dict[str, str]:
     """Write ``counts[task]`` clips per task under ``out_dir/audio/`` and one JSONL manifest per task.
 
     Each manifest line: ``{"id", "task", "label", "duration", "messages"}`` with the audio part's ``path``
@@ -245,7 +267,7 @@ def write_dataset(out_dir: str | os.PathLike, counts: dict[str, int], seed: int 
         path = os.path.join(out_dir, f"{task}.jsonl")
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             for i in range(n):
-                sample = make_sample(task, rng, vary_questions)
+                sample = make_sample(task, rng, vary_questions, beep_bands)
                 rel = f"audio/{task}_{i:06d}.{audio_format}"
                 sf.write(os.path.join(out_dir, rel), sample.audio, SR, subtype="PCM_16")
                 msgs = fill_audio(sample.messages, {"type": "audio", "path": rel})
