@@ -37,3 +37,22 @@ def test_fp32_and_training_take_plain_f_linear():
     out.sum().backward()
     assert half.weight.grad is not None and xb.grad is not None
     assert set(half.state_dict()) == {"weight", "bias"}
+
+
+def test_long_inputs_take_the_chunked_mlp_with_the_same_result(monkeypatch):
+    from af3.config import TextConfig
+    from af3.model import decoder
+
+    cfg = TextConfig(vocab_size=100, hidden_size=32, intermediate_size=80, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    mlp = decoder.MLP(cfg)
+    x = torch.randn(3, 50, 32)  # 150 positions
+    whole = mlp(x)  # autograd on: the plain path
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[:2]))
+    monkeypatch.setattr(decoder, "MLP_CHUNK", 40)
+    with torch.inference_mode():
+        chunked = mlp(x)
+    assert calls == [(3, 13)] * 3 + [(3, 11)]  # 40 // 3 = 13 time steps per chunk, all rows together
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)

@@ -155,8 +155,17 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
 
 
+#: Without autograd, long inputs go through the MLP this many positions (batch × time) at a time.
+MLP_CHUNK = 512
+
+
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases.
+
+    Without autograd and for more than :data:`MLP_CHUNK` positions (a long prefill) it runs over chunks of the
+    time axis with the activation done in place: the [chunk, intermediate] temporaries stay in the CPU cache instead
+    of streaming [T, intermediate] tensors through memory several times (same results: rows are independent).
+    """
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -165,7 +174,16 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        b, t = x.shape[0], x.shape[1] if x.dim() == 3 else 1
+        if b * t <= MLP_CHUNK or x.dim() != 3 or torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        step = max(1, MLP_CHUNK // b)
+        out = x.new_empty(b, t, self.down_proj.out_features)  # [B, T, D]
+        for a in range(0, t, step):
+            h = x[:, a:a + step]  # [B, c, D]
+            g = F.silu(self.gate_proj(h), inplace=True)  # [B, c, I]
+            out[:, a:a + step] = self.down_proj(g.mul_(self.up_proj(h)))
+        return out
 
 
 class DecoderLayer(nn.Module):
