@@ -115,3 +115,12 @@ def test_bad_json_schema_and_missing_think_adapter_are_one_line_errors(tiny_ckpt
     assert cli_main(["ask", clip, "What?", "--model", folder, "--think"]) == 2
     err = capsys.readouterr().err.strip()
     assert "think adapter" in err and "\n" not in err
+
+
+def test_demo_without_the_embedded_model_says_how_to_make_it(monkeypatch, capsys):
+    import af3.cli
+
+    monkeypatch.setattr(af3.cli, "embedded_model_path", lambda: None)
+    assert cli_main(["demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "af3 train tiny --install" in err and "\n" not in err

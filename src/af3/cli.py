@@ -247,14 +247,7 @@ def demo(
     """Answer a question about a bundled clip with the embedded model (no download, no GPU)."""
     model_path = embedded_model_path()
     if model_path is None:
-        from .tiny import build_random_tiny
-
-        cache = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "random-tiny"
-        if not (cache / "config.json").is_file():
-            build_random_tiny(cache)
-        model_path = cache
-        typer.echo("note: this build has no trained embedded model yet; using a tiny RANDOM model, "
-                   "so the answer below is random text.", err=True)
+        raise AF3Error("this build has no embedded model (af3/assets/tiny); create it with `af3 train tiny --install`")
     clip = audio or str(bundled_clip())
     typer.echo(f"clip: {clip}\nquestion: {question}")
     conv = [{"role": "user", "content": [{"type": "audio", "path": clip}, {"type": "text", "text": question}]}]

@@ -1,5 +1,6 @@
 """Tiny AF3-architecture checkpoints: same module names, template, ``<sound>`` token and HF layout as the real
-model, small enough to build in a second. Used by ``make demo`` until a trained tiny model ships, and by tests."""
+model, small enough to build in a second. The embedded model's recipe (``af3.training.tiny_recipe``), the
+benchmarks and the tests build their checkpoints from these pieces."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import json
 import os
 from collections.abc import Iterable
 
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .chat import DEFAULT_CHAT_TEMPLATE
-from .config import AF3Config, EncoderConfig, GenerationConfig, TextConfig
+from .config import AF3Config, EncoderConfig, TextConfig
 
 # AF3's special tokens, in the order their ids are given (ids 0..3 in a tiny vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
@@ -70,18 +70,3 @@ def write_tokenizer_files(folder: str, tok: Tokenizer) -> None:
         json.dump({"processor_class": "AudioFlamingo3Processor", "audio_token": "<sound>",
                    "default_transcription_prompt": "Transcribe the input speech.", "max_audio_len": 600,
                    "feature_extractor": FeatureConfig().to_dict()}, f, indent=2)
-
-
-def build_random_tiny(folder: str | os.PathLike, seed: int = 0, width: int = 64, layers: int = 2) -> str:
-    """Write a tiny AF3 checkpoint with random weights to ``folder`` (answers are random text)."""
-    from .model import AF3Model
-
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    tok = train_tokenizer()
-    config = tiny_config(tok.get_vocab_size(), width, layers)
-    torch.manual_seed(seed)
-    model = AF3Model(config, GenerationConfig(eos_token_id=2, pad_token_id=0, bos_token_id=0, max_new_tokens=32))
-    model.save_pretrained(folder)
-    write_tokenizer_files(folder, tok)
-    return folder
