@@ -60,8 +60,7 @@ def test_unknown_dtype_is_an_error(tiny_ckpt, capsys):
     assert "dtype" in capsys.readouterr().err
 
 
-def test_demo_answers_about_the_bundled_clip(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("AF3_CACHE", str(tmp_path))
+def test_demo_answers_about_the_bundled_clip(capsys):
     assert cli_main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "three_beeps.wav" in out and "answer:" in out

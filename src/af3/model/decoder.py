@@ -174,9 +174,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t = x.shape[0], x.shape[1] if x.dim() == 3 else 1
-        if b * t <= MLP_CHUNK or x.dim() != 3 or torch.is_grad_enabled():
+        if x.dim() != 3 or x.shape[0] * x.shape[1] <= MLP_CHUNK or torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        b, t = x.shape[0], x.shape[1]
         step = max(1, MLP_CHUNK // b)
         out = x.new_empty(b, t, self.down_proj.out_features)  # [B, T, D]
         for a in range(0, t, step):
