@@ -13,7 +13,7 @@ from af3 import AF3Model, AF3Processor
 from af3.cli import bundled_clip, embedded_model_path
 from af3.cli import main as cli_main
 from af3.training import synthetic as S
-from af3.training.tiny_recipe import task_accuracy
+from af3.training.tiny_recipe import GOALS, model_card, task_accuracy
 
 ASSET = embedded_model_path()
 #: Chance levels: five counts, three pitch bands, three noise colours.
@@ -44,7 +44,11 @@ def test_the_embedded_model_is_small_and_documented(card):
 def test_fresh_clips_reproduce_the_card(tiny, card):
     """40 new clips per task (a seed the card did not use): within sampling error of the card, far above chance."""
     model, proc = tiny
-    scores = task_accuracy(model, proc, n=40, seed=4242)
+    by_band = {}
+    scores = task_accuracy(model, proc, n=40, seed=4242, by_band=by_band)
+    assert set(by_band) == set(S.BEEP_TASKS)
+    for task, bands in by_band.items():  # the overall score is a mix of the per-band scores
+        assert set(bands) <= set(S.PITCH_BANDS) and min(bands.values()) <= scores[task] <= max(bands.values())
     for task in S.TASKS:
         assert scores[task] >= card["accuracy"][task] - 0.15, (task, scores, card["accuracy"])
         assert scores[task] >= CHANCE[task] + 0.3, (task, scores)
@@ -83,3 +87,11 @@ def test_the_pipeline_trains_on_from_the_embedded_model(tmp_path, tiny):
     wav = tmp_path / "beeps.wav"
     sf.write(wav, sf.read(str(bundled_clip()))[0], 16000)
     assert cli_main(["ask", str(wav), "How many beeps do you hear?", "--model", str(final)]) == 0
+
+
+def test_the_card_states_unmet_goals_and_the_per_band_accuracy(card):
+    scores = {t: GOALS[t] for t in S.TASKS} | {"count": 0.5}
+    info = dict(card) | {"by_band": {"count": {"low": 0.9, "medium": 0.6, "high": 0.0}}}
+    text = model_card(scores, info)
+    assert "Goals not met: count." in text and "| count | 90% | 60% | 0% |" in text
+    assert "Every goal is met." in model_card({t: GOALS[t] for t in S.TASKS}, info)

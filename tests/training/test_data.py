@@ -415,6 +415,28 @@ def test_sampler_groups_by_length():
     assert np.mean(spans) < 150
 
 
+def test_sampler_length_buckets_mix_sources_of_similar_length():
+    rng = np.random.default_rng(2)
+    # Two sources of short examples whose lengths do not overlap, and long examples (two windows).
+    a, b, long = rng.integers(10, 100, 120), rng.integers(100, 240, 120), rng.integers(800, 1400, 40)
+    lengths = np.concatenate([a, b, long]).tolist()
+    source = ["a"] * 120 + ["b"] * 120 + ["long"] * 40
+    exact = list(LengthGroupedSampler(lengths, batch_size=8, seed=0, group_size=35))
+    bucketed = list(LengthGroupedSampler(lengths, batch_size=8, seed=0, group_size=35, length_bucket=750))
+    assert sorted(flat(bucketed)) == list(range(280))
+
+    def kinds(batch):
+        return {source[i] for i in batch}
+
+    # Sorting by exact length keeps sources apart; buckets of 750 mix the short sources in most batches...
+    assert sum(kinds(x) == {"a", "b"} for x in exact) <= 1
+    assert sum(kinds(x) == {"a", "b"} for x in bucketed) >= 20
+    # ...but never put a long example with short ones (one mega-group holds everything here).
+    assert all(kinds(x) == {"long"} or "long" not in kinds(x) for x in bucketed)
+    with pytest.raises(InputError):
+        LengthGroupedSampler(lengths, batch_size=8, length_bucket=-1)
+
+
 @pytest.mark.parametrize(("n", "batch_size", "world_size"), [(6 * 9 + 5, 3, 2), (8 * 4 + 2, 2, 4), (40, 5, 2)])
 def test_sampler_ranks_slice_the_one_process_batches(n, batch_size, world_size):
     lengths = np.random.default_rng(n).integers(1, 300, n).tolist()

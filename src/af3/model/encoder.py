@@ -101,25 +101,25 @@ class AudioEncoder(nn.Module):
         """input_features [N, mel, 2*P] (P = max_source_positions), mask [N, 2*P] with 1 = real frame
         (a left-aligned prefix; only its sum is used) → [N, P // 2, D]."""
         x = input_features.to(self.conv1.weight.dtype)
-        x = F.gelu(self.conv1(x))  # [N, D, 2P]
-        x = F.gelu(self.conv2(x))  # [N, D, P]
-        x = x.transpose(1, 2) + self.embed_positions.weight  # [N, P, D]
-
-        mask = None
-        positions = x.shape[1]
+        positions = x.shape[-1] // 2
+        cut, mask = positions, None
         if input_features_mask is not None:
             lengths = conv_lengths(input_features_mask.sum(-1).long())  # [N]
             # Padded frames are never used: valid keys are all a query attends to, and a valid pooled frame
-            # averages two valid positions. So the transformer runs only on the longest window's valid prefix
-            # (a 2 s clip costs ~1/15 of the window's attention) and the tail is zero-filled. The key-padding
-            # mask stays for windows shorter than that (none when all are full: SDPA's fastest path);
-            # clamp(min=1): an empty window still sees one key and yields finite (unused) values, not NaN.
+            # averages two valid positions. So everything runs only on the longest window's valid prefix (a 2 s
+            # clip costs ~1/15 of a window) and the tail is zero-filled. Conv position j < cut reads mel frames
+            # up to 2j + 2, so 2 * cut + 1 frames give the same values as the whole window. The key-padding mask
+            # stays for windows shorter than that (none when all are full: SDPA's fastest path); clamp(min=1): an
+            # empty window still sees one key and yields finite (unused) values, not NaN.
             longest = int(lengths.max())
             cut = min(positions, max(2, longest + longest % 2))
-            x = x[:, :cut]
+            x = x[..., : 2 * cut + 1]
             if bool((lengths < cut).any()):
                 keep = torch.arange(cut, device=x.device) < lengths.clamp(min=1)[:, None]  # [N, cut]
                 mask = keep[:, None, None, :]  # [N, 1, 1, cut]
+        x = F.gelu(self.conv1(x))  # [N, D, <=2P]
+        x = F.gelu(self.conv2(x))[..., :cut]  # [N, D, cut]
+        x = x.transpose(1, 2) + self.embed_positions.weight[:cut]  # [N, cut, D]
 
         for layer in self.layers:
             x = layer(x, mask)

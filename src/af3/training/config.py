@@ -49,6 +49,8 @@ class DataSection:
     max_audio_len: float | None = None
     #: Batches of the length-grouped sampler sorted together (in global batches).
     group_size: int = 50
+    #: > 0: sort by length // length_bucket (tokens), so batches mix sources of similar length; 0: exact length.
+    length_bucket: int = 0
     eval_batch_size: int | None = None
 
 
@@ -370,6 +372,7 @@ def _check(cfg: TrainConfig) -> None:
     need(cfg.data.max_skipped >= 0, "data.max_skipped", "must be 0 or more")
     need(cfg.data.max_audio_len is not None and cfg.data.max_audio_len > 0, "data.max_audio_len", "must be > 0")
     need(cfg.data.group_size >= 1, "data.group_size", "must be at least 1")
+    need(cfg.data.length_bucket >= 0, "data.length_bucket", "must be 0 or positive")
     need(cfg.data.eval_batch_size is not None and cfg.data.eval_batch_size >= 1, "data.eval_batch_size",
          "must be at least 1")
     need(cfg.optim.lr is not None and cfg.optim.lr > 0, "optim.lr", "must be > 0")

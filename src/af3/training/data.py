@@ -524,14 +524,21 @@ class LengthGroupedSampler(Sampler[list[int]]):
     would see. The last, incomplete global batch is dropped (``drop_last``) or split as evenly as possible;
     when it has fewer items than ranks, ranks without an item of their own repeat one so that none is idle.
 
+    ``length_bucket`` > 0 sorts by ``length // length_bucket`` instead: examples in one bucket keep their random
+    order, so a batch mixes the sources whose lengths fall in the same bucket (e.g. ``750``, one 30 s window of
+    audio tokens: short clips of every task share batches, multi-window clips batch together) instead of
+    clustering by source when lengths correlate with it.
+
     ``lengths`` may be reassigned (e.g. after ``MixtureDataset.set_epoch``); ``skip_batches`` (set on resume)
     skips that many batches at the start of the epoch and is not reset by :meth:`set_epoch`.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 group_size: int = 50, drop_last: bool = False):
+                 group_size: int = 50, drop_last: bool = False, length_bucket: int = 0):
         if batch_size < 1 or world_size < 1 or group_size < 1:
             raise InputError("batch_size, world_size and group_size must be at least 1")
+        if length_bucket < 0:
+            raise InputError(f"length_bucket must be 0 or positive, got {length_bucket}")
         if not 0 <= rank < world_size:
             raise InputError(f"rank {rank} is outside 0..{world_size - 1}")
         if not isinstance(seed, int) or seed < 0:
@@ -543,6 +550,7 @@ class LengthGroupedSampler(Sampler[list[int]]):
         self.world_size = world_size
         self.group_size = group_size
         self.drop_last = drop_last
+        self.length_bucket = length_bucket
         self.epoch = 0
         self.skip_batches = 0
 
@@ -564,6 +572,8 @@ class LengthGroupedSampler(Sampler[list[int]]):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         lengths = np.asarray(self.lengths, dtype=np.int64)
+        if self.length_bucket:
+            lengths = lengths // self.length_bucket
         mega = self.group_size * size
         batches: list[list[int]] = []
         for start in range(0, len(order), mega):

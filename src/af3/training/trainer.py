@@ -582,7 +582,8 @@ class Trainer:
 
         cfg, env = self.cfg, self.env
         sampler = LengthGroupedSampler(dataset.lengths(), batch_size, seed=seed, rank=env.rank,
-                                       world_size=env.world_size, group_size=cfg.data.group_size)
+                                       world_size=env.world_size, group_size=cfg.data.group_size,
+                                       length_bucket=cfg.data.length_bucket)
         batches = _EpochBatches(dataset, sampler)
         workers = cfg.data.num_workers
         loader = DataLoader(_EpochDataset(dataset), batch_sampler=batches, collate_fn=_Collate(collate),
