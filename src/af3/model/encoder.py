@@ -101,7 +101,7 @@ class AudioEncoder(nn.Module):
         """input_features [N, mel, 2*P] (P = max_source_positions), mask [N, 2*P] with 1 = real frame
         (a left-aligned prefix; only its sum is used) → [N, P // 2, D]."""
         x = input_features.to(self.conv1.weight.dtype)
-        positions = x.shape[-1] // 2
+        positions = self.config.max_source_positions  # conv frames of a full window
         cut, mask = positions, None
         if input_features_mask is not None:
             lengths = conv_lengths(input_features_mask.sum(-1).long())  # [N]

@@ -103,11 +103,17 @@ def task_accuracy(model, processor, tasks: Sequence[str] = S.TASKS, n: int = ACC
 
 def model_card(scores: dict[str, float], info: dict[str, Any]) -> str:
     rows = "\n".join(f"| {t} | {scores[t]:.1%} | ≥ {GOALS[t]:.0%} |" for t in S.TASKS)
-    by_band = info.get("by_band") or {}
-    band_rows = "\n".join(f"| {t} | " + " | ".join(f"{by_band[t].get(b, float('nan')):.0%}" for b in S.PITCH_BANDS)
-                          + " |" for t in by_band)
     unmet = [t for t in S.TASKS if scores[t] < GOALS[t]]
-    goals = (f"Goals not met: {', '.join(unmet)}." if unmet else "Every goal is met.")
+    summary = f"Goals not met: {', '.join(unmet)}." if unmet else "Every goal is met."
+    by_band = info.get("by_band") or {}
+    if by_band:
+        cells = {t: " | ".join(f"{by_band[t].get(b, float('nan')):.0%}" for b in S.PITCH_BANDS) for t in by_band}
+        summary += f""" The same clips, split by the pitch band of the beeps (low 100–250 Hz, medium 400–800 Hz, high
+1500–4000 Hz; the band is drawn uniformly, so each cell holds about a third of the clips):
+
+| task | {' | '.join(S.PITCH_BANDS)} |
+|---|{'---|' * len(S.PITCH_BANDS)}
+""" + "\n".join(f"| {t} | {cells[t]} |" for t in by_band)
     counts = ", ".join(f"{k} {v}" for k, v in info["train_counts"].items())
     return f"""# af3 tiny (embedded model)
 
@@ -121,12 +127,7 @@ nothing else.
 |---|---|---|
 {rows}
 
-{goals} The same clips, split by the pitch band of the beeps (low 100–250 Hz, medium 400–800 Hz, high
-1500–4000 Hz; the band is drawn uniformly, so each cell holds about a third of the clips):
-
-| task | {' | '.join(S.PITCH_BANDS)} |
-|---|{'---|' * len(S.PITCH_BANDS)}
-{band_rows}
+{summary}
 
 Tasks: counting 1–5 beeps (1.5–8 s clips), tone pitch (low/medium/high), noise colour (white/pink/brown),
 counting beeps spread over 35–75 s (2–3 windows: proves windows are stitched in order), and a two-turn
