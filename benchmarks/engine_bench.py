@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from af3.system import cpu_description
+
 CACHE = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "bench-mid"
 SR = 16000
 
@@ -245,17 +247,6 @@ def run_vllm(folder: Path, args, only: set[str]) -> dict | None:
 def _vllm(r: dict, scenario: str, field: str) -> float | None:
     got = (r.get("vllm") or {}).get(scenario)
     return None if got is None else got.get(field)
-
-
-def cpu_description() -> str:
-    """CPU model and torch's kernel level (AVX2 vs AVX512/AMX changes every ratio here)."""
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def progress(what: str, values: dict | None = None) -> None:

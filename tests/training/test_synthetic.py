@@ -126,3 +126,35 @@ def test_beep_band_weights_shift_the_beeps_pitch_only_in_beep_tasks():
     assert np.array_equal(a.audio, b.audio)
     with pytest.raises(ValueError, match="ultra"):
         S.make_sample("count", rng, beep_bands={"ultra": 1})
+
+
+def test_frame_labels_mark_the_frames_whose_midpoint_an_event_covers():
+    # 40 ms frames have midpoints 0.02, 0.06, 0.10, 0.14, ...: [0.11, 0.29) covers those of frames 3 to 6.
+    classes, onsets = S.frame_labels({"pitch": "high", "events": [[0.11, 0.29], [0.37, 2.0]]}, frames=11)
+    high = S.FRAME_CLASSES.index("high")
+    assert classes.tolist() == [0, 0, 0, high, high, high, high, 0, 0, high, high]
+    assert np.flatnonzero(onsets).tolist() == [3, 9]
+    pink = S.FRAME_CLASSES.index("pink")
+    classes, onsets = S.frame_labels({"noise": "pink", "events": [[0.0, 0.1]]}, 3)
+    assert classes.tolist() == [pink, pink, 0] and onsets.tolist() == [True, False, False]
+    # An event past the end of the frames leaves no trace.
+    classes, onsets = S.frame_labels({"pitch": "low", "events": [[0.5, 0.7]]}, 5)
+    assert not classes.any() and not onsets.any()
+
+
+@pytest.mark.parametrize("task", ["count", "long_count", "pitch", "noise"])
+def test_event_spans_are_where_the_sound_is(task):
+    """Inside the labelled spans the signal is loud, outside it holds only the faint background."""
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        s = S.make_sample(task, rng)
+        inside = np.zeros(s.audio.size, dtype=bool)
+        for start, end in s.label["events"]:
+            assert 0 <= start < end <= s.duration + 1e-3
+            inside[int(start * S.SR):int(end * S.SR)] = True
+        if task in ("count", "long_count"):
+            assert len(s.label["events"]) == s.label["count"]
+        rms_in = np.sqrt(np.mean(s.audio[inside] ** 2))
+        outside = s.audio[~inside]
+        rms_out = np.sqrt(np.mean(outside ** 2)) if outside.size else 0.0
+        assert rms_in > 8 * rms_out, (task, rms_in, rms_out)

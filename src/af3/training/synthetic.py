@@ -118,14 +118,22 @@ def _place(durations: list[float], total: float, min_gap: float, lead: tuple[flo
 
 
 def beeps(n: int, total: float, freq: float, rng: np.random.Generator, min_gap: float = 0.15,
-          lead: tuple[float, float] = (0.05, 0.5)) -> np.ndarray:
+          lead: tuple[float, float] = (0.05, 0.5)) -> tuple[np.ndarray, list[list[float]]]:
+    """``n`` beeps of ``freq`` in ``total`` seconds → (signal, [[start, end] in seconds per beep])."""
     durations = [float(rng.uniform(0.08, 0.3)) for _ in range(n)]
     x = np.zeros(int(round(total * SR)))
+    events = []
     for start, d in zip(_place(durations, total, min_gap, lead, rng), durations, strict=True):
         b = tone(freq, d, rng)
         i = int(round(start * SR))
         x[i:i + b.size] += b[: x.size - i]
-    return x
+        events.append(_span(i, min(x.size, i + b.size)))
+    return x, events
+
+
+def _span(first: int, stop: int) -> list[float]:
+    """Sample range → [start, end] in seconds (ms precision): where a sound event lies in its clip."""
+    return [round(first / SR, 3), round(stop / SR, 3)]
 
 
 def _band_freq(rng: np.random.Generator, band: str | None = None,
@@ -180,28 +188,30 @@ def make_count(rng: np.random.Generator, vary: bool = True, beep_bands: dict[str
     band, freq = _band_freq(rng, weights=beep_bands)
     need = n * 0.3 + (n - 1) * 0.15 + 0.6
     total = float(rng.uniform(max(1.5, need), 8.0))
-    x = _finish(beeps(n, total, freq, rng), rng)
+    x, events = beeps(n, total, freq, rng)
+    x = _finish(x, rng)
     return Sample("count", x, _conversation(_q(COUNT_QUESTIONS, rng, vary), count_answer(n)),
-                  {"count": n, "pitch": band, "freq": freq})
+                  {"count": n, "pitch": band, "freq": freq, "events": events})
 
 
 def make_pitch(rng: np.random.Generator, vary: bool = True) -> Sample:
     band, freq = _band_freq(rng)
     seconds = float(rng.uniform(0.5, 4.0))
     lead, tail = rng.uniform(0.0, 0.5, size=2)
-    x = np.concatenate([np.zeros(int(lead * SR)), tone(freq, seconds, rng), np.zeros(int(tail * SR))])
-    x = _finish(x, rng)
+    pad, t = np.zeros(int(lead * SR)), tone(freq, seconds, rng)
+    x = _finish(np.concatenate([pad, t, np.zeros(int(tail * SR))]), rng)
     return Sample("pitch", x, _conversation(_q(PITCH_QUESTIONS, rng, vary), pitch_answer(band)),
-                  {"pitch": band, "freq": freq})
+                  {"pitch": band, "freq": freq, "events": [_span(pad.size, pad.size + t.size)]})
 
 
 def make_noise(rng: np.random.Generator, vary: bool = True) -> Sample:
     kind = str(rng.choice(NOISE_KINDS))
     seconds = float(rng.uniform(1.0, 5.0))
     lead = rng.uniform(0.0, 0.3)
-    x = np.concatenate([np.zeros(int(lead * SR)), colored_noise(kind, int(seconds * SR), rng)])
-    x = _finish(x, rng, noise_level=(0.0005, 0.005))
-    return Sample("noise", x, _conversation(_q(NOISE_QUESTIONS, rng, vary), noise_answer(kind)), {"noise": kind})
+    pad = np.zeros(int(lead * SR))
+    x = _finish(np.concatenate([pad, colored_noise(kind, int(seconds * SR), rng)]), rng, noise_level=(0.0005, 0.005))
+    return Sample("noise", x, _conversation(_q(NOISE_QUESTIONS, rng, vary), noise_answer(kind)),
+                  {"noise": kind, "events": [_span(pad.size, x.size)]})
 
 
 def make_long_count(rng: np.random.Generator, vary: bool = True,
@@ -210,10 +220,10 @@ def make_long_count(rng: np.random.Generator, vary: bool = True,
     band, freq = _band_freq(rng, weights=beep_bands)
     total = float(rng.uniform(35.0, 75.0))
     # Spread out: gaps of at least 2 s, so the beeps land in different windows of a long clip.
-    x = beeps(n, total, freq, rng, min_gap=2.0, lead=(0.2, 1.0))
+    x, events = beeps(n, total, freq, rng, min_gap=2.0, lead=(0.2, 1.0))
     x = _finish(x, rng, noise_level=(0.005, 0.02))
     return Sample("long_count", x, _conversation(_q(COUNT_QUESTIONS, rng, vary), count_answer(n)),
-                  {"count": n, "pitch": band, "freq": freq})
+                  {"count": n, "pitch": band, "freq": freq, "events": events})
 
 
 def make_multi_turn(rng: np.random.Generator, vary: bool = True,
@@ -247,6 +257,37 @@ def make_sample(task: str, rng: np.random.Generator, vary: bool = True,
     if beep_bands and task in BEEP_TASKS:
         return MAKERS[task](rng, vary, beep_bands)
     return MAKERS[task](rng, vary)
+
+
+#: Per-frame sound classes of the clips (``frame_labels``): nothing but background, a tone or beep of a pitch band,
+#: or a noise colour.
+FRAME_CLASSES = ("background", *PITCH_BANDS, *NOISE_KINDS)
+
+
+def _event_frames(label: dict, frames: int, frame_seconds: float) -> list[tuple[int, int]]:
+    """[first, stop) frame range of each event of ``label["events"]``: the frames whose midpoint it covers."""
+    out = []
+    for start, end in label["events"]:
+        first, stop = int(np.ceil(start / frame_seconds - 0.5)), int(np.ceil(end / frame_seconds - 0.5))
+        first, stop = max(first, 0), max(min(stop, frames), 0)
+        if first < stop:
+            out.append((first, stop))
+    return out
+
+
+def frame_labels(label: dict, frames: int, frame_seconds: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame of a clip's first ``frames`` frames of ``frame_seconds``: (its class, an index into
+    ``FRAME_CLASSES``; whether a sound event starts there).
+
+    Frame k covers [k, k + 1) * frame_seconds; it belongs to a sound event of ``label["events"]`` when the event
+    covers its midpoint, and to the background otherwise. 0.04 s is one audio token of AF3 (one encoder output
+    frame after pooling)."""
+    classes, onsets = np.zeros(frames, dtype=np.int64), np.zeros(frames, dtype=bool)
+    kind = FRAME_CLASSES.index(label["pitch"] if "pitch" in label else label["noise"])
+    for first, stop in _event_frames(label, frames, frame_seconds):
+        classes[first:stop] = kind
+        onsets[first] = True
+    return classes, onsets
 
 
 # ---------------------------------------------------------------------- manifests
