@@ -1,7 +1,7 @@
 """Decode-shaped linears in bf16 on CPU: ``F.linear`` (x @ W.T) against af3's ``Linear`` (W @ x.T / torch.mv).
 
 Shapes are the mid-size benchmark model's (Qwen2.5-0.5B decoder: hidden 896, ffn 4864, vocab 151936). The GEMV path
-is forced on here whatever the CPU; ``decoder.GEMV_ROWS`` decides where the model takes it.
+is forced on here whatever the CPU; ``linear.GEMV_ROWS`` decides where the model takes it.
 
     python -m benchmarks.gemv_bench [--threads 2] [--repeats 30]
 """
@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from af3.model import decoder
-from af3.model.decoder import SMALL_ROWS, Linear
+from af3.model import linear
+from af3.model.linear import SMALL_ROWS, Linear
 
 SHAPES = {"q/k/v (1152x896)": (1152, 896), "mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864),
           "lm_head (151936x896)": (151936, 896)}
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    decoder.GEMV_ROWS = SMALL_ROWS  # measure the path itself, also where the model leaves it off
+    linear.GEMV_ROWS = SMALL_ROWS  # measure the path itself, also where the model leaves it off
     print(f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads\n")
     print("| weight | rows | F.linear GB/s | W @ x.T path GB/s | speed-up |\n|---|---|---|---|---|")
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""The decoder's Linear: nn.Linear's parameters and results, with a GEMV-shaped path for few bf16 rows on CPU."""
+"""af3's Linear: nn.Linear's parameters and results, with a GEMV-shaped path for few bf16 rows and an fp32 path for
+many half-precision rows on CPU."""
 
 from __future__ import annotations
 
@@ -6,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from af3.model.decoder import SMALL_ROWS, Linear
+from af3.model import linear
+from af3.model.linear import CONVERT_ROWS, SMALL_ROWS, Linear
 
 
 @pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS, SMALL_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
 def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch):
-    from af3.model import decoder
-
-    monkeypatch.setattr(decoder, "GEMV_ROWS", SMALL_ROWS)  # the path runs on every CPU here, not only AVX-512
+    monkeypatch.setattr(linear, "GEMV_ROWS", SMALL_ROWS)  # the path runs on every CPU here, not only AVX-512
     torch.manual_seed(rows)
     layer = Linear(96, 40, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)  # [B, T=1, K]: decoding
@@ -26,6 +26,30 @@ def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch):
     assert torch.allclose(out.double(), exact, rtol=1e-2, atol=1e-2)
     ref = F.linear(x, layer.weight, layer.bias)
     assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [CONVERT_ROWS, 300])
+def test_many_half_rows_in_fp32_match_f_linear(rows, dtype, monkeypatch):
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({dtype}))  # the path runs on every CPU here
+    monkeypatch.setattr(linear, "CONVERT_CHUNK", 1000)  # several weight chunks and output row blocks
+    calls, original = [], linear.linear_via_fp32
+    monkeypatch.setattr(linear, "linear_via_fp32", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(rows)
+    layer = Linear(96, 40).to(dtype)
+    x = torch.randn(3, rows // 3 + 1, 96, dtype=dtype)
+    with torch.inference_mode():
+        out = layer(x)
+    assert calls and out.shape == (3, rows // 3 + 1, 40) and out.dtype == dtype
+    # The same fp32 products and sums as converting everything at once, rounded once to the half dtype.
+    whole = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+    assert torch.allclose(out.float(), whole.float(), rtol=1e-2, atol=1e-2)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    assert torch.allclose(out.double(), exact, rtol=1e-2, atol=1e-2)
+    assert torch.allclose(out.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
+    with torch.inference_mode():
+        small = layer(x[:1, :2])  # fewer rows than CONVERT_ROWS: not this path
+    assert len(calls) == 1 and torch.allclose(small.float(), out[:1, :2].float(), rtol=1e-2, atol=1e-2)
 
 
 def test_fp32_and_training_take_plain_f_linear():

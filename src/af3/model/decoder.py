@@ -9,36 +9,7 @@ from torch import Tensor, nn
 from ..config import TextConfig
 from ..errors import CheckpointError
 from ..generation.cache import KVCache
-
-
-#: Up to this many rows, CPU bf16/fp16 linears run as ``W @ x.T`` (a GEMV-shaped product) instead of ``x @ W.T``.
-SMALL_ROWS = 8
-#: Rows up to which :class:`Linear` takes that path on this machine: it reads the weights 1.03-1.47x faster on
-#: AVX-512 CPUs but 0.72-0.99x as fast on AVX2-only ones (``benchmarks/gemv_bench.py``; tables in
-#: ``benchmarks/README.md``), so AVX2 keeps ``F.linear``.
-GEMV_ROWS = SMALL_ROWS if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) with a faster path for decoding on CPU.
-
-    With one to :data:`GEMV_ROWS` rows in bf16/fp16 on an AVX-512 CPU, ``F.linear`` (``x @ W.T``) reads the weight
-    at up to half the memory bandwidth that ``W @ x.T`` (``torch.mv`` for one row) reaches on the same weight
-    (measured: ``benchmarks/gemv_bench.py``); decoding is bound by reading the weights, so it takes the latter.
-    Everything else (training, prefill, fp32, CUDA, AVX2-only CPUs) is plain ``F.linear``.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        rows = x.numel() // max(x.shape[-1], 1)
-        if (rows > GEMV_ROWS or x.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16)
-                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-            return F.linear(x, w, self.bias)
-        x2 = x.reshape(rows, x.shape[-1])  # [M, K]
-        out = torch.mv(w, x2[0])[None] if rows == 1 else torch.mm(w, x2.T).T.contiguous()  # [M, N]
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], w.shape[0])
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..config import EncoderConfig
 from ..errors import CheckpointError
+from .linear import Linear
 
 
 def conv_lengths(mel_lengths: Tensor) -> Tensor:
@@ -32,10 +33,10 @@ class EncoderAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.k_proj = Linear(dim, dim, bias=False)
+        self.v_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
         n, t, d = x.shape  # [N, T, D]
@@ -56,8 +57,8 @@ class EncoderLayer(nn.Module):
         d = cfg.hidden_size
         self.self_attn = EncoderAttention(d, cfg.num_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, d)
+        self.fc1 = Linear(d, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
