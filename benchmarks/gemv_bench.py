@@ -1,7 +1,9 @@
-"""Decode-shaped linears in bf16 on CPU: ``F.linear`` (x @ W.T) against af3's ``Linear`` (W @ x.T / torch.mv).
+"""bf16 linears on CPU: ``F.linear`` against af3's ``Linear`` paths. Decode-shaped (1-8 rows): ``W @ x.T`` /
+``torch.mv``; prefill-shaped (32-512 rows): the weight converted to fp32 in chunks and multiplied in fp32.
 
 Shapes are the mid-size benchmark model's (Qwen2.5-0.5B decoder: hidden 896, ffn 4864, vocab 151936). The GEMV path
-is forced on here whatever the CPU; ``linear.GEMV_ROWS`` decides where the model takes it.
+and the fp32 path are forced on here whatever the CPU; ``linear.GEMV_ROWS`` and ``linear.CONVERT_DTYPES`` decide
+where the model takes them.
 
     python -m benchmarks.gemv_bench [--threads 2] [--repeats 30]
 """
@@ -51,6 +53,19 @@ def main() -> None:
                 base = seconds(lambda x=x, w=layer.weight: F.linear(x, w), args.repeats)
                 ours = seconds(lambda x=x, layer=layer: layer(x), args.repeats)
                 print(f"| {name} | {rows} | {gb / base:.1f} | {gb / ours:.1f} | {base / ours:.2f}x |")
+    print("\n| weight | rows | F.linear GFLOPS | fp32 path GFLOPS | speed-up |\n|---|---|---|---|---|")
+    with torch.inference_mode():
+        for name, (n, k) in SHAPES.items():
+            if n * k > 10_000_000:  # lm_head: prefill runs it on the last position only
+                continue
+            w = torch.randn(n, k).to(torch.bfloat16)
+            for rows in (32, 64, 512):
+                x = torch.randn(rows, k, dtype=torch.bfloat16)
+                flop = 2 * rows * n * k / 1e9
+                repeats = max(3, args.repeats // 4)
+                base = seconds(lambda x=x, w=w: F.linear(x, w), repeats)
+                ours = seconds(lambda x=x, w=w: linear.linear_via_fp32(x, w), repeats)
+                print(f"| {name} | {rows} | {flop / base:.1f} | {flop / ours:.1f} | {base / ours:.2f}x |")
 
 
 if __name__ == "__main__":

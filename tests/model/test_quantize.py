@@ -156,6 +156,31 @@ def test_fallback_chunks_large_weights(monkeypatch):
     assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [Q.CHUNK_ELEMENTS, 64 * 10])
+def test_fallback_computes_many_bf16_rows_in_fp32_where_bf16_gemm_is_not_native(monkeypatch, chunk):
+    from af3.model import linear
+
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({torch.bfloat16}))  # as on an AVX2 CPU
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", chunk)
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real_linear(x, w, *a))
+    lin = varied_linear(64, 45, True, torch.bfloat16)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(linear.CONVERT_ROWS, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=False)
+    assert seen and set(seen) == {(torch.float32, torch.float32)} and y.dtype == torch.bfloat16
+    check_error_bound(x, y, lin)
+    deq = q.qweight.double() * q.scales.double()[:, None]
+    exact = x.double() @ deq.T + q.bias.double()
+    assert torch.allclose(y.double(), exact, rtol=1e-2, atol=1e-2)  # one bf16 rounding of an fp32 result
+    seen.clear()
+    with torch.no_grad():
+        Q.int8_linear(x[:4], q.qweight, q.scales, q.bias, fused=False)  # few rows: bf16 as before
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
 def test_wrong_input_width_raises():
     q = Int8Linear.from_linear(nn.Linear(16, 8))
     with pytest.raises(InputError, match="16 features"):

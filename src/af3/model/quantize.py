@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
+from . import linear
 
 if TYPE_CHECKING:
     from .af3 import AF3Model
@@ -76,8 +77,11 @@ def _fused_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
 def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     """Fallback: (x @ q.T) * scales with q cast to a float dtype, in chunks of output rows. x [M, K] → [M, N]."""
     dtype = x.dtype
-    # bf16/fp32 hold x @ q.T (up to 127x the true output) safely; fp16 could overflow, so compute in fp32.
+    # bf16/fp32 hold x @ q.T (up to 127x the true output) safely; fp16 could overflow, so compute in fp32. So does a
+    # CPU without a native bf16 GEMM for many rows (AVX2: 3-7x faster in fp32, see linear.py).
     compute = dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+    if (compute in linear.CONVERT_DTYPES and x.device.type == "cpu" and x.shape[0] >= linear.CONVERT_ROWS):
+        compute = torch.float32
     xc = x.to(compute)
     n, k = qweight.shape
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
