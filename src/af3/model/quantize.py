@@ -80,7 +80,7 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     # bf16/fp32 hold x @ q.T (up to 127x the true output) safely; fp16 could overflow, so compute in fp32. So does a
     # CPU without a native bf16 GEMM for many rows (AVX2: 3-7x faster in fp32, see linear.py).
     compute = dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-    if (compute in linear.CONVERT_DTYPES and x.device.type == "cpu" and x.shape[0] >= linear.CONVERT_ROWS):
+    if compute in linear.CONVERT_DTYPES and x.device.type == "cpu" and x.shape[0] >= linear.CONVERT_ROWS:
         compute = torch.float32
     xc = x.to(compute)
     n, k = qweight.shape

@@ -264,17 +264,6 @@ def make_sample(task: str, rng: np.random.Generator, vary: bool = True,
 FRAME_CLASSES = ("background", *PITCH_BANDS, *NOISE_KINDS)
 
 
-def _event_frames(label: dict, frames: int, frame_seconds: float) -> list[tuple[int, int]]:
-    """[first, stop) frame range of each event of ``label["events"]``: the frames whose midpoint it covers."""
-    out = []
-    for start, end in label["events"]:
-        first, stop = int(np.ceil(start / frame_seconds - 0.5)), int(np.ceil(end / frame_seconds - 0.5))
-        first, stop = max(first, 0), max(min(stop, frames), 0)
-        if first < stop:
-            out.append((first, stop))
-    return out
-
-
 def frame_labels(label: dict, frames: int, frame_seconds: float = 0.04) -> tuple[np.ndarray, np.ndarray]:
     """Per frame of a clip's first ``frames`` frames of ``frame_seconds``: (its class, an index into
     ``FRAME_CLASSES``; whether a sound event starts there).
@@ -284,9 +273,12 @@ def frame_labels(label: dict, frames: int, frame_seconds: float = 0.04) -> tuple
     frame after pooling)."""
     classes, onsets = np.zeros(frames, dtype=np.int64), np.zeros(frames, dtype=bool)
     kind = FRAME_CLASSES.index(label["pitch"] if "pitch" in label else label["noise"])
-    for first, stop in _event_frames(label, frames, frame_seconds):
-        classes[first:stop] = kind
-        onsets[first] = True
+    for start, end in label["events"]:
+        first = max(int(np.ceil(start / frame_seconds - 0.5)), 0)
+        stop = min(int(np.ceil(end / frame_seconds - 0.5)), frames)
+        if first < stop:
+            classes[first:stop] = kind
+            onsets[first] = True
     return classes, onsets
 
 

@@ -92,8 +92,8 @@ def _frame_batch(rng: np.random.Generator, n: int, feature_config) -> tuple[Any,
     samples = [S.make_sample(str(rng.choice(tasks, p=p / p.sum())), rng, beep_bands=BEEP_BANDS) for _ in range(n)]
     feats = extract_features([s.audio for s in samples], feature_config, max_audio_len=feature_config.chunk_length)
     valid = conv_output_lengths(feats.input_features_mask.sum(-1).long())[1].tolist()
-    frame_seconds = 4 * feature_config.hop_length / feature_config.sampling_rate  # conv stride 2, pool stride 2
-    frames = feats.input_features.shape[-1] // 4
+    frames = int(conv_output_lengths(feats.input_features.shape[-1])[1])  # encoder output frames of a window
+    frame_seconds = feature_config.chunk_length / frames
     classes = torch.full((n, frames), -100, dtype=torch.long)
     onsets = torch.full((n, frames), -1.0)
     for i, s in enumerate(samples):
@@ -198,9 +198,7 @@ def task_accuracy(model, processor, tasks: Sequence[str] = S.TASKS, n: int = ACC
     return scores
 
 
-def _warmup_line(warmup: dict[str, Any] | None) -> str:
-    if not warmup:
-        return "none."
+def _warmup_line(warmup: dict[str, Any]) -> str:
     recall = ", ".join(f"{c} {r:.1%}" for c, r in warmup["frame_recall"].items())
     return (f"{warmup['steps']} steps of {warmup['batch_size']} fresh short clips (count, pitch and noise), lr "
             f"{warmup['lr']}: the encoder alone, with a linear head that is then dropped, names the sound of every "
@@ -249,10 +247,10 @@ conversation (count, then the pitch of the beeps; the second turn is scored).
 - Model: encoder width {info['audio_width']} ({info['audio_layers']} layers, {info['audio_heads']} heads), decoder
   width {info['text_width']} ({info['layers']} layers), byte-level BPE vocabulary of {info['vocab']} with AF3's
   special tokens.
-- Encoder warm-up: {_warmup_line(info.get("encoder_warmup"))}
+- Encoder warm-up: {_warmup_line(info["encoder_warmup"])}
 - Training: stage `stage3` (everything trains), {info['steps']} steps of batch {info['batch_size']}, AdamW
   lr {info['lr']} (per part: {info['part_lr'] or 'none'}), cosine schedule with warm-up, assistant-only loss.
-- Wall time: data {info['data_seconds']:.0f} s, encoder warm-up {info.get('warmup_seconds', 0):.0f} s, training
+- Wall time: data {info['data_seconds']:.0f} s, encoder warm-up {info['warmup_seconds']:.0f} s, training
   {info['train_seconds']:.0f} s, evaluation {info['eval_seconds']:.0f} s; total {info['total_seconds'] / 60:.1f} min.
 """
 
