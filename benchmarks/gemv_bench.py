@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from af3.model import linear
+from af3.model import cpu_kernels, linear, quantize
 from af3.model.linear import SMALL_ROWS, Linear
 
 SHAPES = {"q/k/v (1152x896)": (1152, 896), "mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864),
@@ -66,6 +66,28 @@ def main() -> None:
                 base = seconds(lambda x=x, w=w: F.linear(x, w), repeats)
                 ours = seconds(lambda x=x, w=w: linear.linear_via_fp32(x, w), repeats)
                 print(f"| {name} | {rows} | {flop / base:.1f} | {flop / ours:.1f} | {base / ours:.2f}x |")
+    if not cpu_kernels.available():
+        print("\naf3's CPU kernel is not available here (see af3/model/cpu_kernels.py); its table is skipped")
+        return
+    print("\n| weight | rows | bf16 F.linear GB/s | af3 kernel bf16 GB/s | speed-up | int8 torch GB/s | "
+          "af3 kernel int8 GB/s | speed-up |\n|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for name, (n, k) in SHAPES.items():
+            w = torch.randn(n, k).to(torch.bfloat16)
+            q, scales = quantize.quantize_weight(w)
+            for rows in (1, 2, 4, 8, 16, 31):
+                x = torch.randn(rows, k, dtype=torch.bfloat16)
+                repeats = args.repeats if n * k < 10_000_000 else max(3, args.repeats // 4)
+                base = seconds(lambda x=x, w=w: F.linear(x, w), repeats)
+                ours = seconds(lambda x=x, w=w: cpu_kernels.small_gemm(x, w).to(x.dtype), repeats)
+                # int8 as quantize.int8_linear ran it before this kernel: the fused op up to 8 rows, else the fallback
+                fused = rows <= quantize.FUSED_MAX_ROWS and quantize.fused_kernel_available("cpu")
+                qbase = seconds(lambda x=x, q=q, s=scales, fused=fused: quantize.int8_linear(x, q, s, fused=fused),
+                                repeats)
+                qours = seconds(lambda x=x, q=q, s=scales: cpu_kernels.small_gemm(x, q, s).to(x.dtype), repeats)
+                gb, qgb = w.numel() * 2 / 1e9, q.numel() / 1e9
+                print(f"| {name} | {rows} | {gb / base:.1f} | {gb / ours:.1f} | {base / ours:.2f}x "
+                      f"| {qgb / qbase:.1f} | {qgb / qours:.1f} | {qbase / qours:.2f}x |")
 
 
 if __name__ == "__main__":

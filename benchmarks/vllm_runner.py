@@ -38,6 +38,9 @@ T0 = time.perf_counter()  # top of the script, before vLLM (and numpy) are impor
 # Before vLLM is imported: both cores for the model worker (the notes: "auto" binds it to core 0 only).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
+# On AVX2 CPUs vLLM's oneDNN linear falls back to torch's bf16 linear, and one prefill step of 8 prompts or of 5 min
+# of audio takes longer than vLLM's default 300 s limit on a worker call; allow an hour so that it can be measured.
+os.environ.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

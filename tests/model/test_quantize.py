@@ -102,8 +102,9 @@ def test_int8_weights_and_scales_reconstruct_within_half_a_step(dtype):
 
 # ---------------------------------------------------------------------- kernel choice
 def counting(monkeypatch) -> dict[str, int]:
-    calls = {"fused": 0, "fallback": 0}
-    fused, fallback = Q._fused_mm, Q._dequant_mm
+    """Counts calls of torch's fused int8 kernel, the fallback and af3's own CPU kernel ("own")."""
+    calls = {"fused": 0, "fallback": 0, "own": 0}
+    fused, fallback, own = Q._fused_mm, Q._dequant_mm, Q.cpu_kernels.small_gemm
 
     def fused_spy(*a):
         calls["fused"] += 1
@@ -113,27 +114,38 @@ def counting(monkeypatch) -> dict[str, int]:
         calls["fallback"] += 1
         return fallback(*a)
 
+    def own_spy(*a):
+        calls["own"] += 1
+        return own(*a)
+
     monkeypatch.setattr(Q, "_fused_mm", fused_spy)
     monkeypatch.setattr(Q, "_dequant_mm", fallback_spy)
+    monkeypatch.setattr(Q.cpu_kernels, "small_gemm", own_spy)
     return calls
 
 
 @pytest.mark.skipif(not FUSED, reason="this torch has no CPU _weight_int8pack_mm kernel")
 def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch):
+    from af3.model import linear
+
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # a CPU with native bf16 GEMMs (not af3's kernel)
     calls = counting(monkeypatch)
     q = Int8Linear.from_linear(varied_linear(128, 48, True, torch.bfloat16))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         q(x[:1])  # one decode row
         q(x[:, None])  # [B, 1, K]: batch decode
-        assert calls == {"fused": 2, "fallback": 0}
+        assert calls == {"fused": 2, "fallback": 0, "own": 0}
         q(torch.randn(40, 128, dtype=torch.bfloat16))  # prefill rows: dequantize + matmul
         q(x.float())  # fp32 activations: the fp32 kernel is scalar, fallback
-    assert calls == {"fused": 2, "fallback": 2}
+    assert calls == {"fused": 2, "fallback": 2, "own": 0}
 
 
 def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch):
     """torch 2.13's bf16 CPU kernel returns NaN/garbage for K % 16 != 0; the guard must route around it."""
+    from af3.model import linear
+
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # where torch's fused kernel would be chosen
     calls = counting(monkeypatch)
     lin = varied_linear(72, 40, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)
@@ -346,5 +358,5 @@ def test_top1_agreement_with_bf16_and_greedy_generation(pair, monkeypatch):
     assert out.shape == (1, t + 6) and torch.equal(out[:, :t], audio["input_ids"])
     assert ((out[:, t:] >= 0) & (out[:, t:] < 2000)).all()
     assert calls["fallback"] > 0  # the prefill (many rows) dequantizes
-    if FUSED:
-        assert calls["fused"] >= 5 * (7 * 4 + 1)  # every decode step: 28 decoder linears + lm_head
+    if FUSED or Q.cpu_kernels.available():  # torch's fused kernel, or af3's on CPUs without native bf16 GEMMs
+        assert calls["fused"] + calls["own"] >= 5 * (7 * 4 + 1)  # every decode step: 28 decoder linears + lm_head

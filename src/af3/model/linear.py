@@ -6,10 +6,12 @@ tables in ``benchmarks/README.md``):
 * Decoding (1 to :data:`SMALL_ROWS` rows) on AVX-512 CPUs: ``F.linear`` (``x @ W.T``) reads the weight at up to half
   the bandwidth that ``W @ x.T`` (``torch.mv`` for one row) reaches, and decoding is bound by reading the weights.
   On AVX2-only CPUs that path is 0.72-0.99x as fast, so there it is off (:data:`GEMV_ROWS`).
-* Many rows (prefill, the audio encoder) on CPUs without native bf16/fp16 matrix instructions (AVX2; oneDNN reports
-  no bf16 support): ``F.linear`` in bf16 runs at 12-20 GFLOPS on 2 AVX2 cores, the fp32 GEMM at 34-132. From
-  :data:`CONVERT_ROWS` rows the weight is converted to fp32 a chunk at a time and multiplied in fp32; the products
-  of bf16 values are exact in fp32 and both ways accumulate in fp32 and round the result once.
+* CPUs without native bf16/fp16 matrix instructions (AVX2; oneDNN reports no bf16 support), :data:`CONVERT_DTYPES`:
+  with many rows (prefill, the audio encoder) ``F.linear`` in bf16 runs at 12-20 GFLOPS on 2 AVX2 cores, the fp32
+  GEMM at 34-132, so from :data:`CONVERT_ROWS` rows the weight is converted to fp32 a chunk at a time and multiplied
+  in fp32. With fewer rows (decoding) ``F.linear`` reads the weight at 1.4-2.3 GB/s with 8 rows, and af3's own
+  kernel (:mod:`.cpu_kernels`) widens each weight vector to fp32 in registers instead, when it could be built.
+  The products of bf16 values are exact in fp32, and every way accumulates in fp32 and rounds the result once.
 
 Training (autograd), fp32 weights and CUDA always take plain ``F.linear``.
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import cpu_kernels
 
 #: Up to this many rows, CPU bf16/fp16 linears can run as ``W @ x.T`` (a GEMV-shaped product).
 SMALL_ROWS = 8
@@ -73,8 +77,11 @@ class Linear(nn.Linear):
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows >= CONVERT_ROWS and w.dtype in CONVERT_DTYPES:
-            return linear_via_fp32(x, w, self.bias)
+        if w.dtype in CONVERT_DTYPES:
+            if rows >= CONVERT_ROWS:
+                return linear_via_fp32(x, w, self.bias)
+            if cpu_kernels.available():
+                return cpu_kernels.small_gemm(x, w, bias=self.bias).to(x.dtype)
         if rows > GEMV_ROWS:
             return F.linear(x, w, self.bias)
         x2 = x.reshape(rows, x.shape[-1])  # [M, K]

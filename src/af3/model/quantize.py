@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from . import linear
+from . import cpu_kernels, linear
 
 if TYPE_CHECKING:
     from .af3 import AF3Model
@@ -94,12 +94,21 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return out
 
 
+def own_kernel_takes(x: Tensor) -> bool:
+    """Whether ``int8_linear`` runs rows ``x`` [M, K] through af3's CPU kernel: few rows, on a CPU where oneDNN has
+    no native kernel for their dtype, with the kernel built (``benchmarks/gemv_bench.py``, third table)."""
+    return (x.device.type == "cpu" and x.shape[0] < linear.CONVERT_ROWS and x.dtype in linear.CONVERT_DTYPES
+            and not x.requires_grad and cpu_kernels.available())
+
+
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
                 fused: bool | None = None) -> Tensor:
     """``x [..., K]`` times an int8 weight ``[N, K]`` with per-row ``scales [N]`` (+ ``bias [N]``) → ``[..., N]``.
 
-    ``fused=None`` picks the fused kernel when it is available and fast for this device, dtype and row count;
-    ``True`` forces it (for tests; it must be available), ``False`` forces the fallback.
+    ``fused=None`` picks the fastest kernel for this device, dtype and row count: af3's own CPU kernel
+    (:mod:`.cpu_kernels`) for few rows on CPUs without native bf16 matrix instructions, else torch's fused kernel
+    when it is available and fast, else the fallback. ``True`` forces torch's fused kernel (for tests; it must be
+    available), ``False`` forces the fallback.
     """
     n, k = qweight.shape
     if x.shape[-1] != k:
@@ -107,6 +116,8 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
                          f"{list(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
+    if fused is None and own_kernel_takes(x2):
+        return cpu_kernels.small_gemm(x2, qweight, scales, bias).to(x2.dtype).reshape(*lead, n)  # [..., N]
     if fused is None:
         fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS and k % FUSED_K_MULTIPLE == 0
                  and not x2.requires_grad and fused_kernel_available(x2.device.type))

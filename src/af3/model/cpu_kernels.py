@@ -1,0 +1,131 @@
+"""af3's own CPU kernel for products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``).
+
+On x86 CPUs without native bf16/fp16 matrix instructions (AVX2 only; oneDNN reports no bf16 support), torch's
+half-precision ``F.linear`` with a handful of rows reads the weight at a fraction of memory bandwidth, and decoding
+is bound by reading weights (``benchmarks/gemv_bench.py``). The C kernel loads each weight vector once, widens it to
+fp32 in registers and multiplies it into up to 4 rows at a time, accumulating in fp32.
+
+The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) and
+``-O3 -march=native`` for the machine it runs on, then cached under ``$AF3_CACHE`` (default
+``~/.cache/af3``)/``kernels``, keyed by the source, the flags and the CPU's feature flags. It is loaded with
+``ctypes``; no Python headers or build tools beyond a C compiler with OpenMP are needed. Without a compiler, on
+other architectures, on CPUs without AVX2/FMA/F16C, or with ``AF3_CPU_KERNELS=0``, :func:`available` is False and
+af3 keeps torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+#: Weight dtypes the kernel reads, and the code it knows each by.
+KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("AF3_CACHE") or Path.home() / ".cache" / "af3")
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux), so that a cache shared by different machines keeps one build per CPU."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library's path."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"small_gemm-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("AF3_CPU_KERNELS", "1") == "0":
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.info("no C compiler found: af3's CPU kernel for few-row bf16/fp16/int8 products is off")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("af3's CPU kernel did not build (%s); using torch's kernels", detail.strip().splitlines()[-1:])
+        return None
+    lib.af3_small_gemm_level.restype = ctypes.c_int
+    if lib.af3_small_gemm_level() < 1:
+        log.info("this CPU lacks AVX2/FMA/F16C: af3's CPU kernel is off")
+        return None
+    lib.af3_small_gemm.restype = ctypes.c_int
+    lib.af3_small_gemm.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    """True when the kernel is built and usable on this machine."""
+    return _library() is not None
+
+
+def _fp32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def small_gemm(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``(x @ weight.T) * scale + bias`` in fp32: x [..., K] (any float dtype), weight [N, K] contiguous bf16, fp16
+    or int8 on the CPU, scale and bias [N] or None → fp32 [..., N]. Requires :func:`available`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("af3's CPU kernel is not available on this machine")
+    n, k = weight.shape
+    if weight.dtype not in KINDS or weight.device.type != "cpu" or not weight.is_contiguous():
+        raise ValueError(f"small_gemm needs a contiguous CPU weight of {sorted(map(str, KINDS))}, got "
+                         f"{weight.dtype} on {weight.device}")
+    if x.shape[-1] != k:
+        raise ValueError(f"small_gemm: x has {x.shape[-1]} features, the weight {k}")
+    x2 = _fp32(x.reshape(-1, k))  # [M, K]
+    scale, bias = _fp32(scale), _fp32(bias)
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32)  # [M, N]
+    status = lib.af3_small_gemm(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), KINDS[weight.dtype], n,
+                                None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                                out.data_ptr(), torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"af3's CPU kernel failed (status {status})")
+    return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,146 @@
+"""af3's C kernel for few-row products with bf16, fp16 and int8 weights: built at first use, checked against float64
+products, and taken by Linear and int8_linear where oneDNN has no native kernel (AVX2 CPUs)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from af3.model import cpu_kernels, linear
+from af3.model import quantize as Q
+
+
+def _can_build() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return (platform.machine() == "x86_64" and shutil.which("cc") is not None
+            and all(f" {f}" in flags for f in ("avx2", "fma", "f16c")))
+
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
+                                  reason="af3's CPU kernel needs an x86 CPU with AVX2 and a C compiler")
+
+
+def test_the_kernel_builds_wherever_it_can():
+    # Not a skip: on an x86 Linux machine with AVX2/FMA/F16C and a C compiler, the kernel must be there.
+    assert cpu_kernels.available() == _can_build()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 31])
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (130, 264), (8, 8)])
+def test_products_match_float64(rows, n, k):
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=g)
+    scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    weights = {torch.bfloat16: torch.randn(n, k, generator=g).bfloat16(),
+               torch.float16: torch.randn(n, k, generator=g).half(),
+               torch.int8: torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)}
+    for dtype, w in weights.items():
+        exact = x.double() @ w.double().T  # the weights are exact in float64; only fp32 summation differs
+        got = cpu_kernels.small_gemm(x, w)
+        assert got.dtype == torch.float32 and got.shape == (rows, n)
+        assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max(), dtype
+        got = cpu_kernels.small_gemm(x, w, scale, bias)
+        want = exact * scale.double() + bias.double()
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), dtype
+
+
+@needs_kernel
+def test_leading_dimensions_and_input_dtypes():
+    w = torch.randn(24, 40).bfloat16()
+    x = torch.randn(2, 3, 40)
+    got = cpu_kernels.small_gemm(x.bfloat16(), w)
+    assert got.shape == (2, 3, 24)
+    assert torch.allclose(got, F.linear(x.bfloat16().float(), w.float()), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        cpu_kernels.small_gemm(torch.randn(1, 41), w)
+    with pytest.raises(ValueError, match="contiguous CPU weight"):
+        cpu_kernels.small_gemm(x, w.float())
+    with pytest.raises(ValueError, match="contiguous CPU weight"):
+        cpu_kernels.small_gemm(torch.randn(1, 24), w.T)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, monkeypatch):
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({dtype}))  # as on an AVX2 CPU, whatever this one is
+    calls, original = [], cpu_kernels.small_gemm
+    monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    torch.manual_seed(0)
+    layer = linear.Linear(96, 40).to(dtype)
+    x = torch.randn(4, 1, 96, dtype=dtype)  # [B, T=1, K]: four sequences decoding
+    with torch.inference_mode():
+        out = layer(x)
+    assert calls and out.shape == (4, 1, 40) and out.dtype == dtype
+    # fp32 products and sums rounded once: the same as converting everything to fp32 first
+    whole = F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+    assert torch.allclose(out.float(), whole.float(), rtol=1e-2, atol=1e-2)
+    assert torch.allclose(out.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
+    calls.clear()
+    xs = torch.randn(1, linear.CONVERT_ROWS, 96, dtype=dtype)
+    with torch.inference_mode():
+        layer(xs)  # many rows: the fp32 conversion path, not the kernel
+    assert not calls
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # a CPU with native half GEMMs: torch's kernels
+    with torch.inference_mode():
+        layer(x)
+    assert not calls
+
+
+@needs_kernel
+def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(monkeypatch):
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({torch.bfloat16}))
+    calls, original = [], cpu_kernels.small_gemm
+    monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 45).to(torch.bfloat16)
+    q = Q.Int8Linear.from_linear(lin)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        y = Q.int8_linear(x, q.qweight, q.scales, q.bias)
+    assert calls and y.dtype == torch.bfloat16 and y.shape == (3, 45)
+    deq = q.qweight.double() * q.scales.double()[:, None]
+    exact = x.double() @ deq.T + q.bias.double()
+    assert torch.allclose(y.double(), exact, rtol=1e-2, atol=1e-2)  # one bf16 rounding of an fp32 result
+    calls.clear()
+    with torch.no_grad():
+        Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=False)  # forced fallback: not the kernel
+        Q.int8_linear(torch.randn(linear.CONVERT_ROWS, 64).bfloat16(), q.qweight, q.scales, q.bias)  # many rows
+    assert not calls
+
+
+def test_off_switch_missing_compiler_and_failed_build_fall_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("AF3_CACHE", str(tmp_path))
+    monkeypatch.setenv("AF3_CPU_KERNELS", "0")
+    assert cpu_kernels._library.__wrapped__() is None
+    monkeypatch.delenv("AF3_CPU_KERNELS")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")  # reach the build step on any machine
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with caplog.at_level(logging.WARNING, logger="af3.model.cpu_kernels"):
+        assert cpu_kernels._library.__wrapped__() is None
+    assert "did not build" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
+
+
+@needs_kernel
+def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("AF3_CACHE", str(tmp_path))
+    compiler = shutil.which("cc")
+    first = cpu_kernels._build(compiler)
+    assert first.parent == tmp_path / "kernels" and first.is_file()
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compiler)
+    assert cpu_kernels._build(compiler) == first
