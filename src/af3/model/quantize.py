@@ -13,6 +13,9 @@ Kernels (measured with torch 2.13 on the 2-core Sapphire-Rapids VM, see ``benchm
   grows linearly with M (slower than dequantize + AMX matmul beyond ~8-12 rows). The f32/f16 paths are not
   vectorised (1.5x slower than the fallback for one row, 7x for four). The bf16 path returns garbage (NaN/inf,
   once a segfault) when K is not a multiple of 16, so K % 16 == 0 is required here.
+* On CPUs without native bf16 matrix instructions (AVX2), rows below ``linear.CONVERT_ROWS`` go through af3's own
+  C kernel (:mod:`.cpu_kernels`, :func:`own_kernel_takes`) when it could be built: it reads the int8 weight once for
+  up to 4 rows at a time and applies the scales in fp32 (about 1.4x the decode speed of the kernels above there).
 * Everything else takes the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (the int8 values are exact in bf16 and
   fp32), chunked over output rows for large weights so the temporary float weight stays small. It is also the
   CUDA path (untested here): this CPU build registers the op for CPU only, and the CUDA kernels seen upstream
