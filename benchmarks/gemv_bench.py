@@ -79,12 +79,12 @@ def main() -> None:
                 x = torch.randn(rows, k, dtype=torch.bfloat16)
                 repeats = args.repeats if n * k < 10_000_000 else max(3, args.repeats // 4)
                 base = seconds(lambda x=x, w=w: F.linear(x, w), repeats)
-                ours = seconds(lambda x=x, w=w: cpu_kernels.small_gemm(x, w).to(x.dtype), repeats)
+                ours = seconds(lambda x=x, w=w: cpu_kernels.small_gemm(x, w, out_dtype=x.dtype), repeats)
                 # int8 as quantize.int8_linear ran it before this kernel: the fused op up to 8 rows, else the fallback
                 fused = rows <= quantize.FUSED_MAX_ROWS and quantize.fused_kernel_available("cpu")
                 qbase = seconds(lambda x=x, q=q, s=scales, fused=fused: quantize.int8_linear(x, q, s, fused=fused),
                                 repeats)
-                qours = seconds(lambda x=x, q=q, s=scales: cpu_kernels.small_gemm(x, q, s).to(x.dtype), repeats)
+                qours = seconds(lambda x=x, q=q, s=scales: cpu_kernels.small_gemm(x, q, s, out_dtype=x.dtype), repeats)
                 gb, qgb = w.numel() * 2 / 1e9, q.numel() / 1e9
                 print(f"| {name} | {rows} | {gb / base:.1f} | {gb / ours:.1f} | {base / ours:.2f}x "
                       f"| {qgb / qbase:.1f} | {qgb / qours:.1f} | {qbase / qours:.2f}x |")

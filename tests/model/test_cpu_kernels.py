@@ -56,6 +56,27 @@ def test_products_match_float64(rows, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_inputs_operands_and_outputs_round_once(half):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randint(-127, 128, (70, 48), generator=g, dtype=torch.int8)
+    x = torch.randn(5, 48, generator=g).to(half)
+    scale, bias = (torch.rand(70, generator=g) + 0.1).to(half), torch.randn(70, generator=g).to(half)
+    wide = cpu_kernels.small_gemm(x.float(), w, scale.float(), bias.float())  # fp32 operands, fp32 result
+    got = cpu_kernels.small_gemm(x, w, scale, bias, out_dtype=half)  # the same numbers given in half precision
+    assert got.dtype == half
+    # Half values widen exactly, so the fp32 sums are the same, and the result is rounded once, as torch rounds.
+    assert torch.equal(got, wide.to(half))
+    assert torch.equal(cpu_kernels.small_gemm(x, w, scale, bias), wide)
+    nan = cpu_kernels.small_gemm(torch.full((1, 48), float("nan")), w, out_dtype=half)
+    assert torch.isnan(nan).all()
+    with pytest.raises(ValueError, match="bias must be 70"):
+        cpu_kernels.small_gemm(x, w, bias=torch.zeros(69))
+    with pytest.raises(ValueError, match="out_dtype"):
+        cpu_kernels.small_gemm(x, w, out_dtype=torch.int8)
+
+
+@needs_kernel
 def test_leading_dimensions_and_input_dtypes():
     w = torch.randn(24, 40).bfloat16()
     x = torch.randn(2, 3, 40)

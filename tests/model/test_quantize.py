@@ -114,9 +114,9 @@ def counting(monkeypatch) -> dict[str, int]:
         calls["fallback"] += 1
         return fallback(*a)
 
-    def own_spy(*a):
+    def own_spy(*a, **kw):
         calls["own"] += 1
-        return own(*a)
+        return own(*a, **kw)
 
     monkeypatch.setattr(Q, "_fused_mm", fused_spy)
     monkeypatch.setattr(Q, "_dequant_mm", fallback_spy)

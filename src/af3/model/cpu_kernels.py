@@ -33,8 +33,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-#: Weight dtypes the kernel reads, and the code it knows each by.
-KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2}
+#: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
+KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2, torch.float32: 3}
+#: Weight dtypes it multiplies; the inputs, scales, biases and outputs are bf16, fp16 or fp32.
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.int8)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def cache_dir() -> Path:
@@ -94,8 +97,8 @@ def _library() -> ctypes.CDLL | None:
         log.info("this CPU lacks AVX2/FMA/F16C: af3's CPU kernel is off")
         return None
     lib.af3_small_gemm.restype = ctypes.c_int
-    lib.af3_small_gemm.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_ssize_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t
+    lib.af3_small_gemm.argtypes = [p, i, n, n, p, i, n, p, i, p, i, p, i, i]
     return lib
 
 
@@ -104,28 +107,41 @@ def available() -> bool:
     return _library() is not None
 
 
-def _fp32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+def _operand(t: Tensor | None, n: int, what: str) -> tuple[Tensor | None, int | None, int]:
+    """A per-channel vector [n] (scale or bias) as the kernel takes it: (tensor kept alive, pointer, kind)."""
+    if t is None:
+        return None, None, KINDS[torch.float32]
+    if t.dtype not in FLOAT_DTYPES or t.numel() != n or t.device.type != "cpu":
+        raise ValueError(f"small_gemm: {what} must be {n} bf16/fp16/fp32 values on the CPU, got {t.dtype} "
+                         f"{list(t.shape)} on {t.device}")
+    t = t.detach().contiguous()
+    return t, t.data_ptr(), KINDS[t.dtype]
 
 
-def small_gemm(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """``(x @ weight.T) * scale + bias`` in fp32: x [..., K] (any float dtype), weight [N, K] contiguous bf16, fp16
-    or int8 on the CPU, scale and bias [N] or None → fp32 [..., N]. Requires :func:`available`."""
+def small_gemm(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(x @ weight.T) * scale + bias`` accumulated in fp32 and rounded once to ``out_dtype``: x [..., K] (bf16, fp16
+    or fp32), weight [N, K] contiguous bf16, fp16 or int8, scale and bias [N] (bf16, fp16 or fp32) or None, all on
+    the CPU → [..., N]. Requires :func:`available`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("af3's CPU kernel is not available on this machine")
-    n, k = weight.shape
-    if weight.dtype not in KINDS or weight.device.type != "cpu" or not weight.is_contiguous():
-        raise ValueError(f"small_gemm needs a contiguous CPU weight of {sorted(map(str, KINDS))}, got "
+    if weight.dtype not in WEIGHT_DTYPES or weight.device.type != "cpu" or not weight.is_contiguous():
+        raise ValueError(f"small_gemm needs a contiguous CPU weight of {', '.join(map(str, WEIGHT_DTYPES))}, got "
                          f"{weight.dtype} on {weight.device}")
+    n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"small_gemm: x has {x.shape[-1]} features, the weight {k}")
-    x2 = _fp32(x.reshape(-1, k))  # [M, K]
-    scale, bias = _fp32(scale), _fp32(bias)
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32)  # [M, N]
-    status = lib.af3_small_gemm(x2.data_ptr(), x2.shape[0], k, weight.data_ptr(), KINDS[weight.dtype], n,
-                                None if scale is None else scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                                out.data_ptr(), torch.get_num_threads())
+    if x.dtype not in FLOAT_DTYPES or x.device.type != "cpu" or out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"small_gemm: x ({x.dtype} on {x.device}) and out_dtype ({out_dtype}) must be bf16, fp16 "
+                         "or fp32 on the CPU")
+    x2 = x.detach().reshape(-1, k).contiguous()  # [M, K]
+    scale, scale_ptr, scale_kind = _operand(scale, n, "scale")
+    bias, bias_ptr, bias_kind = _operand(bias, n, "bias")
+    out = torch.empty(x2.shape[0], n, dtype=out_dtype)  # [M, N]
+    status = lib.af3_small_gemm(x2.data_ptr(), KINDS[x2.dtype], x2.shape[0], k, weight.data_ptr(),
+                                KINDS[weight.dtype], n, scale_ptr, scale_kind, bias_ptr, bias_kind, out.data_ptr(),
+                                KINDS[out_dtype], torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"af3's CPU kernel failed (status {status})")
     return out.reshape(*x.shape[:-1], n)

@@ -81,7 +81,7 @@ class Linear(nn.Linear):
             if rows >= CONVERT_ROWS:
                 return linear_via_fp32(x, w, self.bias)
             if cpu_kernels.available():
-                return cpu_kernels.small_gemm(x, w, bias=self.bias).to(x.dtype)
+                return cpu_kernels.small_gemm(x, w, bias=self.bias, out_dtype=x.dtype)
         if rows > GEMV_ROWS:
             return F.linear(x, w, self.bias)
         x2 = x.reshape(rows, x.shape[-1])  # [M, K]

@@ -120,7 +120,7 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if fused is None and own_kernel_takes(x2):
-        return cpu_kernels.small_gemm(x2, qweight, scales, bias).to(x2.dtype).reshape(*lead, n)  # [..., N]
+        return cpu_kernels.small_gemm(x2, qweight, scales, bias, out_dtype=x2.dtype).reshape(*lead, n)  # [..., N]
     if fused is None:
         fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS and k % FUSED_K_MULTIPLE == 0
                  and not x2.requires_grad and fused_kernel_available(x2.device.type))

@@ -1,5 +1,7 @@
 /* Few-row matrix products out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N] for weights stored as bf16, fp16
- * or int8, accumulated in fp32, on x86 CPUs with AVX2 + FMA + F16C.
+ * or int8, accumulated in fp32, on x86 CPUs with AVX2 + FMA + F16C. x, scale, bias and out may be bf16, fp16 or
+ * fp32 (x is widened once per call; each result is rounded once, to nearest even), so that the caller needs no
+ * conversions of its own: per call, the Python side costs a few microseconds plus ctypes.
  *
  * Why: on CPUs without native bf16 matrix instructions (AVX2), torch's bf16 F.linear reads the weight at a
  * fraction of memory bandwidth when there are few rows (decoding), and its fp32 path would first have to convert
@@ -14,8 +16,10 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-enum { W_BF16 = 0, W_F16 = 1, W_I8 = 2 };
+/* Element types, as af3/model/cpu_kernels.py numbers them. */
+enum { BF16 = 0, F16 = 1, I8 = 2, F32 = 3 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -26,24 +30,54 @@ int af3_small_gemm_level(void) { return 1; }
 
 /* 8 consecutive weights at element i, widened to fp32. */
 INLINE __m256 load8(const void *w, ptrdiff_t i, int kind) {
-    if (kind == W_BF16) {
+    if (kind == BF16) {
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
-    if (kind == W_F16)
+    if (kind == F16)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
 }
 
 /* One weight at element i, widened to fp32 (the K % 8 tail). */
 INLINE float load1(const void *w, ptrdiff_t i, int kind) {
-    if (kind == W_BF16) {
+    if (kind == BF16) {
         union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)w)[i] << 16};
         return v.f;
     }
-    if (kind == W_F16)
+    if (kind == F16)
         return _cvtsh_ss(((const uint16_t *)w)[i]);
+    if (kind == F32)
+        return ((const float *)w)[i];
     return (float)((const int8_t *)w)[i];
+}
+
+/* fp32 -> bf16, rounding to nearest even (as torch does); NaN stays a (quiet) NaN. */
+INLINE uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* Where results go and what is applied to them on the way: out[row, n] = s * scale[n] + bias[n]. */
+typedef struct {
+    const void *scale, *bias;
+    void *out;
+    int scale_kind, bias_kind, out_kind;
+    ptrdiff_t N;
+} Epilogue;
+
+INLINE void finish(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, float s) {
+    if (e->scale) s *= load1(e->scale, n, e->scale_kind);
+    if (e->bias) s += load1(e->bias, n, e->bias_kind);
+    ptrdiff_t i = row * e->N + n;
+    if (e->out_kind == F32)
+        ((float *)e->out)[i] = s;
+    else if (e->out_kind == BF16)
+        ((uint16_t *)e->out)[i] = to_bf16(s);
+    else
+        ((uint16_t *)e->out)[i] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
 }
 
 INLINE float hsum(__m256 v) {
@@ -60,14 +94,14 @@ INLINE float hsum(__m256 v) {
 
 /* out[0:MT, n0:n0+NT] for rows x[0:MT] (MT <= 4, NT <= 8, MT * NT <= 12 keeps the accumulators in registers). */
 INLINE void tile(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n0, int MT, int NT, int kind,
-                 const float *scale, const float *bias, float *out, ptrdiff_t N) {
+                 const Epilogue *e, ptrdiff_t m0) {
     __m256 acc[4][8];
 #pragma GCC unroll 4
     for (int i = 0; i < MT; i++)
 #pragma GCC unroll 8
         for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
     ptrdiff_t k = 0;
-    const int size = kind == W_I8 ? 1 : 2;
+    const int size = kind == I8 ? 1 : 2;
     for (; k + 8 <= K; k += 8) {
         if ((k & 31) == 0) {
 #pragma GCC unroll 8
@@ -88,17 +122,15 @@ INLINE void tile(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n0, int M
         for (int j = 0; j < NT; j++) {
             float s = hsum(acc[i][j]);
             for (ptrdiff_t t = k; t < K; t++) s += load1(w, (n0 + j) * K + t, kind) * x[i * K + t];
-            if (scale) s *= scale[n0 + j];
-            if (bias) s += bias[n0 + j];
-            out[i * N + n0 + j] = s;
+            finish(e, m0 + i, n0 + j, s);
         }
 }
 
 /* out[0, n] for a single row x: the weight row is read front to back (one stream, which the memory system serves
  * faster than 8 interleaved rows) into 4 independent accumulators. */
-INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int kind, const float *scale,
-                 const float *bias, float *out) {
-    const int size = kind == W_I8 ? 1 : 2;
+INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int kind, const Epilogue *e,
+                 ptrdiff_t m0) {
+    const int size = kind == I8 ? 1 : 2;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     ptrdiff_t k = 0, base = n * K;
     for (; k + 32 <= K; k += 32) {
@@ -111,33 +143,30 @@ INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int ki
     for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w, base + k, kind), _mm256_loadu_ps(x + k), a0);
     float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     for (; k < K; k++) s += load1(w, base + k, kind) * x[k];
-    if (scale) s *= scale[n];
-    if (bias) s += bias[n];
-    out[n] = s;
+    finish(e, m0, n, s);
 }
 
 /* Output channels [n0, n1) for all M rows: row tiles of 4 inside each tile of output channels. */
-INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t N, ptrdiff_t n0, ptrdiff_t n1,
-                  int kind, const float *scale, const float *bias, float *out) {
+INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t n0, ptrdiff_t n1, int kind,
+                  const Epilogue *e) {
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
         const float *xm = x + m0 * K;
-        float *om = out + m0 * N;
         ptrdiff_t n = n0;
         switch (M - m0 >= 4 ? 4 : M - m0) {
         case 1:
-            for (; n < n1; n++) row1(xm, K, w, n, kind, scale, bias, om);
+            for (; n < n1; n++) row1(xm, K, w, n, kind, e, m0);
             break;
         case 2:
-            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 2, 4, kind, scale, bias, om, N);
-            for (; n < n1; n++) tile(xm, K, w, n, 2, 1, kind, scale, bias, om, N);
+            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 2, 4, kind, e, m0);
+            for (; n < n1; n++) tile(xm, K, w, n, 2, 1, kind, e, m0);
             break;
         case 3:
-            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 3, 4, kind, scale, bias, om, N);
-            for (; n < n1; n++) tile(xm, K, w, n, 3, 1, kind, scale, bias, om, N);
+            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 3, 4, kind, e, m0);
+            for (; n < n1; n++) tile(xm, K, w, n, 3, 1, kind, e, m0);
             break;
         default:
-            for (; n + 2 <= n1; n += 2) tile(xm, K, w, n, 4, 2, kind, scale, bias, om, N);
-            for (; n < n1; n++) tile(xm, K, w, n, 4, 1, kind, scale, bias, om, N);
+            for (; n + 2 <= n1; n += 2) tile(xm, K, w, n, 4, 2, kind, e, m0);
+            for (; n < n1; n++) tile(xm, K, w, n, 4, 1, kind, e, m0);
             break;
         }
     }
@@ -148,41 +177,60 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
 
 /* One function per weight kind, so that OpenMP's outlined loop body sees the kind as a constant. */
 #define DEFINE_RUN(NAME, KIND)                                                                                   \
-    static void NAME(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t N, const float *scale,    \
-                     const float *bias, float *out, int threads) {                                                \
+    static void NAME(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t N, const Epilogue *e,     \
+                     int threads) {                                                                               \
         ptrdiff_t tasks = (N + TASK_CHANNELS - 1) / TASK_CHANNELS;                                                \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
         for (ptrdiff_t t = 0; t < tasks; t++) {                                                                   \
             ptrdiff_t n0 = t * TASK_CHANNELS, n1 = n0 + TASK_CHANNELS < N ? n0 + TASK_CHANNELS : N;               \
-            block(x, M, K, w, N, n0, n1, KIND, scale, bias, out);                                                 \
+            block(x, M, K, w, n0, n1, KIND, e);                                                                   \
         }                                                                                                         \
     }
 
-DEFINE_RUN(run_bf16, W_BF16)
-DEFINE_RUN(run_f16, W_F16)
-DEFINE_RUN(run_i8, W_I8)
+DEFINE_RUN(run_bf16, BF16)
+DEFINE_RUN(run_f16, F16)
+DEFINE_RUN(run_i8, I8)
 
-/* x fp32 [M, K], w [N, K] of `kind` (row-major, contiguous), scale/bias fp32 [N] or NULL, out fp32 [M, N].
- * The kind is resolved here so that each loop nest is compiled for one weight type. Returns 0, or -1 for an
- * unknown kind. */
-int af3_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, int kind, ptrdiff_t N,
-                   const float *scale, const float *bias, float *out, int threads) {
+/* x [M, K] of x_kind (bf16, fp16 or fp32), w [N, K] of w_kind (bf16, fp16 or int8), scale and bias [N] of their
+ * kinds (bf16, fp16 or fp32) or NULL, out [M, N] of out_kind (bf16, fp16 or fp32); all row-major and contiguous.
+ * The weight kind is resolved here so that each loop nest is compiled for one weight type. Returns 0, -1 for a kind
+ * that is not allowed where it was given, -2 when memory for the widened x could not be allocated. */
+int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const void *w, int w_kind, ptrdiff_t N,
+                   const void *scale, int scale_kind, const void *bias, int bias_kind, void *out, int out_kind,
+                   int threads) {
+    if (x_kind == I8 || w_kind == F32 || scale_kind == I8 || bias_kind == I8 || out_kind == I8)
+        return -1;
+    if (x_kind < 0 || x_kind > F32 || w_kind < 0 || scale_kind < 0 || scale_kind > F32 || bias_kind < 0
+        || bias_kind > F32 || out_kind < 0 || out_kind > F32)
+        return -1;
     if (threads < 1) threads = 1;
-    switch (kind) {
-    case W_BF16: run_bf16(x, M, K, w, N, scale, bias, out, threads); return 0;
-    case W_F16: run_f16(x, M, K, w, N, scale, bias, out, threads); return 0;
-    case W_I8: run_i8(x, M, K, w, N, scale, bias, out, threads); return 0;
-    default: return -1;
+    const float *xf = (const float *)x;
+    float *wide = NULL;
+    if (x_kind != F32) {
+        wide = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
+        if (!wide) return -2;
+        for (ptrdiff_t i = 0; i < M * K; i++) wide[i] = load1(x, i, x_kind);
+        xf = wide;
     }
+    Epilogue e = {scale, bias, out, scale_kind, bias_kind, out_kind, N};
+    switch (w_kind) {
+    case BF16: run_bf16(xf, M, K, w, N, &e, threads); break;
+    case F16: run_f16(xf, M, K, w, N, &e, threads); break;
+    default: run_i8(xf, M, K, w, N, &e, threads); break;
+    }
+    free(wide);
+    return 0;
 }
 
 #else
 
 int af3_small_gemm_level(void) { return 0; }
 
-int af3_small_gemm(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, int kind, ptrdiff_t N,
-                   const float *scale, const float *bias, float *out, int threads) {
-    (void)x; (void)M; (void)K; (void)w; (void)kind; (void)N; (void)scale; (void)bias; (void)out; (void)threads;
+int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const void *w, int w_kind, ptrdiff_t N,
+                   const void *scale, int scale_kind, const void *bias, int bias_kind, void *out, int out_kind,
+                   int threads) {
+    (void)x; (void)x_kind; (void)M; (void)K; (void)w; (void)w_kind; (void)N; (void)scale; (void)scale_kind;
+    (void)bias; (void)bias_kind; (void)out; (void)out_kind; (void)threads;
     return -1;
 }
 
