@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -67,8 +68,8 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True,
-                       timeout=120)
+        subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+                       text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
         if os.path.exists(tmp):
@@ -89,8 +90,8 @@ def _library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("af3's CPU kernel did not build (%s); using torch's kernels", detail.strip().splitlines()[-1:])
+        detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        log.warning("af3's CPU kernel did not build (%s); using torch's kernels", detail[-1] if detail else e)
         return None
     lib.af3_small_gemm_level.restype = ctypes.c_int
     if lib.af3_small_gemm_level() < 1:
