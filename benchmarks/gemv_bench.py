@@ -1,5 +1,6 @@
 """bf16 linears on CPU: ``F.linear`` against af3's ``Linear`` paths. Decode-shaped (1-8 rows): ``W @ x.T`` /
-``torch.mv``; prefill-shaped (32-512 rows): the weight converted to fp32 in chunks and multiplied in fp32.
+``torch.mv``; prefill-shaped (32-512 rows): the weight converted to fp32 in chunks and multiplied in fp32; and, where
+it could be built, af3's own CPU kernel (1-31 rows, bf16 and int8 weights) against torch's kernels.
 
 Shapes are the mid-size benchmark model's (Qwen2.5-0.5B decoder: hidden 896, ffn 4864, vocab 151936). The GEMV path
 and the fp32 path are forced on here whatever the CPU; ``linear.GEMV_ROWS`` and ``linear.CONVERT_DTYPES`` decide
