@@ -7,13 +7,21 @@ import os
 import torch
 
 
-def cpu_description() -> str:
-    """CPU model, core count and torch's kernel level (AVX2 vs AVX512/AMX changes every CPU speed figure)."""
-    name = "unknown CPU"
+def cpuinfo(field: str) -> str | None:
+    """The first value of ``field`` in ``/proc/cpuinfo`` ("model name", "flags", ...), or None (not Linux, absent)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
+    return None
+
+
+def cpu_description() -> str:
+    """CPU model, core count and torch's kernel level (AVX2 vs AVX512/AMX changes every CPU speed figure)."""
+    name = cpuinfo("model name") or "unknown CPU"
     return f"{name} ({os.cpu_count()} cores), torch {torch.__version__} CPU capability " \
            f"{torch.backends.cpu.get_cpu_capability()}"

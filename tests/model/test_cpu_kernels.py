@@ -14,16 +14,12 @@ import torch.nn.functional as F
 
 from af3.model import cpu_kernels, linear
 from af3.model import quantize as Q
+from af3.system import cpuinfo
 
 
 def _can_build() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return (platform.machine() == "x86_64" and shutil.which("cc") is not None
-            and all(f" {f}" in flags for f in ("avx2", "fma", "f16c")))
+    flags = set((cpuinfo("flags") or "").split())
+    return platform.machine() == "x86_64" and shutil.which("cc") is not None and {"avx2", "fma", "f16c"} <= flags
 
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..system import cpuinfo
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
@@ -45,22 +47,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AF3_CACHE") or Path.home() / ".cache" / "af3")
 
 
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux), so that a cache shared by different machines keeps one build per CPU."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _build(compiler: str) -> Path:
-    """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library's path."""
+    """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library's path. The CPU's
+    feature flags are part of the key, so a cache shared by different machines keeps one build per CPU."""
     key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+                                     (cpuinfo("flags") or platform.processor()).encode()])).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"small_gemm-{key}.so"
     if target.is_file():
         return target

@@ -68,6 +68,13 @@ def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return out.reshape(*x.shape[:-1], n)
 
 
+def own_kernel_takes(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a product of ``rows`` rows with ``dtype`` operands goes through af3's CPU kernel: few rows, on a CPU
+    where oneDNN has no native kernel for the dtype, with the kernel built (``benchmarks/gemv_bench.py``)."""
+    return (device.type == "cpu" and rows < CONVERT_ROWS and dtype in CONVERT_DTYPES
+            and cpu_kernels.available())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` with the faster CPU inference paths of this module (see its docstring)."""
 
@@ -77,11 +84,10 @@ class Linear(nn.Linear):
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
-        if w.dtype in CONVERT_DTYPES:
-            if rows >= CONVERT_ROWS:
-                return linear_via_fp32(x, w, self.bias)
-            if cpu_kernels.available():
-                return cpu_kernels.small_gemm(x, w, bias=self.bias, out_dtype=x.dtype)
+        if rows >= CONVERT_ROWS and w.dtype in CONVERT_DTYPES:
+            return linear_via_fp32(x, w, self.bias)
+        if own_kernel_takes(rows, w.dtype, x.device):
+            return cpu_kernels.small_gemm(x, w, bias=self.bias, out_dtype=x.dtype)
         if rows > GEMV_ROWS:
             return F.linear(x, w, self.bias)
         x2 = x.reshape(rows, x.shape[-1])  # [M, K]

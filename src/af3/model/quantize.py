@@ -14,7 +14,7 @@ Kernels (measured with torch 2.13 on the 2-core Sapphire-Rapids VM, see ``benchm
   vectorised (1.5x slower than the fallback for one row, 7x for four). The bf16 path returns garbage (NaN/inf,
   once a segfault) when K is not a multiple of 16, so K % 16 == 0 is required here.
 * On CPUs without native bf16 matrix instructions (AVX2), rows below ``linear.CONVERT_ROWS`` go through af3's own
-  C kernel (:mod:`.cpu_kernels`, :func:`own_kernel_takes`) when it could be built: it reads the int8 weight once for
+  C kernel (:mod:`.cpu_kernels`, ``linear.own_kernel_takes``) when it could be built: it reads the int8 weight once for
   up to 4 rows at a time and applies the scales in fp32 (about 1.4x the decode speed of the kernels above there).
 * Everything else takes the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (the int8 values are exact in bf16 and
   fp32), chunked over output rows for large weights so the temporary float weight stays small. It is also the
@@ -97,13 +97,6 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return out
 
 
-def own_kernel_takes(x: Tensor) -> bool:
-    """Whether ``int8_linear`` runs rows ``x`` [M, K] through af3's CPU kernel: few rows, on a CPU where oneDNN has
-    no native kernel for their dtype, with the kernel built (``benchmarks/gemv_bench.py``, third table)."""
-    return (x.device.type == "cpu" and x.shape[0] < linear.CONVERT_ROWS and x.dtype in linear.CONVERT_DTYPES
-            and not x.requires_grad and cpu_kernels.available())
-
-
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None,
                 fused: bool | None = None) -> Tensor:
     """``x [..., K]`` times an int8 weight ``[N, K]`` with per-row ``scales [N]`` (+ ``bias [N]``) → ``[..., N]``.
@@ -119,7 +112,7 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
                          f"{list(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    if fused is None and own_kernel_takes(x2):
+    if fused is None and not x2.requires_grad and linear.own_kernel_takes(x2.shape[0], x2.dtype, x2.device):
         return cpu_kernels.small_gemm(x2, qweight, scales, bias, out_dtype=x2.dtype).reshape(*lead, n)  # [..., N]
     if fused is None:
         fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS and k % FUSED_K_MULTIPLE == 0
