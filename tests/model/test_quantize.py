@@ -102,9 +102,10 @@ def test_int8_weights_and_scales_reconstruct_within_half_a_step(dtype):
 
 # ---------------------------------------------------------------------- kernel choice
 def counting(monkeypatch) -> dict[str, int]:
-    """Counts calls of torch's fused int8 kernel, the fallback and af3's own CPU kernel ("own")."""
-    calls = {"fused": 0, "fallback": 0, "own": 0}
-    fused, fallback, own = Q._fused_mm, Q._dequant_mm, Q.cpu_kernels.small_gemm
+    """Counts calls of torch's fused int8 kernel, the fallback, af3's own CPU kernel ("own") and af3's fused decoding
+    step ("steps": each runs all decoder layers' products)."""
+    calls = {"fused": 0, "fallback": 0, "own": 0, "steps": 0}
+    fused, fallback, own, step = Q._fused_mm, Q._dequant_mm, Q.cpu_kernels.small_gemm, Q.cpu_kernels.decode_step
 
     def fused_spy(*a):
         calls["fused"] += 1
@@ -120,7 +121,14 @@ def counting(monkeypatch) -> dict[str, int]:
 
     monkeypatch.setattr(Q, "_fused_mm", fused_spy)
     monkeypatch.setattr(Q, "_dequant_mm", fallback_spy)
+    def step_spy(weights, *a):
+        assert all(getattr(weights.layers[i], name).w_kind == Q.cpu_kernels.KINDS[torch.int8]
+                   for i in range(weights.num_layers) for name in Q.cpu_kernels.LAYER_LINEARS)
+        calls["steps"] += 1
+        return step(weights, *a)
+
     monkeypatch.setattr(Q.cpu_kernels, "small_gemm", own_spy)
+    monkeypatch.setattr(Q.cpu_kernels, "decode_step", step_spy)
     return calls
 
 
@@ -135,10 +143,10 @@ def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch):
     with torch.no_grad():
         q(x[:1])  # one decode row
         q(x[:, None])  # [B, 1, K]: batch decode
-        assert calls == {"fused": 2, "fallback": 0, "own": 0}
+        assert calls == {"fused": 2, "fallback": 0, "own": 0, "steps": 0}
         q(torch.randn(40, 128, dtype=torch.bfloat16))  # prefill rows: dequantize + matmul
         q(x.float())  # fp32 activations: the fp32 kernel is scalar, fallback
-    assert calls == {"fused": 2, "fallback": 2, "own": 0}
+    assert calls == {"fused": 2, "fallback": 2, "own": 0, "steps": 0}
 
 
 def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch):
@@ -359,4 +367,5 @@ def test_top1_agreement_with_bf16_and_greedy_generation(pair, monkeypatch):
     assert ((out[:, t:] >= 0) & (out[:, t:] < 2000)).all()
     assert calls["fallback"] > 0  # the prefill (many rows) dequantizes
     if FUSED or Q.cpu_kernels.available():  # torch's fused kernel, or af3's on CPUs without native bf16 GEMMs
-        assert calls["fused"] + calls["own"] >= 5 * (7 * 4 + 1)  # every decode step: 28 decoder linears + lm_head
+        # Every decode step: 28 decoder linears (one by one, or all in one fused step of int8 products) + lm_head.
+        assert calls["fused"] + calls["own"] + 7 * 4 * calls["steps"] >= 5 * (7 * 4 + 1)

@@ -63,6 +63,10 @@ class KVCache:
         """Views of the first ``length`` slots of ``layer``: two [B, kv_heads, length, head_dim] tensors."""
         return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
 
+    def layer_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The per-layer key and value tensors, whose rows are the rows of every forward (for fused decoding)."""
+        return self.k, self.v
+
     def reset(self) -> None:
         """Forget the contents (the tensors are reused; stale slots are masked out by the caller)."""
         self.length = 0

@@ -153,6 +153,12 @@ class SlotCache:
     def keys_values(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
         return self.k[layer][self.rows, :, :length], self.v[layer][self.rows, :, :length]
 
+    def layer_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """Per-layer key and value tensors whose first rows are ``rows`` (for fused decoding)."""
+        if not self.rows.start:
+            return self.k, self.v
+        return [t[self.rows] for t in self.k], [t[self.rows] for t in self.v]
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         for kc, vc in zip(self.k, self.v, strict=True):
             kc[dst, :, :length] = kc[src, :, :length]

@@ -85,14 +85,16 @@ class SwitchableLoRA:
     """Adds ``scale * x Aᵀ Bᵀ`` to the outputs of the targeted linears for the rows where ``rows`` is True.
 
     ``rows`` is None (adapter off for everyone: no extra work) or a bool tensor [batch] set by the caller before
-    each forward."""
+    each forward. The hooks are on the model only while some row has the adapter on, so that a model with the
+    adapter off is the plain model again (which the decoder's fused decoding step requires)."""
 
     def __init__(self, model: nn.Module, weights: dict[str, LoRAWeights]):
         modules = dict(model.named_modules())
         missing = sorted(set(weights) - set(modules))
         if missing:
             raise CheckpointError(f"the adapter targets modules this model does not have: {missing[:4]}")
-        self.rows: Tensor | None = None
+        self._rows: Tensor | None = None
+        self._targets = []  # (linear, hook)
         self._handles = []
         for name, w in weights.items():
             linear = modules[name]
@@ -100,12 +102,26 @@ class SwitchableLoRA:
                 raise CheckpointError(f"adapter shapes for {name} do not fit the model")
             a = w.a.to(device=linear.weight.device, dtype=linear.weight.dtype)
             b = w.b.to(device=linear.weight.device, dtype=linear.weight.dtype)
-            self._handles.append(linear.register_forward_hook(self._hook(a, b, w.scale)))
+            self._targets.append((linear, self._hook(a, b, w.scale)))
+
+    @property
+    def rows(self) -> Tensor | None:
+        return self._rows
+
+    @rows.setter
+    def rows(self, rows: Tensor | None) -> None:
+        if rows is not None and not bool(rows.any()):
+            rows = None
+        self._rows = rows
+        if rows is not None and not self._handles:
+            self._handles = [linear.register_forward_hook(hook) for linear, hook in self._targets]
+        elif rows is None:
+            self._detach()
 
     def _hook(self, a: Tensor, b: Tensor, scale: float):
         def hook(_module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            rows = self.rows
-            if rows is None or not bool(rows.any()):
+            rows = self._rows
+            if rows is None:
                 return out
             x = args[0]  # [B, T, in]
             delta = (x @ a.T) @ b.T * scale  # [B, T, out]
@@ -113,10 +129,16 @@ class SwitchableLoRA:
 
         return hook
 
-    def remove(self) -> None:
+    def _detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+    def remove(self) -> None:
+        """Take the adapter off the model for good."""
+        self._rows = None
+        self._detach()
+        self._targets.clear()
 
 
 def check_non_lora(folder: str | os.PathLike, model: nn.Module, allow_pickle: bool = False) -> None:

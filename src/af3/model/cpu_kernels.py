@@ -1,4 +1,5 @@
-"""af3's own CPU kernel for products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``).
+"""af3's own CPU kernels: products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``), and a
+whole decoding step of the Qwen2 decoder (``kernels/decode_step.c``).
 
 On x86 CPUs without native bf16/fp16 matrix instructions (AVX2 only; oneDNN reports no bf16 support), torch's
 half-precision ``F.linear`` with a handful of rows reads the weight at a fraction of memory bandwidth, and decoding
@@ -34,7 +35,10 @@ from ..system import cpuinfo
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("kernels") / "small_gemm.c"
+KERNELS = Path(__file__).with_name("kernels")
+#: Compiled together into one library; the header is shared by both.
+SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c")
+HEADERS = (KERNELS / "gemm.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2, torch.float32: 3}
@@ -50,16 +54,16 @@ def cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library's path. The CPU's
     feature flags are part of the key, so a cache shared by different machines keeps one build per CPU."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
-                                     (cpuinfo("flags") or platform.processor()).encode()])).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"small_gemm-{key}.so"
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(),
+                                     compiler.encode(), (cpuinfo("flags") or platform.processor()).encode()]))
+    target = cache_dir() / "kernels" / f"af3_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True,
+        subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:
@@ -91,6 +95,8 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_small_gemm.restype = ctypes.c_int
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t
     lib.af3_small_gemm.argtypes = [p, i, n, n, p, i, n, p, i, p, i, p, i, i]
+    lib.af3_decode_step.restype = ctypes.c_int
+    lib.af3_decode_step.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), i]
     return lib
 
 
@@ -137,3 +143,143 @@ def small_gemm(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Ten
     if status != 0:
         raise RuntimeError(f"af3's CPU kernel failed (status {status})")
     return out.reshape(*x.shape[:-1], n)
+
+
+# ------------------------------------------------------------------------------------------------ decode step
+class _Lin(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("w_kind", ctypes.c_int32),
+                ("scale_kind", ctypes.c_int32), ("bias_kind", ctypes.c_int32), ("unused", ctypes.c_int32)]
+
+
+#: The linear layers of one decoder layer, in the order of ``struct Layer`` in decode_step.c.
+LAYER_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*((name, _Lin) for name in LAYER_LINEARS), ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p)]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter",
+                                                      "width", "cache_row", "cache_head", "cache_slot")),
+                *((name, ctypes.c_void_p) for name in ("positions", "slots", "mask", "inv_freq", "caches",
+                                                       "final_norm", "x", "out")),
+                ("eps", ctypes.c_float), ("act_kind", ctypes.c_int32), ("threads", ctypes.c_int32),
+                ("unused", ctypes.c_int32)]
+
+
+class DecodeWeights:
+    """The weights of a Qwen2 decoder as :func:`decode_step` reads them, described once for the C side.
+
+    ``layers`` holds, per decoder layer, a mapping with ``q k v o gate up down`` → (weight [N, K], scale [N] or
+    None, bias [N] or None) and ``norm1``, ``norm2`` → RMSNorm weights [hidden]. Weights are contiguous CPU tensors,
+    all bf16/fp16 of the activations' dtype or all int8 (with scales); norms are in the activations' dtype. The
+    tensors are kept referenced, so the pointers handed to C stay valid while this object lives. With ``borrow``
+    only the copies made here are kept: the caller guarantees that the given tensors outlive every use (a model
+    that checks, before each step, that its tensors are still the ones described; it then holds no stale weights).
+    """
+
+    def __init__(self, layers: list[dict], final_norm: Tensor, inv_freq: Tensor, eps: float, heads: int,
+                 kv_heads: int, head_dim: int, dtype: torch.dtype, borrow: bool = False):
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"decode_step runs bf16 or fp16 activations, not {dtype}")
+        if head_dim % 8 or heads % kv_heads:
+            raise ValueError(f"decode_step needs head_dim % 8 == 0 and heads % kv_heads == 0, got {head_dim}, "
+                             f"{heads}, {kv_heads}")
+        self.dtype, self.eps, self.heads, self.kv_heads, self.head_dim = dtype, eps, heads, kv_heads, head_dim
+        self._keep: list[Tensor] = []
+
+        def keep(given: Tensor | None, used: Tensor | None) -> None:
+            if used is not None and not (borrow and given is not None and used.data_ptr() == given.data_ptr()):
+                self._keep.append(used)
+
+        norm, freqs = final_norm.detach().contiguous(), inv_freq.detach().to(torch.float32).contiguous()
+        keep(final_norm, norm)
+        keep(inv_freq, freqs)
+        self.final_norm_ptr, self.inv_freq_ptr = norm.data_ptr(), freqs.data_ptr()
+        self.hidden = final_norm.numel()
+        self.inter = layers[0]["gate"][0].shape[0] if layers else 0
+        self.layers = (_Layer * max(1, len(layers)))()
+        self.num_layers = len(layers)
+        want = {"q": (heads * head_dim, self.hidden), "k": (kv_heads * head_dim, self.hidden),
+                "v": (kv_heads * head_dim, self.hidden), "o": (self.hidden, heads * head_dim),
+                "gate": (self.inter, self.hidden), "up": (self.inter, self.hidden), "down": (self.hidden, self.inter)}
+        kinds = set()
+        for i, layer in enumerate(layers):
+            for name in LAYER_LINEARS:
+                w, scale, bias = layer[name]
+                if tuple(w.shape) != want[name] or not w.is_contiguous() or w.dtype not in (dtype, torch.int8):
+                    raise ValueError(f"decode_step: layer {i} {name} weight is {w.dtype} {list(w.shape)}, expected "
+                                     f"a contiguous {dtype} or int8 {list(want[name])}")
+                if (scale is None) != (w.dtype != torch.int8):
+                    raise ValueError(f"decode_step: layer {i} {name}: int8 weights need scales, others none")
+                kinds.add(w.dtype)
+                scale_used, scale_ptr, scale_kind = _operand(scale, w.shape[0], "scale")
+                bias_used, bias_ptr, bias_kind = _operand(bias, w.shape[0], "bias")
+                for given, used in ((w, w), (scale, scale_used), (bias, bias_used)):
+                    keep(given, used)
+                setattr(self.layers[i], name, _Lin(w.data_ptr(), scale_ptr, bias_ptr, w.shape[0], w.shape[1],
+                                                   KINDS[w.dtype], scale_kind, bias_kind, 0))
+            for name in ("norm1", "norm2"):
+                t = layer[name].detach().contiguous()
+                if t.dtype != dtype or t.numel() != self.hidden:
+                    raise ValueError(f"decode_step: layer {i} {name} must be {self.hidden} {dtype} values")
+                keep(layer[name], t)
+                setattr(self.layers[i], name, t.data_ptr())
+        if len(kinds) > 1:
+            raise ValueError("decode_step: all linear weights must share one dtype")
+
+
+def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
+                keys: list[Tensor], values: list[Tensor]) -> Tensor:
+    """All decoder layers and the final norm for one new token per row, in one call (``kernels/decode_step.c``).
+
+    x [M, hidden] (the tokens' embeddings, ``weights.dtype``), positions and slots [M] int64 (rotary position; cache
+    slot written), mask [M, width] bool (cache slots each row attends to), ``keys``/``values`` per layer: [>= M,
+    kv_heads, slots, head_dim] cache tensors of ``weights.dtype`` whose rows start with this step's rows, all with
+    the same strides and a contiguous last axis. Writes the new keys and values into the caches and returns the
+    final hidden states [M, hidden]. Requires :func:`available`."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("af3's CPU kernels are not available on this machine")
+    w = weights
+    m = x.shape[0]
+    if x.dtype != w.dtype or tuple(x.shape) != (m, w.hidden) or x.device.type != "cpu":
+        raise ValueError(f"decode_step: x must be [rows, {w.hidden}] {w.dtype} on the CPU, got {x.dtype} "
+                         f"{list(x.shape)}")
+    if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != m:
+        raise ValueError(f"decode_step: mask must be [{m}, width] bool, got {mask.dtype} {list(mask.shape)}")
+    for name, t in (("positions", positions), ("slots", slots)):
+        if t.dtype != torch.int64 or tuple(t.shape) != (m,):
+            raise ValueError(f"decode_step: {name} must be [{m}] int64, got {t.dtype} {list(t.shape)}")
+    if len(keys) != w.num_layers or len(values) != w.num_layers:
+        raise ValueError(f"decode_step: {w.num_layers} key and value caches needed")
+    ref = keys[0] if keys else None
+    if ref is not None:
+        rows, heads, length, dim = ref.shape
+        strides = ref.stride()
+        for t in (*keys, *values):
+            if t.dtype != w.dtype or t.stride() != strides or tuple(t.shape) != (rows, heads, length, dim):
+                raise ValueError("decode_step: every cache tensor must share the first one's dtype, shape and strides")
+        if rows < m or heads != w.kv_heads or dim != w.head_dim or strides[3] != 1 or t.device.type != "cpu":
+            raise ValueError(f"decode_step: caches must be [>= {m}, {w.kv_heads}, slots, {w.head_dim}] on the CPU "
+                             f"with a contiguous last axis, got {list(ref.shape)} strides {strides}")
+        if mask.shape[1] > length or (m and int(slots.max()) >= length) or (m and int(slots.min()) < 0):
+            raise ValueError(f"decode_step: slots and mask width must lie within the cache's {length} slots")
+    else:
+        strides = (0, 0, 0, 1)
+    x = x.contiguous()
+    mask = mask.contiguous()
+    positions, slots = positions.contiguous(), slots.contiguous()
+    pointers = (ctypes.c_void_p * max(1, 2 * w.num_layers))(
+        *(t.data_ptr() for pair in zip(keys, values, strict=True) for t in pair))
+    out = torch.empty_like(x)
+    step = _Step(m, w.hidden, w.heads, w.kv_heads, w.head_dim, w.inter, mask.shape[1], strides[0], strides[1],
+                 strides[2], positions.data_ptr(), slots.data_ptr(), mask.data_ptr(), w.inv_freq_ptr,
+                 ctypes.cast(pointers, ctypes.c_void_p), w.final_norm_ptr, x.data_ptr(), out.data_ptr(),
+                 w.eps, KINDS[w.dtype], torch.get_num_threads(), 0)
+    status = lib.af3_decode_step(ctypes.byref(step), w.layers, w.num_layers)
+    if status != 0:
+        raise RuntimeError(f"af3's decode step failed (status {status})")
+    return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -9,7 +11,15 @@ from torch import Tensor, nn
 from ..config import TextConfig
 from ..errors import CheckpointError
 from ..generation.cache import KVCache
-from .linear import Linear
+from . import cpu_kernels
+from .linear import Linear, own_kernel_takes
+
+#: Whether decoding steps may run all layers in one call of af3's CPU kernel (``cpu_kernels.decode_step``; see
+#: :meth:`Qwen2Model.fused_decode_weights` for when). Tests switch it off to compare with the modules' path.
+FUSED_DECODE = True
+#: Qwen2Model → (key of its tensors, DecodeWeights): outside the module, so deepcopy and pickling never see the
+#: C descriptions (ctypes pointers) and the entry goes with the model.
+_DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class RMSNorm(nn.Module):
@@ -201,11 +211,84 @@ class Qwen2Model(nn.Module):
         cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read."""
         if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
             raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
+        if mask is not None and cache is not None and inputs_embeds.shape[1] == 1:
+            fused = self._fused_decode(inputs_embeds, position_ids, mask, cache, slots)
+            if fused is not None:
+                return fused
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)
         return self.norm(x)
+
+
+    def _fused_decode(self, x: Tensor, position_ids: Tensor, mask: Tensor, cache: KVCache,
+                      slots: int | Tensor) -> Tensor | None:
+        """One decoding step (x [B, 1, D]) through ``cpu_kernels.decode_step``, or None where it does not apply."""
+        b = x.shape[0]
+        if (not FUSED_DECODE or torch.is_grad_enabled() or not own_kernel_takes(b, x.dtype, x.device)
+                or mask.dtype != torch.bool or tuple(mask.shape[:3]) != (b, 1, 1)):
+            return None
+        weights = self.fused_decode_weights(x.dtype)
+        if weights is None:
+            return None
+        slots = torch.full((b,), slots, dtype=torch.int64) if isinstance(slots, int) else slots.reshape(b)
+        keys, values = cache.layer_tensors()
+        out = cpu_kernels.decode_step(weights, x.reshape(b, -1), position_ids.reshape(b).long(), slots.long(),
+                                      mask.reshape(b, -1), keys, values)
+        return out[:, None]  # [B, 1, D]
+
+    def fused_decode_weights(self, dtype: torch.dtype) -> cpu_kernels.DecodeWeights | None:
+        """This decoder described for ``cpu_kernels.decode_step`` with ``dtype`` activations, or None when it cannot
+        run there: a module is not the plain one (LoRA or other wrappers, hooks), weights are neither ``dtype``
+        nor int8 (or mixed), or norms differ in eps. Rebuilt when any weight tensor changed (``.to``, quantization,
+        loading), checked by the tensors' addresses at every call (about 25 µs for 24 layers)."""
+        from .quantize import Int8Linear  # quantize imports this module's siblings, not the other way round
+
+        def linear(module: nn.Module) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return None
+            if type(module) is Linear and module._parameters["weight"].dtype == dtype:
+                return module._parameters["weight"], None, module._parameters["bias"]
+            if type(module) is Int8Linear:
+                return module._buffers["qweight"], module._buffers["scales"], module._parameters.get("bias")
+            return None
+
+        from torch.nn.modules import module as torch_module
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+            return None
+        eps = self.norm.eps
+        layers, tensors = [], [self.norm.weight, self.rotary.inv_freq]
+        for layer in self.layers:
+            parts = layer._modules
+            attn, mlp = parts["self_attn"], parts["mlp"]
+            norms = parts["input_layernorm"], parts["post_attention_layernorm"]
+            if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
+                    or any(type(n) is not RMSNorm or n.eps != eps for n in norms)
+                    or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, attn, mlp, *norms))):
+                return None
+            a, p = attn._modules, mlp._modules
+            lins = {"q": linear(a["q_proj"]), "k": linear(a["k_proj"]), "v": linear(a["v_proj"]),
+                    "o": linear(a["o_proj"]), "gate": linear(p["gate_proj"]), "up": linear(p["up_proj"]),
+                    "down": linear(p["down_proj"])}
+            if any(v is None or not v[0].is_contiguous() for v in lins.values()):
+                return None
+            layers.append({**lins, "norm1": norms[0]._parameters["weight"], "norm2": norms[1]._parameters["weight"]})
+            tensors += [t for v in lins.values() for t in v if t is not None]
+            tensors += [layers[-1]["norm1"], layers[-1]["norm2"]]
+        key = (dtype, *(t.data_ptr() for t in tensors))
+        cached = _DECODE_WEIGHTS.get(self)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        a = self.layers[0].self_attn if len(self.layers) else None
+        try:
+            weights = cpu_kernels.DecodeWeights(layers, self.norm.weight, self.rotary.inv_freq, eps,
+                                                a.num_heads if a else 1, a.num_kv_heads if a else 1,
+                                                a.head_dim if a else 8, dtype, borrow=True)
+        except ValueError:  # shapes or dtypes the kernel does not take (e.g. head_dim % 8 != 0)
+            weights = None
+        _DECODE_WEIGHTS[self] = (key, weights)
+        return weights
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -1,200 +1,16 @@
-/* Few-row matrix products out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N] for weights stored as bf16, fp16
- * or int8, accumulated in fp32, on x86 CPUs with AVX2 + FMA + F16C. x, scale, bias and out may be bf16, fp16 or
- * fp32 (x is widened once per call; each result is rounded once, to nearest even), so that the caller needs no
- * conversions of its own: per call, the Python side costs a few microseconds plus ctypes.
- *
- * Why: on CPUs without native bf16 matrix instructions (AVX2), torch's bf16 F.linear reads the weight at a
- * fraction of memory bandwidth when there are few rows (decoding), and its fp32 path would first have to convert
- * the whole weight. Here each weight vector is loaded once, widened to fp32 in registers (bf16: shift left by 16;
- * fp16: vcvtph2ps; int8: sign-extend and convert) and multiplied into up to 4 rows of x at a time; the rows of one
- * tile of weights stay in L1 while the other row tiles of x use them. A single row reads each weight row front to
- * back. Output channels are split across OpenMP
- * threads (the same libgomp runtime as torch's when torch is loaded first).
- *
- * Built at first use by af3/model/cpu_kernels.py with -O3 -march=native for the machine it runs on. Without AVX2,
- * FMA and F16C it builds a stub whose af3_small_gemm_level() is 0, and af3 keeps torch's kernels.
- */
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
+/* One few-row product out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N], called from Python
+ * (af3/model/cpu_kernels.py: small_gemm). x, scale, bias and out may be bf16, fp16 or fp32: x is widened once per
+ * call and each result is rounded once, to nearest even, so that the caller needs no conversions of its own. */
+#include "gemm.h"
 
-/* Element types, as af3/model/cpu_kernels.py numbers them. */
-enum { BF16 = 0, F16 = 1, I8 = 2, F32 = 3 };
-
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
+#ifdef AF3_HAVE_KERNELS
 
 int af3_small_gemm_level(void) { return 1; }
 
-#define INLINE static inline __attribute__((always_inline))
-
-/* 8 consecutive weights at element i, widened to fp32. */
-INLINE __m256 load8(const void *w, ptrdiff_t i, int kind) {
-    if (kind == BF16) {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    if (kind == F16)
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + i))));
-}
-
-/* One weight at element i, widened to fp32 (the K % 8 tail). */
-INLINE float load1(const void *w, ptrdiff_t i, int kind) {
-    if (kind == BF16) {
-        union { uint32_t u; float f; } v = {(uint32_t)((const uint16_t *)w)[i] << 16};
-        return v.f;
-    }
-    if (kind == F16)
-        return _cvtsh_ss(((const uint16_t *)w)[i]);
-    if (kind == F32)
-        return ((const float *)w)[i];
-    return (float)((const int8_t *)w)[i];
-}
-
-/* fp32 -> bf16, rounding to nearest even (as torch does); NaN stays a (quiet) NaN. */
-INLINE uint16_t to_bf16(float f) {
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-/* Where results go and what is applied to them on the way: out[row, n] = s * scale[n] + bias[n]. */
-typedef struct {
-    const void *scale, *bias;
-    void *out;
-    int scale_kind, bias_kind, out_kind;
-    ptrdiff_t N;
-} Epilogue;
-
-INLINE void finish(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, float s) {
-    if (e->scale) s *= load1(e->scale, n, e->scale_kind);
-    if (e->bias) s += load1(e->bias, n, e->bias_kind);
-    ptrdiff_t i = row * e->N + n;
-    if (e->out_kind == F32)
-        ((float *)e->out)[i] = s;
-    else if (e->out_kind == BF16)
-        ((uint16_t *)e->out)[i] = to_bf16(s);
-    else
-        ((uint16_t *)e->out)[i] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* Software prefetch distance (elements) along a weight row. Hardware prefetchers alone left the decode-shaped
- * products at 9-12 GB/s of weights on a 2-core Zen 3 VM; with this, 15-18 GB/s for one row (DRAM-bound) and
- * about 1.4x more for 8 rows (tried 256-2048; 512 was best, within the VM's noise). */
-#define PREFETCH 512
-
-/* out[0:MT, n0:n0+NT] for rows x[0:MT] (MT <= 4, NT <= 8, MT * NT <= 12 keeps the accumulators in registers). */
-INLINE void tile(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n0, int MT, int NT, int kind,
-                 const Epilogue *e, ptrdiff_t m0) {
-    __m256 acc[4][8];
-#pragma GCC unroll 4
-    for (int i = 0; i < MT; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NT; j++) acc[i][j] = _mm256_setzero_ps();
-    ptrdiff_t k = 0;
-    const int size = kind == I8 ? 1 : 2;
-    for (; k + 8 <= K; k += 8) {
-        if ((k & 31) == 0) {
-#pragma GCC unroll 8
-            for (int j = 0; j < NT; j++)
-                _mm_prefetch((const char *)w + ((n0 + j) * K + k + PREFETCH) * size, _MM_HINT_T0);
-        }
-        __m256 xv[4];
-#pragma GCC unroll 4
-        for (int i = 0; i < MT; i++) xv[i] = _mm256_loadu_ps(x + i * K + k);
-#pragma GCC unroll 8
-        for (int j = 0; j < NT; j++) {
-            __m256 wv = load8(w, (n0 + j) * K + k, kind);
-#pragma GCC unroll 4
-            for (int i = 0; i < MT; i++) acc[i][j] = _mm256_fmadd_ps(wv, xv[i], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < MT; i++)
-        for (int j = 0; j < NT; j++) {
-            float s = hsum(acc[i][j]);
-            for (ptrdiff_t t = k; t < K; t++) s += load1(w, (n0 + j) * K + t, kind) * x[i * K + t];
-            finish(e, m0 + i, n0 + j, s);
-        }
-}
-
-/* out[0, n] for a single row x: the weight row is read front to back (one stream, which the memory system serves
- * faster than 8 interleaved rows) into 4 independent accumulators. */
-INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int kind, const Epilogue *e,
-                 ptrdiff_t m0) {
-    const int size = kind == I8 ? 1 : 2;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    ptrdiff_t k = 0, base = n * K;
-    for (; k + 32 <= K; k += 32) {
-        _mm_prefetch((const char *)w + (base + k + PREFETCH) * size, _MM_HINT_T0);
-        a0 = _mm256_fmadd_ps(load8(w, base + k, kind), _mm256_loadu_ps(x + k), a0);
-        a1 = _mm256_fmadd_ps(load8(w, base + k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
-        a2 = _mm256_fmadd_ps(load8(w, base + k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
-        a3 = _mm256_fmadd_ps(load8(w, base + k + 24, kind), _mm256_loadu_ps(x + k + 24), a3);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w, base + k, kind), _mm256_loadu_ps(x + k), a0);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < K; k++) s += load1(w, base + k, kind) * x[k];
-    finish(e, m0, n, s);
-}
-
-/* Output channels [n0, n1) for all M rows: row tiles of 4 inside each tile of output channels. */
-INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t n0, ptrdiff_t n1, int kind,
-                  const Epilogue *e) {
-    for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
-        const float *xm = x + m0 * K;
-        ptrdiff_t n = n0;
-        switch (M - m0 >= 4 ? 4 : M - m0) {
-        case 1:
-            for (; n < n1; n++) row1(xm, K, w, n, kind, e, m0);
-            break;
-        case 2:
-            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 2, 4, kind, e, m0);
-            for (; n < n1; n++) tile(xm, K, w, n, 2, 1, kind, e, m0);
-            break;
-        case 3:
-            for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 3, 4, kind, e, m0);
-            for (; n < n1; n++) tile(xm, K, w, n, 3, 1, kind, e, m0);
-            break;
-        default:
-            for (; n + 2 <= n1; n += 2) tile(xm, K, w, n, 4, 2, kind, e, m0);
-            for (; n < n1; n++) tile(xm, K, w, n, 4, 1, kind, e, m0);
-            break;
-        }
-    }
-}
-
-/* Output channels per parallel task: a multiple of 8 (every tile width) so only the last task has a tail. */
-#define TASK_CHANNELS 64
-
-/* One function per weight kind, so that OpenMP's outlined loop body sees the kind as a constant. */
-#define DEFINE_RUN(NAME, KIND)                                                                                   \
-    static void NAME(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t N, const Epilogue *e,     \
-                     int threads) {                                                                               \
-        ptrdiff_t tasks = (N + TASK_CHANNELS - 1) / TASK_CHANNELS;                                                \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
-        for (ptrdiff_t t = 0; t < tasks; t++) {                                                                   \
-            ptrdiff_t n0 = t * TASK_CHANNELS, n1 = n0 + TASK_CHANNELS < N ? n0 + TASK_CHANNELS : N;               \
-            block(x, M, K, w, n0, n1, KIND, e);                                                                   \
-        }                                                                                                         \
-    }
-
-DEFINE_RUN(run_bf16, BF16)
-DEFINE_RUN(run_f16, F16)
-DEFINE_RUN(run_i8, I8)
-
 /* x [M, K] of x_kind (bf16, fp16 or fp32), w [N, K] of w_kind (bf16, fp16 or int8), scale and bias [N] of their
  * kinds (bf16, fp16 or fp32) or NULL, out [M, N] of out_kind (bf16, fp16 or fp32); all row-major and contiguous.
- * The weight kind is resolved here so that each loop nest is compiled for one weight type. Returns 0, -1 for a kind
- * that is not allowed where it was given, -2 when memory for the widened x could not be allocated. */
+ * Returns 0, -1 for a kind that is not allowed where it was given, -2 when memory for the widened x could not be
+ * allocated. */
 int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const void *w, int w_kind, ptrdiff_t N,
                    const void *scale, int scale_kind, const void *bias, int bias_kind, void *out, int out_kind,
                    int threads) {
@@ -212,12 +28,8 @@ int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const vo
         for (ptrdiff_t i = 0; i < M * K; i++) wide[i] = load1(x, i, x_kind);
         xf = wide;
     }
-    Epilogue e = {scale, bias, out, scale_kind, bias_kind, out_kind, N};
-    switch (w_kind) {
-    case BF16: run_bf16(xf, M, K, w, N, &e, threads); break;
-    case F16: run_f16(xf, M, K, w, N, &e, threads); break;
-    default: run_i8(xf, M, K, w, N, &e, threads); break;
-    }
+    Job job = {w, N, {scale, bias, out, scale_kind, bias_kind, out_kind, F32, N}};
+    run_jobs(xf, M, K, w_kind, &job, 1, threads);
     free(wide);
     return 0;
 }

@@ -1,0 +1,273 @@
+/* One decoding step of a Qwen2 decoder for a few rows (one new token each), all layers in one call from Python
+ * (af3/model/cpu_kernels.py: decode_step). Per layer: RMSNorm, q/k/v products (one parallel loop), rotary
+ * embeddings, the new key/value written into the caller's cache, grouped-query attention over the cache, o_proj
+ * and the residual, RMSNorm, gate/up products (one parallel loop), SiLU * up, down_proj and the residual; then the
+ * final norm.
+ *
+ * Why: decoding one token of a 0.5B decoder calls about 40 small torch operations per layer; on a 2-core CPU
+ * their dispatch costs a quarter of a token's time beside weight-bound products that af3's kernel runs at memory
+ * bandwidth. Here they cost next to nothing.
+ *
+ * Numerics follow the torch modules of af3/model/decoder.py in the activations' dtype T (bf16 or fp16): every
+ * value torch stores as T is rounded to T here at the same point (norm output, norm * weight, each product,
+ * cos/sin, each term of the rotary sum, attention output, residual sums, SiLU, SiLU * up), and computed in fp32
+ * in between. Where torch's kernels order sums differently (the norms' mean, products, attention), results can
+ * differ by a rounding of T. */
+#include <math.h>
+#include <string.h>
+
+#include "gemm.h"
+
+/* One linear layer: weight [n, k] of w_kind, per-channel scale (int8) and bias, or NULL. */
+typedef struct {
+    const void *w, *scale, *bias;
+    int64_t n, k;
+    int32_t w_kind, scale_kind, bias_kind, unused;
+} Lin;
+
+typedef struct {
+    Lin q, k, v, o, gate, up, down;
+    const void *norm1, *norm2; /* RMSNorm weights [hidden], of the activations' kind */
+} Layer;
+
+typedef struct {
+    int64_t rows, hidden, heads, kv_heads, head_dim, inter;
+    int64_t width;                            /* key slots each query reads: the mask's width */
+    int64_t cache_row, cache_head, cache_slot; /* strides of every cache tensor, in elements */
+    const int64_t *positions, *slots;         /* [rows]: rotary position, and the cache slot written */
+    const uint8_t *mask;                      /* [rows, width]: 1 = the query attends to this slot */
+    const float *inv_freq;                    /* [head_dim / 2] */
+    void *const *caches;                      /* per layer: keys, values (rows of this step first) */
+    const void *final_norm;                   /* [hidden] */
+    const void *x;                            /* [rows, hidden]: embeddings of the new tokens */
+    void *out;                                /* [rows, hidden]: hidden states after the final norm */
+    float eps;
+    int32_t act_kind, threads, unused;
+} Step;
+
+#ifdef AF3_HAVE_KERNELS
+
+INLINE void store1(void *p, ptrdiff_t i, int kind, float f) {
+    if (kind == F32)
+        ((float *)p)[i] = f;
+    else if (kind == BF16)
+        ((uint16_t *)p)[i] = to_bf16(f);
+    else
+        ((uint16_t *)p)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* exp(x) for 8 lanes: 2^n * p(r) with n = round(x / ln 2), |r| <= ln 2 / 2 and p the Taylor polynomial of degree
+ * 7 (relative error about 2e-7). Inputs are clamped to [-87, 88], so -inf gives about 1.6e-38, not 0. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln 2 in two parts: exact n * hi */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The 8 horizontal sums of a[0..7], in order, as one vector. */
+INLINE __m256 hsum8(const __m256 *a) {
+    __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* RMSNorm of one row as decoder.RMSNorm computes it: y = T(w * T(x * rsqrt(mean(x^2) + eps))). */
+static void rms_norm(const float *x, float *y, ptrdiff_t D, const void *w, int kind, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    ptrdiff_t i = 0;
+    for (; i + 8 <= D; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; i < D; i++) ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)D + eps);
+    for (i = 0; i < D; i++) y[i] = round_to(load1(w, i, kind) * round_to(x[i] * r, kind), kind);
+}
+
+/* x = T(x + d) for n values. */
+static void add_residual(float *x, const float *d, ptrdiff_t n, int kind) {
+    for (ptrdiff_t i = 0; i < n; i++) x[i] = round_to(x[i] + d[i], kind);
+}
+
+/* Rotary embedding of `heads` heads of one row in place: x * cos + rotate_half(x) * sin, each term rounded to T. */
+static void rotate(float *x, ptrdiff_t heads, ptrdiff_t Dh, const float *cs, const float *sn, int kind) {
+    ptrdiff_t half = Dh / 2;
+    for (ptrdiff_t h = 0; h < heads; h++) {
+        float *v = x + h * Dh;
+        for (ptrdiff_t j = 0; j < half; j++) {
+            float a = v[j], b = v[j + half];
+            v[j] = round_to(round_to(a * cs[j], kind) - round_to(b * sn[j], kind), kind);
+            v[j + half] = round_to(round_to(b * cs[j], kind) + round_to(a * sn[j], kind), kind);
+        }
+    }
+}
+
+/* Widens n cached vectors of Dh elements (rows `stride` apart) starting at slot s0 to fp32 rows of dst. */
+INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t stride, ptrdiff_t Dh, int kind,
+                        float *dst) {
+    for (ptrdiff_t j = 0; j < n; j++)
+        for (ptrdiff_t c = 0; c < Dh; c += 8) _mm256_storeu_ps(dst + j * Dh + c, load8(base, (s0 + j) * stride + c, kind));
+    for (ptrdiff_t j = n; j < 8; j++) memset(dst + j * Dh, 0, (size_t)Dh * sizeof(float));
+}
+
+/* Attention of the `rep` query heads q[rep, Dh] that share one key/value head (keys, values: slot s at s * stride)
+ * over `width` slots where mask[s] is 1; out[rep, Dh] rounded to T. Returns -2 if scratch memory is lacking. */
+static int attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys, const void *values,
+                  ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float *out) {
+    const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
+    float *scores = (float *)malloc((size_t)(rep * span + 8 * Dh + rep * Dh + rep) * sizeof(float));
+    if (!scores) return -2;
+    float *block = scores + rep * span, *acc = block + 8 * Dh, *inv = acc + rep * Dh;
+    const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)Dh)), minus_inf = _mm256_set1_ps(-INFINITY);
+    for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* scores = q . k / sqrt(Dh), -inf where masked */
+        const ptrdiff_t n = width - s0 < 8 ? width - s0 : 8;
+        widen_block(keys, s0, n, stride, Dh, kind, block);
+        int32_t on[8];
+        for (int j = 0; j < 8; j++) on[j] = j < n && mask[s0 + j] ? -1 : 0;
+        const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)on));
+        for (ptrdiff_t r = 0; r < rep; r++) {
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+            for (ptrdiff_t c = 0; c < Dh; c += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + r * Dh + c);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(block + j * Dh + c), a[j]);
+            }
+            _mm256_storeu_ps(scores + r * span + s0, _mm256_blendv_ps(minus_inf, _mm256_mul_ps(hsum8(a), scale), keep));
+        }
+    }
+    for (ptrdiff_t r = 0; r < rep; r++) { /* scores -> exp(score - max); inv[r] = 1 / their sum */
+        float *sr = scores + r * span, top = -INFINITY;
+        for (ptrdiff_t s = 0; s < width; s++) top = sr[s] > top ? sr[s] : top;
+        __m256 total = _mm256_setzero_ps();
+        for (ptrdiff_t s = 0; s < span; s += 8) {
+            const __m256 v = _mm256_loadu_ps(sr + s);
+            __m256 p = _mm256_setzero_ps();
+            if (top != -INFINITY)
+                p = _mm256_and_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))), _mm256_cmp_ps(v, minus_inf, _CMP_NEQ_OQ));
+            _mm256_storeu_ps(sr + s, p);
+            total = _mm256_add_ps(total, p);
+        }
+        const float sum = hsum(total);
+        inv[r] = sum > 0 ? 1.0f / sum : 0.0f;
+    }
+    memset(acc, 0, (size_t)(rep * Dh) * sizeof(float));
+    for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* acc = sum over slots of p * v */
+        widen_block(values, s0, width - s0 < 8 ? width - s0 : 8, stride, Dh, kind, block);
+        for (ptrdiff_t r = 0; r < rep; r++) {
+            const float *p = scores + r * span + s0;
+            for (ptrdiff_t c = 0; c < Dh; c += 8) {
+                __m256 a = _mm256_loadu_ps(acc + r * Dh + c);
+                for (int j = 0; j < 8; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(block + j * Dh + c), a);
+                _mm256_storeu_ps(acc + r * Dh + c, a);
+            }
+        }
+    }
+    for (ptrdiff_t r = 0; r < rep; r++)
+        for (ptrdiff_t d = 0; d < Dh; d++) out[r * Dh + d] = round_to(acc[r * Dh + d] * inv[r], kind);
+    free(scores);
+    return 0;
+}
+
+/* g = T(T(silu(g)) * u) for n values; silu(g) = g / (1 + exp(-g)) in fp32. */
+static void silu_mul(float *g, const float *u, ptrdiff_t n, int kind) {
+    ptrdiff_t i = 0;
+    float tmp[8];
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(g + i);
+        v = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+        _mm256_storeu_ps(tmp, v);
+        for (int j = 0; j < 8; j++) g[i + j] = round_to(round_to(tmp[j], kind) * u[i + j], kind);
+    }
+    for (; i < n; i++) g[i] = round_to(round_to(g[i] / (1.0f + expf(-g[i])), kind) * u[i], kind);
+}
+
+INLINE Job job(const Lin *l, float *out, int round_kind) {
+    Job j = {l->w, (ptrdiff_t)l->n, {l->scale, l->bias, out, l->scale_kind, l->bias_kind, F32, round_kind, (ptrdiff_t)l->n}};
+    return j;
+}
+
+/* Runs `nlayers` layers and the final norm for st->rows new tokens. Returns 0; -1 for shapes or kinds it does
+ * not take (the caller checks them first); -2 when scratch memory could not be allocated. */
+int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
+    const ptrdiff_t M = st->rows, D = st->hidden, H = st->heads, G = st->kv_heads, Dh = st->head_dim;
+    const ptrdiff_t I = st->inter, W = st->width, rep = G > 0 ? H / G : 0;
+    const int T = st->act_kind, threads = st->threads < 1 ? 1 : st->threads;
+    if ((T != BF16 && T != F16) || M < 1 || G < 1 || H % G || Dh % 8 || Dh < 8 || W < 1 || nlayers < 0)
+        return -1;
+    const size_t floats = (size_t)(2 * M * D + M * (H + 2 * G) * Dh + M * H * Dh + 2 * M * I + M * Dh + M * D);
+    float *mem = (float *)malloc(floats * sizeof(float));
+    if (!mem) return -2;
+    float *x = mem, *h = x + M * D, *q = h + M * D, *k = q + M * H * Dh, *v = k + M * G * Dh, *att = v + M * G * Dh;
+    float *gate = att + M * H * Dh, *up = gate + M * I, *rope = up + M * I, *o = rope + M * Dh;
+    int status = 0;
+    for (ptrdiff_t i = 0; i < M * D; i++) x[i] = load1(st->x, i, T);
+    for (ptrdiff_t m = 0; m < M; m++) /* cos (first half) and sin of each row's position, rounded to T */
+        for (ptrdiff_t j = 0; j < Dh / 2; j++) {
+            const float f = (float)st->positions[m] * st->inv_freq[j];
+            rope[m * Dh + j] = round_to(cosf(f), T);
+            rope[m * Dh + Dh / 2 + j] = round_to(sinf(f), T);
+        }
+    for (int l = 0; l < nlayers && status == 0; l++) {
+        const Layer *L = layers + l;
+        const int wk = L->q.w_kind;
+        for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm1, T, st->eps);
+        Job qkv[3] = {job(&L->q, q, T), job(&L->k, k, T), job(&L->v, v, T)};
+        run_jobs(h, M, D, wk, qkv, 3, threads);
+        for (ptrdiff_t m = 0; m < M; m++) {
+            rotate(q + m * H * Dh, H, Dh, rope + m * Dh, rope + m * Dh + Dh / 2, T);
+            rotate(k + m * G * Dh, G, Dh, rope + m * Dh, rope + m * Dh + Dh / 2, T);
+        }
+        char *kc = (char *)st->caches[2 * l], *vc = (char *)st->caches[2 * l + 1];
+        const size_t size = T == F32 ? 4 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
+        for (ptrdiff_t t = 0; t < M * G; t++) {
+            const ptrdiff_t m = t / G, g = t % G;
+            char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
+            char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
+            for (ptrdiff_t d = 0; d < Dh; d++) {
+                store1(kh, st->slots[m] * st->cache_slot + d, T, k[(m * G + g) * Dh + d]);
+                store1(vh, st->slots[m] * st->cache_slot + d, T, v[(m * G + g) * Dh + d]);
+            }
+            int s = attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T,
+                           att + (m * H + g * rep) * Dh);
+            status = s < status ? s : status;
+        }
+        Job oj = job(&L->o, o, T);
+        run_jobs(att, M, H * Dh, wk, &oj, 1, threads);
+        add_residual(x, o, M * D, T);
+        for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm2, T, st->eps);
+        Job gu[2] = {job(&L->gate, gate, T), job(&L->up, up, T)};
+        run_jobs(h, M, D, wk, gu, 2, threads);
+        silu_mul(gate, up, M * I, T);
+        Job dj = job(&L->down, o, T);
+        run_jobs(gate, M, I, wk, &dj, 1, threads);
+        add_residual(x, o, M * D, T);
+    }
+    for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, st->final_norm, T, st->eps);
+    for (ptrdiff_t i = 0; i < M * D; i++) store1(st->out, i, T, h[i]);
+    free(mem);
+    return status;
+}
+
+#else
+
+int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
+    (void)st; (void)layers; (void)nlayers;
+    return -1;
+}
+
+#endif
