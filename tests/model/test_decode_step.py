@@ -124,10 +124,29 @@ def test_weights_are_described_again_when_they_change(monkeypatch):
     modules, _ = decode_once(model, torch.float16, False, monkeypatch)
     assert calls.n == 2 and model.fused_decode_weights(torch.float16) is not first
     assert (fused - modules).abs().max() <= 0.02 * modules.abs().max()
+    # A weight replaced by another tensor (not modified in place): described anew, and the step uses the new one.
+    lin = model.layers[2].mlp.down_proj
+    lin.weight = torch.nn.Parameter(lin.weight.detach() * 2, requires_grad=False)
+    doubled, _ = decode_once(model, torch.float16, True, monkeypatch)
+    doubled_modules, _ = decode_once(model, torch.float16, False, monkeypatch)
+    assert calls.n == 3 and (doubled - doubled_modules).abs().max() <= 0.02 * doubled_modules.abs().max()
+    assert (doubled - fused).abs().max() > 0.1
+    # A hook added after the description was made: the step goes through the modules, and back once it is gone.
+    seen = []
+    handle = model.layers[0].self_attn.register_forward_hook(lambda m, a, o: seen.append(1))
+    decode_once(model, torch.float16, True, monkeypatch)
+    assert calls.n == 3 and len(seen) == 2
+    handle.remove()
+    fused, _ = decode_once(model, torch.float16, True, monkeypatch)
+    assert calls.n == 4 and torch.equal(fused, doubled)
+    # One layer quantized, the others not: mixed weight kinds are not fused.
+    model.layers[1].mlp.up_proj = Int8Linear.from_linear(model.layers[1].mlp.up_proj)
+    decode_once(model, torch.float16, True, monkeypatch)
+    assert calls.n == 4 and model.fused_decode_weights(torch.float16) is None
     twin = copy.deepcopy(model)  # the C descriptions are not part of the module: copies work and describe their own
+    twin.layers[1].mlp.up_proj = model.layers[2].mlp.up_proj  # plain again (a shared module is fine)
     again, _ = decode_once(twin, torch.float16, True, monkeypatch)
-    assert calls.n == 3 and torch.equal(again, fused)
-    assert twin.fused_decode_weights(torch.float16) is not model.fused_decode_weights(torch.float16)
+    assert calls.n == 5 and twin.fused_decode_weights(torch.float16) is not None
 
 
 @needs_fused
