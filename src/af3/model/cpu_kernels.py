@@ -260,10 +260,12 @@ def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Ten
         rows, heads, length, dim = ref.shape
         strides = ref.stride()
         for t in (*keys, *values):
-            if t.dtype != w.dtype or t.stride() != strides or tuple(t.shape) != (rows, heads, length, dim):
-                raise ValueError("decode_step: every cache tensor must share the first one's dtype, shape and strides")
-        if rows < m or heads != w.kv_heads or dim != w.head_dim or strides[3] != 1 or t.device.type != "cpu":
-            raise ValueError(f"decode_step: caches must be [>= {m}, {w.kv_heads}, slots, {w.head_dim}] on the CPU "
+            if (t.dtype != w.dtype or t.stride() != strides or tuple(t.shape) != (rows, heads, length, dim)
+                    or t.device.type != "cpu"):
+                raise ValueError("decode_step: every cache tensor must share the first one's dtype, shape and strides "
+                                 "and be on the CPU")
+        if rows < m or heads != w.kv_heads or dim != w.head_dim or strides[3] != 1:
+            raise ValueError(f"decode_step: caches must be [>= {m}, {w.kv_heads}, slots, {w.head_dim}] "
                              f"with a contiguous last axis, got {list(ref.shape)} strides {strides}")
         if mask.shape[1] > length or (m and int(slots.max()) >= length) or (m and int(slots.min()) < 0):
             raise ValueError(f"decode_step: slots and mask width must lie within the cache's {length} slots")

@@ -120,7 +120,8 @@ static void rotate(float *x, ptrdiff_t heads, ptrdiff_t Dh, const float *cs, con
 INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t stride, ptrdiff_t Dh, int kind,
                         float *dst) {
     for (ptrdiff_t j = 0; j < n; j++)
-        for (ptrdiff_t c = 0; c < Dh; c += 8) _mm256_storeu_ps(dst + j * Dh + c, load8(base, (s0 + j) * stride + c, kind));
+        for (ptrdiff_t c = 0; c < Dh; c += 8)
+            _mm256_storeu_ps(dst + j * Dh + c, load8(base, (s0 + j) * stride + c, kind));
     for (ptrdiff_t j = n; j < 8; j++) memset(dst + j * Dh, 0, (size_t)Dh * sizeof(float));
 }
 
@@ -157,7 +158,8 @@ static int attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys,
             const __m256 v = _mm256_loadu_ps(sr + s);
             __m256 p = _mm256_setzero_ps();
             if (top != -INFINITY)
-                p = _mm256_and_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))), _mm256_cmp_ps(v, minus_inf, _CMP_NEQ_OQ));
+                p = _mm256_and_ps(exp8(_mm256_sub_ps(v, _mm256_set1_ps(top))),
+                                  _mm256_cmp_ps(v, minus_inf, _CMP_NEQ_OQ));
             _mm256_storeu_ps(sr + s, p);
             total = _mm256_add_ps(total, p);
         }
@@ -171,7 +173,8 @@ static int attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys,
             const float *p = scores + r * span + s0;
             for (ptrdiff_t c = 0; c < Dh; c += 8) {
                 __m256 a = _mm256_loadu_ps(acc + r * Dh + c);
-                for (int j = 0; j < 8; j++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(block + j * Dh + c), a);
+                for (int j = 0; j < 8; j++)
+                    a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(block + j * Dh + c), a);
                 _mm256_storeu_ps(acc + r * Dh + c, a);
             }
         }
@@ -196,7 +199,8 @@ static void silu_mul(float *g, const float *u, ptrdiff_t n, int kind) {
 }
 
 INLINE Job job(const Lin *l, float *out, int round_kind) {
-    Job j = {l->w, (ptrdiff_t)l->n, {l->scale, l->bias, out, l->scale_kind, l->bias_kind, F32, round_kind, (ptrdiff_t)l->n}};
+    Job j = {l->w, (ptrdiff_t)l->n,
+             {l->scale, l->bias, out, l->scale_kind, l->bias_kind, F32, round_kind, (ptrdiff_t)l->n}};
     return j;
 }
 
