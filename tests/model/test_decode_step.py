@@ -65,7 +65,7 @@ def decode_once(model: D.Qwen2Model, dtype: torch.dtype, fused: bool, monkeypatc
                 max_len: int = 48) -> tuple[torch.Tensor, KVCache]:
     """Prefill ``prompt`` random embeddings for 3 rows (rows 1 and 2 left-padded by 3 and 5), then one decoding
     step; returns the step's hidden states [3, 1, D] (fp32) and the cache."""
-    monkeypatch.setattr(D, "FUSED_DECODE", fused)
+    monkeypatch.setattr(D, "FUSED_DECODE", "auto" if fused else "off")
     g = torch.Generator().manual_seed(1)
     b = 3
     x = torch.randn(b, prompt, HIDDEN, generator=g).to(dtype)
@@ -217,7 +217,7 @@ def test_greedy_tokens_are_the_same_fused_or_not(tiny_bf16, monkeypatch):
     got = {}
     inputs = proc.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True)
     for fused in (True, False):
-        monkeypatch.setattr(D, "FUSED_DECODE", fused)
+        monkeypatch.setattr(D, "FUSED_DECODE", "auto" if fused else "off")
         engine = Engine(model, proc, max_batch_size=3)
         got[fused, "engine"] = [o.token_ids for o in engine.generate(convs, max_new_tokens=12, min_new_tokens=12)]
         ids = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
@@ -258,3 +258,29 @@ def test_an_adapter_that_is_off_leaves_the_fused_step_on(tiny_bf16, monkeypatch)
     finally:
         lora.remove()
     assert not lin._forward_hooks
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="af3's CPU kernel is not built on this machine")
+def test_always_runs_the_fused_step_where_torch_has_native_half_gemms(monkeypatch, caplog):
+    from af3.model import linear
+
+    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # as on an AVX-512/AMX CPU
+    model = random_decoder().to(torch.bfloat16)
+    calls = Calls(monkeypatch)
+    decode_once(model, torch.bfloat16, True, monkeypatch)  # "auto": torch's kernels there
+    assert calls.n == 0
+    monkeypatch.setattr(D, "FUSED_DECODE", "always")
+    g = torch.Generator().manual_seed(1)
+    # decode_once sets "auto"; run the same step by hand under "always"
+    with torch.inference_mode():
+        cache = KVCache(LAYERS, 1, 8, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cpu")
+        x = torch.randn(1, 1, HIDDEN, generator=g).bfloat16()
+        mask = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+        fused = model(x, torch.zeros(1, 1, dtype=torch.long), mask, cache, 0)
+        monkeypatch.setattr(D, "FUSED_DECODE", "off")
+        plain = model(x, torch.zeros(1, 1, dtype=torch.long), mask, cache, 0)
+        assert calls.n == 1 and (fused.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
+        monkeypatch.setattr(D, "FUSED_DECODE", "sometimes")
+        with caplog.at_level("WARNING"):
+            model(x, torch.zeros(1, 1, dtype=torch.long), mask, cache, 0)
+        assert calls.n == 1 and "not one of auto, always, off" in caplog.text

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import operator
+import os
 import weakref
 
 import torch
@@ -13,11 +15,15 @@ from ..config import TextConfig
 from ..errors import CheckpointError
 from ..generation.cache import KVCache
 from . import cpu_kernels
-from .linear import Linear, own_kernel_takes
+from .linear import CONVERT_ROWS, Linear, own_kernel_takes
 
-#: Whether decoding steps may run all layers in one call of af3's CPU kernel (``cpu_kernels.decode_step``; see
-#: :meth:`Qwen2Model.fused_decode_weights` for when). Tests switch it off to compare with the modules' path.
-FUSED_DECODE = True
+log = logging.getLogger(__name__)
+
+#: When decoding steps run all layers in one call of af3's CPU kernel (``cpu_kernels.decode_step``; see
+#: :meth:`Qwen2Model.fused_decode_weights` for which decoders): ``"auto"`` where af3's kernel replaces torch's for
+#: few rows (CPUs without native half-precision GEMMs, where it was measured), ``"always"`` on any CPU where the
+#: kernel builds (to measure it on AVX-512/AMX machines), ``"off"`` never. Set by ``$AF3_FUSED_DECODE``.
+FUSED_DECODE = os.environ.get("AF3_FUSED_DECODE", "auto")
 #: Qwen2Model → (key of its tensors, DecodeWeights): outside the module, so deepcopy and pickling never see the
 #: C descriptions (ctypes pointers) and the entry goes with the model.
 _DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -226,7 +232,7 @@ class Qwen2Model(nn.Module):
                       slots: int | Tensor) -> Tensor | None:
         """One decoding step (x [B, 1, D]) through ``cpu_kernels.decode_step``, or None where it does not apply."""
         b = x.shape[0]
-        if (not FUSED_DECODE or torch.is_grad_enabled() or not own_kernel_takes(b, x.dtype, x.device)
+        if (not _fused_decode_applies(b, x.dtype, x.device) or torch.is_grad_enabled()
                 or mask.dtype != torch.bool or tuple(mask.shape[:3]) != (b, 1, 1)):
             return None
         weights = self.fused_decode_weights(x.dtype)
@@ -256,6 +262,18 @@ class Qwen2Model(nn.Module):
             return None
         _DECODE_WEIGHTS[self] = described
         return described.weights
+
+
+def _fused_decode_applies(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :data:`FUSED_DECODE` lets a decoding step of ``rows`` rows in ``dtype`` take the fused kernel."""
+    mode = FUSED_DECODE
+    if mode not in ("auto", "always", "off"):
+        log.warning("AF3_FUSED_DECODE=%r is not one of auto, always, off: using auto", mode)
+        mode = "auto"
+    if mode == "always":
+        return (device.type == "cpu" and rows < CONVERT_ROWS and dtype in (torch.bfloat16, torch.float16)
+                and cpu_kernels.available())
+    return mode == "auto" and own_kernel_takes(rows, dtype, device)
 
 
 class _Described:
