@@ -223,7 +223,7 @@ def test_greedy_tokens_are_the_same_fused_or_not(tiny_bf16, monkeypatch):
         ids = model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         got[fused, "generate"] = ids[:, inputs["input_ids"].shape[1]:].tolist()
         if fused:
-            assert calls.n > 12  # both ran their decoding steps through it
+            assert calls.n >= 2 * 11  # both ran their (at least 11) decoding steps through it
             calls.n = 0
     assert calls.n == 0
     assert got[True, "engine"] == got[False, "engine"] == got[True, "generate"] == got[False, "generate"]
