@@ -284,3 +284,12 @@ def test_always_runs_the_fused_step_where_torch_has_native_half_gemms(monkeypatc
         with caplog.at_level("WARNING"):
             model(x, torch.zeros(1, 1, dtype=torch.long), mask, cache, 0)
         assert calls.n == 1 and "not one of auto, always, off" in caplog.text
+
+
+def test_a_half_precision_cpu_engine_loads_the_kernels_when_it_is_built(tiny_bf16, monkeypatch):
+    model, proc = tiny_bf16
+    loads = []
+    real = cpu_kernels._library
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: loads.append(1) or real())
+    Engine(model, proc, max_batch_size=1)  # not at the first request: a compile there would delay its answer
+    assert loads

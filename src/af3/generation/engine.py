@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model import cpu_kernels
 from ..model.decoder import attention_mask_4d
 from .sampling import apply_repetition_penalty, apply_top_k, apply_top_p
 
@@ -293,6 +294,8 @@ class Engine:
 
             check_non_lora(think_adapter, model, allow_pickle)
             self.lora = SwitchableLoRA(model, read_lora(think_adapter))
+        if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+            cpu_kernels.available()  # build (first run: ~2 s) or load them now, not during the first request
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str = "cpu",
