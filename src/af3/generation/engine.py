@@ -34,6 +34,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..model import cpu_kernels
 from ..model.decoder import attention_mask_4d
+from ..model.linear import HALF_DTYPES
 from .sampling import apply_repetition_penalty, apply_top_k, apply_top_p
 
 logger = logging.getLogger("af3")
@@ -294,7 +295,7 @@ class Engine:
 
             check_non_lora(think_adapter, model, allow_pickle)
             self.lora = SwitchableLoRA(model, read_lora(think_adapter))
-        if model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+        if model.device.type == "cpu" and model.dtype in HALF_DTYPES:
             cpu_kernels.available()  # build (first run: ~2 s) or load them now, not during the first request
 
     @classmethod

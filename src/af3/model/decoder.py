@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import operator
 import os
@@ -15,7 +16,7 @@ from ..config import TextConfig
 from ..errors import CheckpointError
 from ..generation.cache import KVCache
 from . import cpu_kernels
-from .linear import CONVERT_ROWS, Linear, own_kernel_takes
+from .linear import HALF_DTYPES, Linear, own_kernel_takes
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 #: few rows (CPUs without native half-precision GEMMs, where it was measured), ``"always"`` on any CPU where the
 #: kernel builds (to measure it on AVX-512/AMX machines), ``"off"`` never. Set by ``$AF3_FUSED_DECODE``.
 FUSED_DECODE = os.environ.get("AF3_FUSED_DECODE", "auto")
-#: Qwen2Model → (key of its tensors, DecodeWeights): outside the module, so deepcopy and pickling never see the
-#: C descriptions (ctypes pointers) and the entry goes with the model.
+#: Qwen2Model → its _Described: outside the module, so deepcopy and pickling never see the C descriptions (ctypes
+#: pointers), and the entry goes with the model.
 _DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -268,12 +269,16 @@ def _fused_decode_applies(rows: int, dtype: torch.dtype, device: torch.device) -
     """Whether :data:`FUSED_DECODE` lets a decoding step of ``rows`` rows in ``dtype`` take the fused kernel."""
     mode = FUSED_DECODE
     if mode not in ("auto", "always", "off"):
-        log.warning("AF3_FUSED_DECODE=%r is not one of auto, always, off: using auto", mode)
+        _warn_unknown_mode(mode)
         mode = "auto"
     if mode == "always":
-        return (device.type == "cpu" and rows < CONVERT_ROWS and dtype in (torch.bfloat16, torch.float16)
-                and cpu_kernels.available())
+        return own_kernel_takes(rows, dtype, device, HALF_DTYPES)
     return mode == "auto" and own_kernel_takes(rows, dtype, device)
+
+
+@functools.cache
+def _warn_unknown_mode(mode: str) -> None:  # once per value, not at every decoding step
+    log.warning("AF3_FUSED_DECODE=%r is not one of auto, always, off: using auto", mode)
 
 
 class _Described:
@@ -284,10 +289,11 @@ class _Described:
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
         self.weights: cpu_kernels.DecodeWeights | None = None
-        self.links: list[tuple[dict, str, object]] = []
-        self.links_by_part: tuple = ((), (), ())
-        self.hook_dicts: list[dict] = []
-        self.modules: list[nn.Module] = []
+        # Each lookup made while reading: container dict, key, object found (three parallel lists for map()).
+        self.owners: list[dict] = []
+        self.keys: list[str] = []
+        self.found: list[object] = []
+        self.hook_dicts: list[dict] = []  # the read modules' own (registering a hook adds to them)
         self.norms: list[tuple[RMSNorm, float]] = []
         self.tensors: list[Tensor] = []
         self.ptrs: list[int] = []
@@ -295,14 +301,15 @@ class _Described:
 
     def take(self, owner: dict, key: str):
         obj = owner.get(key)
-        self.links.append((owner, key, obj))
+        self.owners.append(owner)
+        self.keys.append(key)
+        self.found.append(obj)
         return obj
 
     def describes(self, model: Qwen2Model, dtype: torch.dtype) -> bool:
         # map() keeps the loops in C: Python loops over the ~1300 items of 24 layers cost 0.3 ms per step.
-        owners, keys, objs = self.links_by_part
         return (dtype == self.dtype and len(model.layers) == self.num_layers
-                and all(map(operator.is_, map(dict.get, owners, keys), objs))
+                and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.found))
                 and not any(self.hook_dicts)
                 and all(n.eps == eps for n, eps in self.norms)
                 and list(map(Tensor.data_ptr, self.tensors)) == self.ptrs)
@@ -314,10 +321,11 @@ class _Described:
 
         d = cls(dtype)
         d.num_layers = len(model.layers)
+        modules = []
 
         def linear(owner: dict, key: str) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
             module = d.take(owner, key)
-            d.modules.append(module)
+            modules.append(module)
             if type(module) is Linear:
                 w = d.take(module._parameters, "weight")
                 got = (w, None, d.take(module._parameters, "bias")) if w.dtype == dtype else None
@@ -339,7 +347,7 @@ class _Described:
             if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
                     or any(type(n) is not RMSNorm or n.eps != eps for n in norms)):
                 return None
-            d.modules += [layer, attn, mlp, *norms]
+            modules += [layer, attn, mlp, *norms]
             d.norms += [(n, eps) for n in norms]
             a, p = attn._modules, mlp._modules
             lins = {"q": linear(a, "q_proj"), "k": linear(a, "k_proj"), "v": linear(a, "v_proj"),
@@ -351,15 +359,13 @@ class _Described:
                            "norm2": d.take(norms[1]._parameters, "weight")})
             d.tensors += [t for v in lins.values() for t in v if t is not None]
             d.tensors += [layers[-1]["norm1"], layers[-1]["norm2"]]
-        if any(m._forward_hooks or m._forward_pre_hooks for m in d.modules):
+        d.hook_dicts = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
+        if any(d.hook_dicts):
             return None
         final_weight, inv_freq = d.take(final._parameters, "weight"), d.take(model.rotary.__dict__, "inv_freq")
         d.norms.append((final, eps))
         d.tensors += [final_weight, inv_freq]
         d.ptrs = [t.data_ptr() for t in d.tensors]
-        d.links_by_part = tuple(zip(*d.links, strict=True))
-        # The modules' own hook dicts (registering a hook adds to them; a module replaced fails the links).
-        d.hook_dicts = [h for m in d.modules for h in (m._forward_hooks, m._forward_pre_hooks)]
         attn = model.layers[0].self_attn
         try:
             d.weights = cpu_kernels.DecodeWeights(layers, final_weight, inv_freq, eps, attn.num_heads,

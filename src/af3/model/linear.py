@@ -68,10 +68,16 @@ def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return out.reshape(*x.shape[:-1], n)
 
 
-def own_kernel_takes(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+#: The half-precision dtypes af3's CPU kernels take as activations.
+HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+
+
+def own_kernel_takes(rows: int, dtype: torch.dtype, device: torch.device,
+                     dtypes: frozenset[torch.dtype] | None = None) -> bool:
     """Whether a product of ``rows`` rows with ``dtype`` operands goes through af3's CPU kernel: few rows, on a CPU
-    where oneDNN has no native kernel for the dtype, with the kernel built (``benchmarks/gemv_bench.py``)."""
-    return (device.type == "cpu" and rows < CONVERT_ROWS and dtype in CONVERT_DTYPES
+    where oneDNN has no native kernel for the dtype (or ``dtype`` in ``dtypes``, when given), with the kernel built
+    (``benchmarks/gemv_bench.py``)."""
+    return (device.type == "cpu" and rows < CONVERT_ROWS and dtype in (CONVERT_DTYPES if dtypes is None else dtypes)
             and cpu_kernels.available())
 
 
@@ -80,7 +86,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if (x.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float16)
+        if (x.device.type != "cpu" or w.dtype not in HALF_DTYPES
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)

@@ -47,15 +47,6 @@ typedef struct {
 
 #ifdef AF3_HAVE_KERNELS
 
-INLINE void store1(void *p, ptrdiff_t i, int kind, float f) {
-    if (kind == F32)
-        ((float *)p)[i] = f;
-    else if (kind == BF16)
-        ((uint16_t *)p)[i] = to_bf16(f);
-    else
-        ((uint16_t *)p)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-}
-
 /* exp(x) for 8 lanes: 2^n * p(r) with n = round(x / ln 2), |r| <= ln 2 / 2 and p the Taylor polynomial of degree
  * 7 (relative error about 2e-7). Inputs are clamped to [-87, 88], so -inf gives about 1.6e-38, not 0. */
 INLINE __m256 exp8(__m256 x) {

@@ -80,16 +80,20 @@ typedef struct {
     ptrdiff_t stride;
 } Epilogue;
 
+/* Stores f at element i of p as `kind` (bf16, fp16 or fp32), rounding to nearest even. */
+INLINE void store1(void *p, ptrdiff_t i, int kind, float f) {
+    if (kind == F32)
+        ((float *)p)[i] = f;
+    else if (kind == BF16)
+        ((uint16_t *)p)[i] = to_bf16(f);
+    else
+        ((uint16_t *)p)[i] = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+}
+
 INLINE void finish(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, float s) {
     if (e->scale) s *= load1(e->scale, n, e->scale_kind);
     if (e->bias) s += load1(e->bias, n, e->bias_kind);
-    ptrdiff_t i = row * e->stride + n;
-    if (e->out_kind == F32)
-        ((float *)e->out)[i] = round_to(s, e->round_kind);
-    else if (e->out_kind == BF16)
-        ((uint16_t *)e->out)[i] = to_bf16(s);
-    else
-        ((uint16_t *)e->out)[i] = _cvtss_sh(s, _MM_FROUND_TO_NEAREST_INT);
+    store1(e->out, row * e->stride + n, e->out_kind, e->out_kind == F32 ? round_to(s, e->round_kind) : s);
 }
 
 INLINE float hsum(__m256 v) {
