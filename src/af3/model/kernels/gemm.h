@@ -103,10 +103,11 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Software prefetch distance (elements) along a weight row. Hardware prefetchers alone left the decode-shaped
- * products at 9-12 GB/s of weights on a 2-core Zen 3 VM; with this, 15-18 GB/s for one row (DRAM-bound) and
- * about 1.4x more for 8 rows (tried 256-2048; 512 was best, within the VM's noise). int8 weights look 4x as many
- * elements (2 KB) ahead: at 512 they read 13.5 GB/s against bf16's 15-16, at 2048 14.8-16.2 (same process). */
+/* Software prefetch distance (elements) along a weight row, for one-row products (row1; tiles prefetch the next
+ * tile instead, see NEXT_TILE). Hardware prefetchers alone left the decode-shaped products at 9-12 GB/s of
+ * weights on a 2-core Zen 3 VM; with this, 15-18 GB/s for one row (DRAM-bound; tried 256-2048, 512 was best,
+ * within the VM's noise). int8 weights look 4x as many elements (2 KB) ahead: at 512 they read 13.5 GB/s against
+ * bf16's 15-16, at 2048 14.8-16.2 (same process). */
 #define PREFETCH 512
 #define AHEAD(kind) ((kind) == I8 ? 4 * PREFETCH : PREFETCH)
 
