@@ -242,11 +242,10 @@ def run_vllm(folder: Path, args, only: set[str]) -> dict | None:
     if args.no_vllm or not vllm_ref.available(args.vllm_python):
         return None
     out = {}
-    plan = [("decode1", "decode1", 30.0, args.tokens), ("decode8", "decode8", 30.0, args.tokens),
-            ("prefill", "prefill", 300.0, 1), ("load", "startup", 30.0, 16)]
-    for key, scenario, seconds, tokens in plan:
+    plan = [("decode1", "decode1", 30.0, args.tokens, args.runs), ("decode8", "decode8", 30.0, args.tokens, args.runs),
+            ("prefill", "prefill", 300.0, 1, args.long_runs), ("load", "startup", 30.0, 16, 1)]
+    for key, scenario, seconds, tokens, runs in plan:
         if key in only:
-            runs = args.long_runs if seconds > 60 else args.runs
             out[scenario] = vllm_ref.run(folder, scenario, tokens, runs, seconds, python=args.vllm_python)
     return out
 

@@ -160,6 +160,12 @@ def test_hooks_autograd_and_other_dtypes_take_the_modules_path(monkeypatch):
     handle.remove()
     decode_once(model, torch.bfloat16, True, monkeypatch)
     assert calls.n == 1
+    for module in (model.norm, model.rotary):  # modules the fused step stands in for, outside the layers
+        seen.clear()
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(1))
+        decode_once(model, torch.bfloat16, True, monkeypatch)
+        assert calls.n == 1 and len(seen) == 2
+        handle.remove()
     model.float()  # fp32 weights: torch's kernels are fine, nothing fused
     decode_once(model, torch.float32, True, monkeypatch)
     assert calls.n == 1

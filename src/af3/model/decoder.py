@@ -337,6 +337,7 @@ class _Described:
             return got if got is not None and got[0].is_contiguous() else None
 
         final = d.take(model._modules, "norm")
+        modules.append(final)  # (the rotary module too, below: the fused step stands in for both their forwards)
         eps = final.eps
         layers = []
         for i in range(d.num_layers):
@@ -359,10 +360,11 @@ class _Described:
                            "norm2": d.take(norms[1]._parameters, "weight")})
             d.tensors += [t for v in lins.values() for t in v if t is not None]
             d.tensors += [layers[-1]["norm1"], layers[-1]["norm2"]]
+        modules.append(d.take(model._modules, "rotary"))
         d.hook_dicts = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
         if any(d.hook_dicts):
             return None
-        final_weight, inv_freq = d.take(final._parameters, "weight"), d.take(model.rotary.__dict__, "inv_freq")
+        final_weight, inv_freq = d.take(final._parameters, "weight"), d.take(modules[-1].__dict__, "inv_freq")
         d.norms.append((final, eps))
         d.tensors += [final_weight, inv_freq]
         d.ptrs = [t.data_ptr() for t in d.tensors]

@@ -127,7 +127,8 @@ INLINE void tile(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n0, int M
     ptrdiff_t k = 0;
     const int size = kind == I8 ? 1 : 2;
     for (; k + 8 <= K; k += 8) {
-        if ((k & 31) == 0) { /* the next tile's rows (see NEXT_TILE); addresses past the weight do not fault */
+        if ((k & 31) == 0) { /* the next tile's rows one line (64 elements) ahead of this column (see NEXT_TILE);
+                                addresses past the weight do not fault */
 #pragma GCC unroll 8
             for (int j = 0; j < NT; j++)
                 _mm_prefetch((const char *)((uintptr_t)w + (uintptr_t)(((n0 + NT + j) * K + k + 64) * size)),
