@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from af3.model import cpu_kernels, linear, quantize
+from af3.kernels import binding as cpu_kernels
+from af3.model import linear, quantize
 from af3.model.linear import SMALL_ROWS, Linear
 
 SHAPES = {"q/k/v (1152x896)": (1152, 896), "mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864),

@@ -13,6 +13,9 @@ from typing import Any, ClassVar
 
 from .errors import CheckpointError
 
+#: Label value that no loss or accuracy counts (prompt tokens, audio placeholders, padding).
+IGNORE_INDEX = -100
+
 
 def _split_known(cls: type, data: dict[str, Any], aliases: dict[str, str]) -> tuple[dict, dict]:
     """Split ``data`` into the dataclass's own fields (after alias renames) and everything else."""

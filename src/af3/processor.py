@@ -18,13 +18,12 @@ import torch
 
 from .audio import load_audio
 from .chat import ChatTemplate, RenderedChat, TextTokenizer, read_chat_template
-from .config import read_json, write_json
+from .config import IGNORE_INDEX, read_json, write_json
 from .errors import AudioError, CheckpointError, InputError
 from .features import FeatureConfig, extract_features
 
 logger = logging.getLogger("af3")
 
-IGNORE_INDEX = -100
 DEFAULT_TRANSCRIPTION_PROMPT = "Transcribe the input speech."
 # Sentences the model puts before a transcription; ``decode(strip_prefix=True)`` removes them.
 TRANSCRIPTION_PREFIXES = (

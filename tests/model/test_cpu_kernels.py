@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from af3.model import cpu_kernels, linear
+from af3.kernels import binding as cpu_kernels
+from af3.model import linear
 from af3.model import quantize as Q
 from af3.system import cpuinfo
 
@@ -143,7 +144,7 @@ def test_off_switch_missing_compiler_and_failed_build_fall_back(monkeypatch, tmp
     monkeypatch.delenv("AF3_CPU_KERNELS")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")  # reach the build step on any machine
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with caplog.at_level(logging.WARNING, logger="af3.model.cpu_kernels"):
+    with caplog.at_level(logging.WARNING, logger="af3.kernels.binding"):
         assert cpu_kernels._library.__wrapped__() is None
     assert "did not build" in caplog.text
     assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind

@@ -15,7 +15,7 @@ from af3.cli import embedded_model_path
 from af3.config import TextConfig
 from af3.generation.cache import KVCache
 from af3.generation.engine import Engine, SlotCache
-from af3.model import cpu_kernels
+from af3.kernels import binding as cpu_kernels
 from af3.model import decoder as D
 from af3.model.quantize import Int8Linear
 from af3.training import synthetic as S

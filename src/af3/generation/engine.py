@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..model import cpu_kernels
+from ..kernels import binding as cpu_kernels
 from ..model.decoder import attention_mask_4d
 from ..model.linear import HALF_DTYPES
 from .sampling import apply_repetition_penalty, apply_top_k, apply_top_p

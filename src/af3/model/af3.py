@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AF3Config, GenerationConfig
+from ..config import IGNORE_INDEX, AF3Config, GenerationConfig
 from ..errors import InputError
 from ..generation.cache import KVCache
 from ..generation.sampling import SamplingParams, choose_tokens, process_logits
@@ -37,12 +37,15 @@ class AF3Output:
         return getattr(self, key)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross entropy in float32: position t predicts labels[t+1]; -100 is ignored."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token cross entropy in float32: position t predicts labels[t+1]; :data:`IGNORE_INDEX` is ignored.
+
+    ``reduction="mean"`` is the model's ``.loss`` (transformers' value); training sums (``"sum"``) and divides by
+    the label tokens of the whole accumulated batch, so that every token weighs the same across micro-batches."""
     vocab = logits.shape[-1]
     pred = logits[:, :-1].float().reshape(-1, vocab)  # [B*(T-1), V]
     target = labels[:, 1:].to(logits.device).reshape(-1)  # [B*(T-1)]
-    return F.cross_entropy(pred, target, ignore_index=-100, reduction="mean")
+    return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ..config import TextConfig
 from ..errors import CheckpointError
 from ..generation.cache import KVCache
-from . import cpu_kernels
+from ..kernels import binding as cpu_kernels
 from .linear import HALF_DTYPES, Linear, own_kernel_takes
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_kernels
+from ..kernels import binding as cpu_kernels
 
 #: Up to this many rows, CPU bf16/fp16 linears can run as ``W @ x.T`` (a GEMV-shaped product).
 SMALL_ROWS = 8

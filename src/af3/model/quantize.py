@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from . import cpu_kernels, linear
+from ..kernels import binding as cpu_kernels
+from . import linear
 
 if TYPE_CHECKING:
     from .af3 import AF3Model

@@ -35,7 +35,7 @@ from ..system import cpuinfo
 
 log = logging.getLogger(__name__)
 
-KERNELS = Path(__file__).with_name("kernels")
+KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by both.
 SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c")
 HEADERS = (KERNELS / "gemm.h",)

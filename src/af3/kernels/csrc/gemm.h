@@ -10,7 +10,7 @@
  * back. Output channels are split across OpenMP threads (the same libgomp runtime as torch's when torch is loaded
  * first).
  *
- * Built at first use by af3/model/cpu_kernels.py with -O3 -march=native for the machine it runs on. Without AVX2,
+ * Built at first use by af3/kernels/binding.py with -O3 -march=native for the machine it runs on. Without AVX2,
  * FMA and F16C the entry points build as stubs, af3_small_gemm_level() is 0, and af3 keeps torch's kernels.
  */
 #ifndef AF3_GEMM_H
@@ -19,7 +19,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-/* Element types, as af3/model/cpu_kernels.py numbers them. */
+/* Element types, as af3/kernels/binding.py numbers them. */
 enum { BF16 = 0, F16 = 1, I8 = 2, F32 = 3 };
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)

@@ -1,5 +1,5 @@
 /* One decoding step of a Qwen2 decoder for a few rows (one new token each), all layers in one call from Python
- * (af3/model/cpu_kernels.py: decode_step). Per layer: RMSNorm, q/k/v products (one parallel loop), rotary
+ * (af3/kernels/binding.py: decode_step). Per layer: RMSNorm, q/k/v products (one parallel loop), rotary
  * embeddings, the new key/value written into the caller's cache, grouped-query attention over the cache, o_proj
  * and the residual, RMSNorm, gate/up products (one parallel loop), SiLU * up, down_proj and the residual; then the
  * final norm.
