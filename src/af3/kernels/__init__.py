@@ -1,8 +1,13 @@
-"""af3's own CPU kernels: a leaf package (C sources in ``csrc/``, their build and ctypes binding) that knows nothing
-of the model; callers hand it tensors."""
+"""af3's own CPU kernels: a leaf package that knows nothing of the model (callers hand it tensors).
+
+* ``csrc/``: the C sources (few-row products with bf16/fp16/int8 weights; a whole decoding step of a Qwen2 decoder).
+* :mod:`.binding`: their build (at first use, cached per CPU) and ctypes binding.
+* :mod:`.policy`: which kernel runs which product, decided once per process.
+"""
 
 from __future__ import annotations
 
-from .binding import DecodeWeights, available, decode_step, small_gemm
+from . import policy
+from .binding import DecodeWeights, FusedDecoder, available, decode_step, small_gemm
 
-__all__ = ["DecodeWeights", "available", "decode_step", "small_gemm"]
+__all__ = ["DecodeWeights", "FusedDecoder", "available", "decode_step", "policy", "small_gemm"]

@@ -285,3 +285,22 @@ def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Ten
     if status != 0:
         raise RuntimeError(f"af3's decode step failed (status {status})")
     return out
+
+
+class FusedDecoder:
+    """A decoding-step plan: a decoder's weights described once for ``kernels/csrc/decode_step.c`` (see
+    :class:`DecodeWeights` for ``layers``), then :meth:`step` per decoding step. Whoever builds it decides when it is
+    stale (the generation runner rebuilds it when the model changes); it holds no reference to any module."""
+
+    def __init__(self, layers: list[dict], final_norm: Tensor, inv_freq: Tensor, eps: float, heads: int,
+                 kv_heads: int, head_dim: int, dtype: torch.dtype, borrow: bool = False):
+        self.weights = DecodeWeights(layers, final_norm, inv_freq, eps, heads, kv_heads, head_dim, dtype, borrow)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights.dtype
+
+    def step(self, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, keys: list[Tensor],
+             values: list[Tensor]) -> Tensor:
+        """One token per row through every layer and the final norm (arguments as :func:`decode_step`)."""
+        return decode_step(self.weights, x, positions, slots, mask, keys, values)

@@ -1,0 +1,140 @@
+"""Which CPU kernel runs which product: decided once per process from the CPU and the environment.
+
+Like ggml-cpu's feature detection, the facts are read once (the first time :func:`current` is called) into one
+frozen :class:`KernelPolicy`; every dispatch (``model.linear.Linear``, ``model.quantize``, the generation runner's
+choice of the fused decoding step) asks it, and nothing else reads ``$AF3_CPU_KERNELS`` or ``$AF3_FUSED_DECODE``.
+Tests and benchmarks steer dispatch with :func:`override` (``with override(native_half=frozenset()): ...`` acts as
+an AVX2 CPU would, whatever this one is) instead of patching module globals.
+
+Why the rules are what they are (measurements in ``benchmarks/README.md``, ``benchmarks/gemv_bench.py``):
+
+* CPUs without native bf16/fp16 matrix instructions (AVX2; oneDNN reports no support) run torch's half-precision
+  GEMMs far below the fp32 ones: from :attr:`KernelPolicy.convert_rows` rows a half weight is widened to fp32 a
+  chunk at a time; below it (decoding) af3's own kernel widens it in registers, at memory bandwidth.
+* On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
+* The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway;
+  ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: The half-precision dtypes af3's CPU kernels take as activations.
+HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
+FUSED_MODES = ("auto", "always", "off")
+
+
+def _native_half_dtypes() -> frozenset[torch.dtype]:
+    """Half dtypes whose CPU matrix products oneDNN runs natively here (bf16/fp16 on AVX-512-BF16/AMX CPUs)."""
+    native = set()
+    for dtype, probe in ((torch.bfloat16, "_is_mkldnn_bf16_supported"), (torch.float16, "_is_mkldnn_fp16_supported")):
+        try:
+            if getattr(torch.ops.mkldnn, probe)():
+                native.add(dtype)
+        except (AttributeError, RuntimeError):  # this torch cannot tell: treat it as native and keep F.linear
+            native.add(dtype)
+    return frozenset(native)
+
+
+@dataclass(frozen=True)
+class KernelPolicy:
+    """The dispatch rules of one process (see the module docstring)."""
+
+    #: af3's C kernels may be used (``$AF3_CPU_KERNELS=0`` turns them off); they must also build (:func:`available`).
+    cpu_kernels: bool = True
+    #: ``"auto"``: the fused decoding step where af3's few-row kernel runs; ``"always"``: on every x86 CPU where the
+    #: kernels build; ``"off"``: never (``$AF3_FUSED_DECODE``).
+    fused_decode: str = "auto"
+    #: Half dtypes with native CPU GEMMs (torch's kernels are fast for them at every row count).
+    native_half: frozenset = frozenset()
+    #: Up to this many rows, CPU half-precision linears compute ``W @ x.T`` (AVX-512 only; 0 = never).
+    gemv_rows: int = 0
+    #: From this many rows, half weights without a native GEMM are widened to fp32 and multiplied by torch.
+    convert_rows: int = 32
+
+    def __post_init__(self) -> None:
+        if self.fused_decode not in FUSED_MODES:
+            raise ValueError(f"fused_decode must be one of {', '.join(FUSED_MODES)}, got {self.fused_decode!r}")
+
+    @classmethod
+    def detect(cls, environ: dict[str, str] | None = None) -> KernelPolicy:
+        """The policy for this CPU and environment (``os.environ`` unless ``environ`` is given)."""
+        env = os.environ if environ is None else environ
+        fused = env.get("AF3_FUSED_DECODE", "auto")
+        if fused not in FUSED_MODES:
+            log.warning("AF3_FUSED_DECODE=%r is not one of %s: using auto", fused, ", ".join(FUSED_MODES))
+            fused = "auto"
+        gemv = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
+        return cls(cpu_kernels=env.get("AF3_CPU_KERNELS", "1") != "0", fused_decode=fused,
+                   native_half=_native_half_dtypes(), gemv_rows=gemv)
+
+    # ------------------------------------------------------------------ the rules
+    def kernels_usable(self) -> bool:
+        """af3's C kernels are allowed and built for this machine."""
+        if not self.cpu_kernels:
+            return False
+        from .binding import available
+
+        return available()
+
+    def converts_to_fp32(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A product of ``rows`` rows with ``dtype`` weights runs in fp32 with the weight widened in chunks."""
+        return (device.type == "cpu" and rows >= self.convert_rows and dtype in HALF_DTYPES
+                and dtype not in self.native_half)
+
+    def own_gemm(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel."""
+        return (device.type == "cpu" and rows < self.convert_rows and dtype in HALF_DTYPES
+                and dtype not in self.native_half and self.kernels_usable())
+
+    def fused_decode_takes(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A decoding step of ``rows`` rows in ``dtype`` may run as one fused C call (when the decoder is plain)."""
+        if self.fused_decode == "off" or device.type != "cpu" or dtype not in HALF_DTYPES or rows >= self.convert_rows:
+            return False
+        if self.fused_decode == "always":
+            return self.kernels_usable()
+        return self.own_gemm(rows, dtype, device)
+
+
+_lock = threading.Lock()
+_current: KernelPolicy | None = None
+
+
+def current() -> KernelPolicy:
+    """This process's policy (detected on first use)."""
+    global _current
+    if _current is None:
+        with _lock:
+            if _current is None:
+                _current = KernelPolicy.detect()
+    return _current
+
+
+def set_policy(policy: KernelPolicy | None) -> None:
+    """Replace the process's policy (``None``: detect it again on next use)."""
+    global _current
+    with _lock:
+        _current = policy
+
+
+@contextlib.contextmanager
+def override(**changes) -> Iterator[KernelPolicy]:
+    """Run a block under the current policy with some fields changed (tests, benchmarks); restored afterwards."""
+    before = current()
+    changed = dataclasses.replace(before, **changes)
+    set_policy(changed)
+    try:
+        yield changed
+    finally:
+        set_policy(before)
