@@ -166,26 +166,11 @@ def plan_segments(
 # generation
 
 
-def model_generate_fn(model: Any, processor: Any, *, max_audio_len: float | None = None,
-                      **generate_kwargs: Any) -> GenerateFn:
-    """The default engine: ``processor.apply_chat_template`` → ``model.generate`` → decode (special tokens
-    skipped, no prefix stripping). Greedy unless ``generate_kwargs`` say otherwise (e.g. ``do_sample=True``)."""
-    generate_kwargs.setdefault("do_sample", False)
-
-    def generate(conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-        inputs = processor.apply_chat_template(
-            conversations, tokenize=True, add_generation_prompt=True, return_dict=True, max_audio_len=max_audio_len
-        ).to(model.device, dtype=model.dtype)
-        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-        return processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-
-    return generate
-
-
 def engine_generate_fn(engine: Any, **options: Any) -> GenerateFn:
-    """A :data:`GenerateFn` over an :class:`af3.Engine` (batched, cached); greedy unless ``options`` say otherwise
-    (any :class:`af3.generation.engine.GenerationOptions` field)."""
-    from .generation.engine import GenerationOptions
+    """A :data:`GenerateFn` over an :class:`af3.generation.engine.Engine` (the default way in: the Engine's
+    decoding loop, batched); greedy unless ``options`` say otherwise (any
+    :class:`af3.generation.options.GenerationOptions` field)."""
+    from .generation.options import GenerationOptions
 
     options.setdefault("temperature", 0.0)
 
@@ -205,12 +190,16 @@ def _run(generate_fn: GenerateFn, conversations: list[list[dict]], max_new_token
     return list(texts)
 
 
-def _engine(model: Any, processor: Any, generate_fn: GenerateFn | None) -> GenerateFn:
+def _engine(model: Any, processor: Any, generate_fn: GenerateFn | None, batch_size: int) -> GenerateFn:
+    """``generate_fn``, or an Engine over ``model`` and ``processor`` for ``batch_size`` segments at a time. Its
+    prefix cache is off: segments are different audio and never share a prefix worth keeping."""
     if generate_fn is not None:
         return generate_fn
     if model is None or processor is None:
         raise InputError("pass a model and a processor, or a generate_fn")
-    return model_generate_fn(model, processor)
+    from .generation.engine import Engine
+
+    return engine_generate_fn(Engine(model, processor, max_batch_size=batch_size, prefix_cache_bytes=0))
 
 
 def _check_cap(processor: Any, seconds: float, what: str) -> None:
@@ -273,7 +262,7 @@ def transcribe_long(
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    engine = _engine(model, processor, generate_fn)
+    engine = _engine(model, processor, generate_fn, batch_size)
     if prompt is None:
         prompt = getattr(processor, "default_transcription_prompt", None) or DEFAULT_TRANSCRIPTION_PROMPT
     wave = _load(audio, sampling_rate)
@@ -414,7 +403,7 @@ def ask_long(
         raise InputError("question must be a non-empty string")
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    engine = _engine(model, processor, generate_fn)
+    engine = _engine(model, processor, generate_fn, batch_size)
     wave = _load(audio, sampling_rate)
     duration = len(wave) / SAMPLING_RATE
     if generate_fn is None:

@@ -10,8 +10,9 @@ from conftest import synth_audio
 
 from af3.config import GenerationConfig
 from af3.errors import InputError
-from af3.generation import KVCache, SamplingParams, process_logits
-from af3.generation.sampling import apply_repetition_penalty, apply_top_k, apply_top_p
+from af3.generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from af3.generation.sampling import apply_repetition_penalty, apply_top_k, apply_top_p, build_chain, process
+from af3.model.kv_cache import KVCache
 
 NAMES = ["base", "odd", "mha"]
 
@@ -96,7 +97,7 @@ def test_defaults_come_from_generation_config(trio_batch):
     t = batch["input_ids"].shape[1]
     model = copy.copy(ours)
     model.generation_config = GenerationConfig(eos_token_id=[], pad_token_id=0)
-    assert model.generate(**batch).shape[1] == t + 20
+    assert model.generate(**batch).shape[1] == t + DEFAULT_MAX_NEW_TOKENS  # the Engine's default too
     model.generation_config = GenerationConfig(eos_token_id=[], max_new_tokens=7)
     assert model.generate(**batch).shape[1] == t + 7
     model.generation_config = GenerationConfig(eos_token_id=[], max_length=t + 5)
@@ -142,12 +143,13 @@ def test_logits_processing_matches_reference_processors():
         assert torch.equal(apply_top_k(logits, k), TopKLogitsWarper(k)(seq, logits.clone()))
     for p in (0.01, 0.5, 0.9, 0.999):
         assert torch.equal(apply_top_p(logits, p), TopPLogitsWarper(p)(seq, logits.clone()))
-    params = SamplingParams(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.2)
+    options = GenerationOptions(do_sample=True, temperature=0.7, top_k=10, top_p=0.8, repetition_penalty=1.2,
+                                max_new_tokens=1).resolved(GenerationConfig())
     ref = logits.clone()
     for proc in (RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(10),
                  TopPLogitsWarper(0.8)):
         ref = proc(seq, ref)
-    assert torch.allclose(process_logits(logits, seq, params), ref)
+    assert torch.allclose(process(build_chain(options), logits, seq, 0), ref)
     assert (apply_top_p(logits, 0.5) > float("-inf")).sum(-1).min() >= 1
 
 

@@ -231,7 +231,7 @@ def test_logits_to_keep_returns_last_positions(trio):
 
 
 def test_chunked_forward_with_cache_equals_full_forward(trio):
-    from af3.generation import KVCache
+    from af3.model.kv_cache import KVCache
 
     proc, _, ours = trio("odd")
     inputs = proc(text=["<sound>Transcribe the input speech.", "Hi <sound> the quick brown fox"],

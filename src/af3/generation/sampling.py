@@ -1,38 +1,23 @@
-"""Logits processing and token choice, in the order transformers applies them.
+"""Logits processing and token choice: a chain of processors per request, then one pick.
 
-repetition penalty → (sampling only) temperature → top-k → top-p → softmax + multinomial; greedy = argmax.
-All functions take float logits [B, V] and return new tensors (inputs are not modified).
+The chain, in the order transformers applies the same steps: JSON constraint (only tokens the grammar allows) or
+min-new-tokens (end tokens suppressed until then) → repetition penalty → (sampling only) temperature → top-k →
+top-p; the pick is an argmax (greedy) or one multinomial draw. Every processor takes float logits [B, V] and the
+row's tokens so far, and returns a new tensor (inputs are not modified).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from .options import GenerationOptions
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick the next token. ``top_k`` None/0 and ``top_p`` 1.0 disable those filters."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.do_sample and not self.temperature > 0:
-            raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if not self.repetition_penalty > 0:
-            raise InputError(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+#: A logits processor: (logits [B, V], tokens so far [B, S], new tokens so far) → logits [B, V].
+Processor = Callable[[Tensor, Tensor, int], Tensor]
 
 
 def apply_repetition_penalty(logits: Tensor, tokens: Tensor, penalty: float) -> Tensor:
@@ -60,23 +45,41 @@ def apply_top_p(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
-def process_logits(logits: Tensor, tokens: Tensor, params: SamplingParams) -> Tensor:
-    """Penalty, then (when sampling) the warpers, on ``logits`` [B, V]; ``tokens`` [B, S] = the sequence."""
-    logits = apply_repetition_penalty(logits, tokens, params.repetition_penalty)
-    if not params.do_sample:
-        return logits
-    if params.temperature != 1.0:
-        logits = logits / params.temperature
-    if params.top_k:
-        logits = apply_top_k(logits, params.top_k)
-    if params.top_p < 1.0:
-        logits = apply_top_p(logits, params.top_p)
+def suppress(logits: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """``logits`` with ``token_ids`` made impossible."""
+    return logits.index_fill(1, torch.tensor(list(token_ids), device=logits.device), float("-inf"))
+
+
+def build_chain(options: GenerationOptions, constraint: Any = None) -> list[Processor]:
+    """The processors of one request with resolved ``options`` (see the module docstring for the order)."""
+    o = options
+    chain: list[Processor] = []
+    if constraint is not None:  # JSON output: an end token only once the JSON is complete
+        chain.append(lambda lg, _t, _n: lg.masked_fill(~constraint.allowed(lg.shape[-1], lg.device), float("-inf")))
+    elif o.min_new_tokens and o.stop_token_ids:
+        stops = list(o.stop_token_ids)
+        chain.append(lambda lg, _t, n: suppress(lg, stops) if n < o.min_new_tokens else lg)
+    if o.repetition_penalty != 1.0:
+        chain.append(lambda lg, t, _n: apply_repetition_penalty(lg, t.to(lg.device), o.repetition_penalty))
+    if o.do_sample:
+        if o.temperature != 1.0:
+            chain.append(lambda lg, _t, _n: lg / o.temperature)
+        if o.top_k:
+            chain.append(lambda lg, _t, _n: apply_top_k(lg, o.top_k))
+        if o.top_p < 1.0:
+            chain.append(lambda lg, _t, _n: apply_top_p(lg, o.top_p))
+    return chain
+
+
+def process(chain: list[Processor], logits: Tensor, tokens: Tensor, new_tokens: int) -> Tensor:
+    """Run ``chain`` over ``logits`` [B, V] (``tokens`` [B, S]: the rows' sequences so far)."""
+    for processor in chain:
+        logits = processor(logits, tokens, new_tokens)
     return logits
 
 
-def choose_tokens(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
-    """Pick one token per row from processed ``logits`` [B, V] → [B] (argmax, or a draw when sampling)."""
-    if not params.do_sample:
+def pick(logits: Tensor, do_sample: bool, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from processed ``logits`` [B, V] → [B] (argmax, or a draw when sampling)."""
+    if not do_sample:
         return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)  # [B, V]
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)

@@ -17,10 +17,9 @@ from torch import Tensor, nn
 
 from ..config import IGNORE_INDEX, AF3Config, GenerationConfig
 from ..errors import InputError
-from ..generation.cache import KVCache
-from ..generation.sampling import SamplingParams, choose_tokens, process_logits
 from .decoder import Qwen2ForCausalLM, attention_mask_4d
 from .encoder import AudioEncoder, pooled_lengths
+from .kv_cache import KVCache
 from .projector import Projector
 
 
@@ -133,7 +132,13 @@ class AF3Model(nn.Module):
             )
         return mask.to(features.device)
 
-    def _fuse(self, input_ids: Tensor, embeds: Tensor, audio: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, audio_embeds: Tensor | None = None) -> Tensor:
+        """Token embeddings [B, T, D] of ``input_ids`` [B, T], with ``audio_embeds`` [N_tok, D] (from
+        :meth:`get_audio_features`) in the ``<sound>`` slots."""
+        embeds = self.language_model.model.embed_tokens(input_ids)  # [B, T, D]
+        return embeds if audio_embeds is None else self.fuse_audio(input_ids, embeds, audio_embeds)
+
+    def fuse_audio(self, input_ids: Tensor, embeds: Tensor, audio: Tensor) -> Tensor:
         """Write ``audio`` [N_tok, D] into the ``<sound>`` slots of ``embeds`` [B, T, D] (row-major order)."""
         slots = input_ids == self.config.audio_token_id  # [B, T]
         n = int(slots.sum())
@@ -172,7 +177,7 @@ class AF3Model(nn.Module):
             if input_ids is None:
                 raise InputError("input_features need input_ids: the <sound> ids mark where the audio goes")
             audio_embeds = self.get_audio_features(input_features, input_features_mask)
-            embeds = self._fuse(input_ids, embeds, audio_embeds)
+            embeds = self.fuse_audio(input_ids, embeds, audio_embeds)
 
         start = cache.length if cache is not None else 0
         mask, position_ids = self._mask_and_positions(attention_mask, position_ids, (b, t), cache)
@@ -240,122 +245,21 @@ class AF3Model(nn.Module):
 
     # ---------------------------------------------------------------- generation
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        input_features: Tensor | None = None,
-        input_features_mask: Tensor | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        min_new_tokens: int = 0,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        repetition_penalty: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
-    ) -> Tensor:
-        """Decode up to ``max_new_tokens`` per row → [B, T_prompt + new] (prompt followed by the new tokens).
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                 input_features: Tensor | None = None, input_features_mask: Tensor | None = None,
+                 **options: Any) -> Tensor:
+        """Decode up to ``max_new_tokens`` per row → [B, T_prompt + new] (prompt followed by the new tokens), as
+        transformers' ``generate`` does; runs on the Engine's decoding loop (``af3.generation.batch_generate``).
 
-        Options left at None come from ``self.generation_config`` (``top_k=0`` / ``top_p=1.0`` switch those
-        filters off). Rows stop at an end token and are padded with ``pad_token_id`` afterwards; decoding
-        stops once every row has finished. Left padding is supported. The repetition penalty sees the whole
-        row, prompt pads and ``<sound>`` ids included (as transformers does).
+        Options: ``max_new_tokens``, ``min_new_tokens``, ``do_sample``, ``temperature`` (0 = greedy), ``top_k``,
+        ``top_p``, ``repetition_penalty``, ``eos_token_id``, ``pad_token_id``, ``generator``, ``seed``; unset ones
+        come from ``self.generation_config`` (rules in ``af3.generation.options``). Rows stop at an end token and
+        are padded with ``pad_token_id`` afterwards; decoding stops once every row has finished. Left padding is
+        supported. The repetition penalty sees the whole row, prompt pads and ``<sound>`` ids included (as
+        transformers does).
         """
-        gc = self.generation_config
-        params = SamplingParams(
-            do_sample=gc.do_sample if do_sample is None else do_sample,
-            temperature=gc.temperature if temperature is None else temperature,
-            top_k=gc.top_k if top_k is None else top_k,
-            top_p=gc.top_p if top_p is None else top_p,
-            repetition_penalty=gc.repetition_penalty if repetition_penalty is None else repetition_penalty,
-        )
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be 2-D [batch, tokens], got shape {list(input_ids.shape)}")
-        b, t = input_ids.shape
-        device = input_ids.device
-        eos_ids = self._eos_ids(eos_token_id)
-        pad = self._pad_id(pad_token_id, eos_ids)
-        max_new = self._max_new_tokens(max_new_tokens, t)
-        if max_new <= 0:
-            return input_ids.clone()
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise InputError(
-                f"attention_mask must be shaped like input_ids {list(input_ids.shape)}, "
-                f"got {list(attention_mask.shape)}"
-            )
-        if seed is not None and generator is None:
-            generator = torch.Generator(device=device).manual_seed(seed)
+        # The one place model/ reaches up into generation/: this method is the transformers-style entry point to
+        # the same loop the Engine runs (nothing in generation/ imports this file at module level).
+        from ..generation.batch_generate import generate
 
-        total = t + max_new
-        text = self.config.text_config
-        cache = KVCache(text.num_hidden_layers, b, total, text.num_key_value_heads, text.head_dim,
-                        dtype=self.dtype, device=device)
-        key_valid = torch.ones(b, total, dtype=torch.bool, device=device)  # generated slots are always real
-        key_valid[:, :t] = attention_mask.bool()
-        tokens = torch.full((b, total), pad, dtype=torch.long, device=device)  # [B, T + max_new]
-        tokens[:, :t] = input_ids
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        unfinished = torch.ones(b, dtype=torch.bool, device=device)
-
-        logits, pos = self._prefill(input_ids, key_valid[:, :t], input_features, input_features_mask, cache)
-        n_new = 0
-        for step in range(max_new):
-            cur = t + step
-            if step < min_new_tokens and len(eos_ids):
-                logits = logits.index_fill(1, eos, float("-inf"))
-            logits = process_logits(logits, tokens[:, :cur], params)
-            tok = choose_tokens(logits, params, generator)  # [B]
-            tok = torch.where(unfinished, tok, pad)
-            tokens[:, cur] = tok
-            n_new = step + 1
-            unfinished &= ~torch.isin(tok, eos)
-            if n_new == max_new or not bool(unfinished.any()):  # the one host sync per step
-                break
-            pos = pos + 1
-            logits = self._decode_one(tok, pos, key_valid[:, : cur + 1], cache)
-        return tokens[:, : t + n_new]
-
-    def _prefill(
-        self, input_ids: Tensor, key_valid: Tensor, input_features: Tensor | None,
-        input_features_mask: Tensor | None, cache: KVCache,
-    ) -> tuple[Tensor, Tensor]:
-        """Prompt + audio fusion into the empty cache → last logits [B, V] fp32, positions [B]."""
-        pos = positions_from_mask(key_valid)  # [B, T]
-        out = self(input_ids, key_valid, input_features, input_features_mask, position_ids=pos, cache=cache,
-                   logits_to_keep=1)
-        return out.logits[:, -1].float(), pos[:, -1]
-
-    def _decode_one(self, tok: Tensor, pos: Tensor, key_valid: Tensor, cache: KVCache) -> Tensor:
-        """Feed one token per row at rotary position ``pos`` [B] → next logits [B, V] fp32."""
-        out = self(tok[:, None], key_valid, position_ids=pos[:, None], cache=cache, logits_to_keep=1)
-        return out.logits[:, -1].float()
-
-    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
-        if eos_token_id is None:
-            return self.generation_config.eos_ids
-        return [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
-
-    def _pad_id(self, pad_token_id: int | None, eos_ids: list[int]) -> int:
-        gc, text = self.generation_config, self.config.text_config
-        for candidate in (pad_token_id, gc.pad_token_id, text.pad_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return eos_ids[0] if eos_ids else 0
-
-    def _max_new_tokens(self, max_new_tokens: int | None, prompt_len: int) -> int:
-        gc = self.generation_config
-        if max_new_tokens is not None:
-            return max_new_tokens
-        if gc.max_new_tokens is not None:
-            return gc.max_new_tokens
-        if gc.max_length is not None:
-            return gc.max_length - prompt_len
-        return 20
+        return generate(self, input_ids, attention_mask, input_features, input_features_mask, **options)

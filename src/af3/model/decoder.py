@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import logging
-import operator
-import os
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import TextConfig
 from ..errors import CheckpointError
-from ..generation.cache import KVCache
-from ..kernels import binding as cpu_kernels
-from .linear import HALF_DTYPES, Linear, own_kernel_takes
-
-log = logging.getLogger(__name__)
-
-#: When decoding steps run all layers in one call of af3's CPU kernel (``cpu_kernels.decode_step``; see
-#: :meth:`Qwen2Model.fused_decode_weights` for which decoders): ``"auto"`` where af3's kernel replaces torch's for
-#: few rows (CPUs without native half-precision GEMMs, where it was measured), ``"always"`` on any CPU where the
-#: kernel builds (to measure it on AVX-512/AMX machines), ``"off"`` never. Set by ``$AF3_FUSED_DECODE``.
-FUSED_DECODE = os.environ.get("AF3_FUSED_DECODE", "auto")
-#: Qwen2Model → its _Described: outside the module, so deepcopy and pickling never see the C descriptions (ctypes
-#: pointers), and the entry goes with the model.
-_DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from .kv_cache import KVCache
+from .linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -100,7 +82,14 @@ def attention_mask_4d(key_valid: Tensor, start: int, num_queries: int) -> Tensor
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings; q/k/v with bias, o_proj without."""
+    """Grouped-query self-attention with rotary embeddings; q/k/v with bias, o_proj without.
+
+    Its C twin: on CPUs where af3's kernels run decoding, one decoding step of every layer (this attention, the
+    norms and the MLP) runs as one call of ``af3/kernels/csrc/decode_step.c``, planned by
+    ``af3/generation/fused_plan.py``. An edit to the math here (or in :class:`RMSNorm`, :class:`MLP`, the rotary
+    helpers) must be made there too; ``tests/model/test_decode_step.py`` compares both on random weights on every
+    x86 CPU where the kernel builds.
+    """
 
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -219,162 +208,11 @@ class Qwen2Model(nn.Module):
         cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read."""
         if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
             raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
-        if mask is not None and cache is not None and inputs_embeds.shape[1] == 1:
-            fused = self._fused_decode(inputs_embeds, position_ids, mask, cache, slots)
-            if fused is not None:
-                return fused
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)
         return self.norm(x)
-
-    def _fused_decode(self, x: Tensor, position_ids: Tensor, mask: Tensor, cache: KVCache,
-                      slots: int | Tensor) -> Tensor | None:
-        """One decoding step (x [B, 1, D]) through ``cpu_kernels.decode_step``, or None where it does not apply."""
-        b = x.shape[0]
-        if (not _fused_decode_applies(b, x.dtype, x.device) or torch.is_grad_enabled()
-                or mask.dtype != torch.bool or tuple(mask.shape[:3]) != (b, 1, 1)):
-            return None
-        weights = self.fused_decode_weights(x.dtype)
-        if weights is None:
-            return None
-        slots = torch.full((b,), slots, dtype=torch.int64) if isinstance(slots, int) else slots.reshape(b)
-        keys, values = cache.layer_tensors()
-        out = cpu_kernels.decode_step(weights, x.reshape(b, -1), position_ids.reshape(b).long(), slots.long(),
-                                      mask.reshape(b, -1), keys, values)
-        return out[:, None]  # [B, 1, D]
-
-    def fused_decode_weights(self, dtype: torch.dtype) -> cpu_kernels.DecodeWeights | None:
-        """This decoder described for ``cpu_kernels.decode_step`` with ``dtype`` activations, or None when it cannot
-        run there: a module is not the plain one (LoRA or other wrappers, hooks), weights are neither ``dtype``
-        nor int8 (or mixed), or norms differ in eps. The description is kept until anything it was read from
-        changes (a module or tensor replaced, a tensor's storage moved by ``.to``, a hook added), which every call
-        checks (about 0.15 ms for 24 layers; reading the modules anew takes 0.5 ms)."""
-        from torch.nn.modules import module as torch_module
-        if not len(self.layers) or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
-            return None
-        cached = _DECODE_WEIGHTS.get(self)
-        if cached is not None and cached.describes(self, dtype):
-            return cached.weights
-        described = _Described.read(self, dtype)
-        if described is None:
-            _DECODE_WEIGHTS.pop(self, None)
-            return None
-        _DECODE_WEIGHTS[self] = described
-        return described.weights
-
-
-def _fused_decode_applies(rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :data:`FUSED_DECODE` lets a decoding step of ``rows`` rows in ``dtype`` take the fused kernel."""
-    mode = FUSED_DECODE
-    if mode not in ("auto", "always", "off"):
-        _warn_unknown_mode(mode)
-        mode = "auto"
-    if mode == "always":
-        return own_kernel_takes(rows, dtype, device, HALF_DTYPES)
-    return mode == "auto" and own_kernel_takes(rows, dtype, device)
-
-
-@functools.cache
-def _warn_unknown_mode(mode: str) -> None:  # once per value, not at every decoding step
-    log.warning("AF3_FUSED_DECODE=%r is not one of auto, always, off: using auto", mode)
-
-
-class _Described:
-    """A decoder's ``DecodeWeights`` and everything they were read from, to tell cheaply whether they still apply:
-    each lookup made (container dict, key, object found), the modules whose hooks would change the forward, the
-    norms' eps, and the tensors' addresses."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.weights: cpu_kernels.DecodeWeights | None = None
-        # Each lookup made while reading: container dict, key, object found (three parallel lists for map()).
-        self.owners: list[dict] = []
-        self.keys: list[str] = []
-        self.found: list[object] = []
-        self.hook_dicts: list[dict] = []  # the read modules' own (registering a hook adds to them)
-        self.norms: list[tuple[RMSNorm, float]] = []
-        self.tensors: list[Tensor] = []
-        self.ptrs: list[int] = []
-        self.num_layers = 0
-
-    def take(self, owner: dict, key: str):
-        obj = owner.get(key)
-        self.owners.append(owner)
-        self.keys.append(key)
-        self.found.append(obj)
-        return obj
-
-    def describes(self, model: Qwen2Model, dtype: torch.dtype) -> bool:
-        # map() keeps the loops in C: Python loops over the ~1300 items of 24 layers cost 0.3 ms per step.
-        return (dtype == self.dtype and len(model.layers) == self.num_layers
-                and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.found))
-                and not any(self.hook_dicts)
-                and all(n.eps == eps for n, eps in self.norms)
-                and list(map(Tensor.data_ptr, self.tensors)) == self.ptrs)
-
-    @classmethod
-    def read(cls, model: Qwen2Model, dtype: torch.dtype) -> _Described | None:
-        """Walk ``model``; None when some part is not what the fused step runs."""
-        from .quantize import Int8Linear  # quantize imports this module's siblings, not the other way round
-
-        d = cls(dtype)
-        d.num_layers = len(model.layers)
-        modules = []
-
-        def linear(owner: dict, key: str) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
-            module = d.take(owner, key)
-            modules.append(module)
-            if type(module) is Linear:
-                w = d.take(module._parameters, "weight")
-                got = (w, None, d.take(module._parameters, "bias")) if w.dtype == dtype else None
-            elif type(module) is Int8Linear:
-                got = (d.take(module._buffers, "qweight"), d.take(module._buffers, "scales"),
-                       d.take(module._parameters, "bias"))
-            else:
-                return None
-            return got if got is not None and got[0].is_contiguous() else None
-
-        final = d.take(model._modules, "norm")
-        modules.append(final)  # (the rotary module too, below: the fused step stands in for both their forwards)
-        eps = final.eps
-        layers = []
-        for i in range(d.num_layers):
-            layer = d.take(model.layers._modules, str(i))
-            parts = layer._modules
-            attn, mlp = d.take(parts, "self_attn"), d.take(parts, "mlp")
-            norms = d.take(parts, "input_layernorm"), d.take(parts, "post_attention_layernorm")
-            if (type(layer) is not DecoderLayer or type(attn) is not Attention or type(mlp) is not MLP
-                    or any(type(n) is not RMSNorm or n.eps != eps for n in norms)):
-                return None
-            modules += [layer, attn, mlp, *norms]
-            d.norms += [(n, eps) for n in norms]
-            a, p = attn._modules, mlp._modules
-            lins = {"q": linear(a, "q_proj"), "k": linear(a, "k_proj"), "v": linear(a, "v_proj"),
-                    "o": linear(a, "o_proj"), "gate": linear(p, "gate_proj"), "up": linear(p, "up_proj"),
-                    "down": linear(p, "down_proj")}
-            if any(v is None for v in lins.values()):
-                return None
-            layers.append({**lins, "norm1": d.take(norms[0]._parameters, "weight"),
-                           "norm2": d.take(norms[1]._parameters, "weight")})
-            d.tensors += [t for v in lins.values() for t in v if t is not None]
-            d.tensors += [layers[-1]["norm1"], layers[-1]["norm2"]]
-        modules.append(d.take(model._modules, "rotary"))
-        d.hook_dicts = [h for m in modules for h in (m._forward_hooks, m._forward_pre_hooks)]
-        if any(d.hook_dicts):
-            return None
-        final_weight, inv_freq = d.take(final._parameters, "weight"), d.take(modules[-1].__dict__, "inv_freq")
-        d.norms.append((final, eps))
-        d.tensors += [final_weight, inv_freq]
-        d.ptrs = [t.data_ptr() for t in d.tensors]
-        attn = model.layers[0].self_attn
-        try:
-            d.weights = cpu_kernels.DecodeWeights(layers, final_weight, inv_freq, eps, attn.num_heads,
-                                                  attn.num_kv_heads, attn.head_dim, dtype, borrow=True)
-        except ValueError:  # shapes or dtypes the kernel does not take (e.g. head_dim % 8 != 0)
-            return None
-        return d
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -1,0 +1,98 @@
+"""The decoding loop: the one loop in af3 that turns requests into tokens.
+
+One :meth:`EngineCore.step` admits waiting requests (audio encoded, prefix copied from the prefix cache, the rest
+prefilled, a first token chosen), then decodes one token for every running request, then retires the finished
+ones (their keys/values kept in the prefix cache). New requests join between steps and finished ones leave
+without stalling the rest (continuous batching).
+
+Used by the :class:`~.engine.Engine` (conversations, text, streaming, any number of callers) and by
+``AF3Model.generate`` (:mod:`.batch_generate`: token ids in, token ids out). The core is not thread-safe; its
+owner (the Engine's loop owner, or ``generate``'s own call) calls :meth:`step`; :meth:`add` may come from anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .output import OutputProcessor
+from .runner import ModelRunner
+from .sampling import pick, process
+from .scheduler import PrefixCache, Request, Scheduler
+
+
+class EngineCore:
+    """Scheduler + runner + sampling + output processing, stepped by one owner."""
+
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, output: OutputProcessor,
+                 prefix_cache: PrefixCache | None = None):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.output = output
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes > 0 else None
+
+    def add(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit (prefill) while rows are free, then decode one token for every running request."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self.runner.check_backend()
+            self.runner.encode_audio([r for _, r in admitted])
+            for row, req in admitted:
+                self._prefill(row, req)
+            self._retire()  # requests done after their first token (max_new_tokens=1, an immediate end token)
+        running = list(self.scheduler.running)
+        if running:
+            logits = self.runner.decode([r.tokens[-1] for r in running], [r.length for r in running],
+                                        [r.options.think for r in running])
+            for i, r in enumerate(running):
+                r.length += 1
+                self._choose(r, logits[i:i + 1])
+            self._retire()
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every request with ``error`` (the loop could not go on)."""
+        for r in self.scheduler.drain():
+            self.output.fail(r, error)
+
+    # ------------------------------------------------------------------
+    def _prefill(self, row: int, req: Request) -> None:
+        start = 0
+        if self.prefix_cache is not None and req.key is not None:
+            entry, start = self.prefix_cache.match(req.key, req.options.think)
+            if entry is not None:
+                self.runner.write_row(row, entry.kv, start)
+                req.cached_prompt_tokens = start
+        logits = self.runner.prefill(row, req, start)
+        req.length = req.prompt_tokens
+        self._choose(req, logits)
+
+    def _choose(self, req: Request, logits: torch.Tensor) -> None:
+        """Process ``logits`` [1, V] with the request's chain, pick its next token, hand it to the output."""
+        o = req.options
+        seen = None
+        if o.repetition_penalty != 1.0:  # the only processor that reads the sequence
+            context = req.input_ids if req.penalty_ids is None else req.penalty_ids
+            seen = torch.cat([context, torch.tensor(req.tokens, dtype=torch.long)])[None]  # [1, S]
+        processed = process(req.chain, logits, seen, len(req.tokens))
+        token = int(pick(processed, o.do_sample, req.generator))
+        self.output.accept(req, token, logits if o.logprobs else None)
+
+    def _retire(self) -> None:
+        for req in self.scheduler.retire(self._remember, self.runner.move_row):
+            self.output.finish(req)
+
+    def _remember(self, row: int, req: Request) -> None:
+        """Keep a finished sequence's keys/values (prompt + reply) for follow-up turns."""
+        if self.prefix_cache is None or req.key is None:
+            return
+        length = req.length  # the last chosen token has no keys/values yet
+        reply = torch.tensor(req.tokens[: length - req.prompt_tokens], dtype=torch.long)
+        key = torch.cat([req.key, reply])[:length]
+        self.prefix_cache.put(key, self.runner.read_row(row, length), req.options.think)

@@ -1,0 +1,104 @@
+"""The key/value cache: one preallocated [rows, kv_heads, max_len, head_dim] tensor pair per decoder layer.
+
+Slot ``s`` of row ``r`` holds the keys/values of the ``s``-th token fed for that row; which slots a query may read
+is the caller's attention mask, and a token's rotary position is the caller's position id. Nothing grows while
+decoding: every step writes into the same tensors (slice assignment for a shared slot, ``index_put`` for per-row
+slots). :meth:`rows` gives a view of some rows (the generation runner prefills one request into its own row and
+decodes the first ``n`` rows together); :meth:`read` / :meth:`write` / :meth:`copy_row` move a row's prefix (the
+runner's prefix cache, and closing gaps when a request leaves).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import TextConfig
+
+
+class KVCache:
+    """Per-layer key/value tensors ``k[layer]``, ``v[layer]``: [rows, kv_heads, max_len, head_dim].
+
+    ``length`` counts the slots filled by batch-synchronous writes through ``AF3Model.forward(cache=...)`` (every
+    row at the same slot); callers that manage rows separately pass explicit slots to the decoder instead.
+    """
+
+    def __init__(self, num_layers: int, rows: int, max_len: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (rows, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    @classmethod
+    def for_decoder(cls, cfg: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
+                    device: torch.device | str) -> KVCache:
+        """A cache shaped for a decoder of config ``cfg``."""
+        return cls(cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype,
+                   device=device)
+
+    @classmethod
+    def _of(cls, k: list[Tensor], v: list[Tensor]) -> KVCache:
+        view = cls.__new__(cls)
+        view.k, view.v, view.length = k, v, 0
+        return view
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows ``start .. stop-1`` as a cache of their own (views: writes land in this cache)."""
+        if start == 0 and stop == self.batch_size:
+            return self
+        return self._of([t[start:stop] for t in self.k], [t[start:stop] for t in self.v])
+
+    def update(self, layer: int, k: Tensor, v: Tensor, slots: int | Tensor) -> None:
+        """Write ``k``/``v`` [B, kv_heads, T, head_dim] of ``layer``: at slots ``slots .. slots+T-1`` of every row
+        (an int), or at per-row slots (a LongTensor [B, T])."""
+        if isinstance(slots, int):
+            t = k.shape[2]
+            self.k[layer][:, :, slots : slots + t] = k
+            self.v[layer][:, :, slots : slots + t] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]  # [B, 1]
+            # Advanced indices (rows, slots) broadcast to [B, T] and come first: target [B, T, kv_heads, Dh].
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+
+    def keys_values(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
+        """Views of the first ``length`` slots of ``layer``: two [B, kv_heads, length, head_dim] tensors."""
+        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
+    def layer_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The per-layer key and value tensors (for the fused decoding step, which writes them itself)."""
+        return self.k, self.v
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` slots of row ``src`` into row ``dst``."""
+        for kc, vc in zip(self.k, self.v, strict=True):
+            kc[dst, :, :length] = kc[src, :, :length]
+            vc[dst, :, :length] = vc[src, :, :length]
+
+    def read(self, row: int, length: int) -> list[tuple[Tensor, Tensor]]:
+        """A copy of one row's first ``length`` slots: per layer (keys, values) [kv_heads, length, head_dim]."""
+        return [(kc[row, :, :length].clone(), vc[row, :, :length].clone())
+                for kc, vc in zip(self.k, self.v, strict=True)]
+
+    def write(self, row: int, kv: list[tuple[Tensor, Tensor]], length: int) -> None:
+        """Put the first ``length`` slots of ``kv`` (as :meth:`read` returns it) into row ``row``."""
+        for (k, v), kc, vc in zip(kv, self.k, self.v, strict=True):
+            kc[row, :, :length] = k[:, :length]
+            vc[row, :, :length] = v[:, :length]
+
+    def reset(self) -> None:
+        """Forget the contents (the tensors are reused; stale slots are masked out by the caller)."""
+        self.length = 0
