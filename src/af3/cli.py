@@ -18,18 +18,13 @@ from .errors import AF3Error
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audio Flamingo 3: ask about audio, transcribe, convert checkpoints.")
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
 def _dtype(name: str | None):
-    import torch
+    from .config import torch_dtype
 
-    if name is None or name == "auto":
-        return None
-    if name not in DTYPES:
-        raise AF3Error(f"unknown dtype {name!r}; use one of auto, float32, bfloat16, float16")
-    return getattr(torch, DTYPES[name])
+    try:
+        return torch_dtype(name)
+    except ValueError as e:
+        raise AF3Error(str(e)) from None
 
 
 def embedded_model_path() -> Path | None:

@@ -16,6 +16,30 @@ from .errors import CheckpointError
 #: Label value that no loss or accuracy counts (prompt tokens, audio placeholders, padding).
 IGNORE_INDEX = -100
 
+#: One audio window of the encoder, in seconds (Whisper's 30 s; ``FeatureConfig.chunk_length``).
+WINDOW_SECONDS = 30
+#: Windows per clip AF3 was trained on (stages 3.5 and 4): 20 windows of 30 s = 10 minutes.
+MAX_AUDIO_WINDOWS = 20
+#: The default cap on one clip's length, in seconds; longer clips are cut (``af3.longform`` goes beyond it).
+MAX_AUDIO_SECONDS = float(WINDOW_SECONDS * MAX_AUDIO_WINDOWS)
+
+#: Names a user may give for a compute dtype (CLI flags, training YAML) → torch's name; ``auto`` keeps the
+#: checkpoint's dtype.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "auto": "auto"}
+
+
+def torch_dtype(name: str | None):
+    """The torch dtype of a name in :data:`DTYPE_NAMES` (``None`` for ``auto`` or ``None``); an unknown name is a
+    ``ValueError`` that lists the choices."""
+    if name is None or DTYPE_NAMES.get(name) == "auto":
+        return None
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(set(DTYPE_NAMES.values())))}")
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
+
 
 def _split_known(cls: type, data: dict[str, Any], aliases: dict[str, str]) -> tuple[dict, dict]:
     """Split ``data`` into the dataclass's own fields (after alias renames) and everything else."""
