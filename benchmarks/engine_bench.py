@@ -73,7 +73,7 @@ def bandwidth_gbs() -> float:
     for _ in range(5):
         t = time.perf_counter()
         x.sum()
-        best = max(best, x.numel() * 2 / (time.perf_counter() - t) / 1e9)
+        best = max(best, x.numel() * x.element_size() / (time.perf_counter() - t) / 1e9)
     return best
 
 

@@ -18,6 +18,7 @@ from .errors import AF3Error
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Audio Flamingo 3: ask about audio, transcribe, convert checkpoints.")
 
+
 def _dtype(name: str | None):
     from .config import torch_dtype
 
