@@ -3,8 +3,7 @@
 it could be built, af3's own CPU kernel (1-31 rows, bf16 and int8 weights) against torch's kernels.
 
 Shapes are the mid-size benchmark model's (Qwen2.5-0.5B decoder: hidden 896, ffn 4864, vocab 151936). The GEMV path
-and the fp32 path are forced on here whatever the CPU; ``linear.GEMV_ROWS`` and ``linear.CONVERT_DTYPES`` decide
-where the model takes them.
+and the fp32 path are forced on here whatever the CPU; ``af3.kernels.policy`` decides where the model takes them.
 
     python -m benchmarks.gemv_bench [--threads 2] [--repeats 30]
 """
@@ -12,6 +11,7 @@ where the model takes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from af3.kernels import binding as cpu_kernels
+from af3.kernels import policy as kernel_policy
+from af3.kernels.policy import SMALL_ROWS
 from af3.model import linear, quantize
-from af3.model.linear import SMALL_ROWS, Linear
+from af3.model.linear import Linear
 
 SHAPES = {"q/k/v (1152x896)": (1152, 896), "mlp up (4864x896)": (4864, 896), "mlp down (896x4864)": (896, 4864),
           "lm_head (151936x896)": (151936, 896)}
@@ -43,7 +45,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    linear.GEMV_ROWS = SMALL_ROWS  # measure the path itself, also where the model leaves it off
+    # Measure the W @ x.T path itself, also where the model leaves it off; never af3's kernel in this table.
+    kernel_policy.set_policy(dataclasses.replace(kernel_policy.current(), gemv_rows=SMALL_ROWS,
+                                                 native_half=kernel_policy.HALF_DTYPES))
     print(f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads\n")
     print("| weight | rows | F.linear GB/s | W @ x.T path GB/s | speed-up |\n|---|---|---|---|---|")
     with torch.inference_mode():
@@ -69,7 +73,7 @@ def main() -> None:
                 ours = seconds(lambda x=x, w=w: linear.linear_via_fp32(x, w), repeats)
                 print(f"| {name} | {rows} | {flop / base:.1f} | {flop / ours:.1f} | {base / ours:.2f}x |")
     if not cpu_kernels.available():
-        print("\naf3's CPU kernel is not available here (see af3/model/cpu_kernels.py); its table is skipped")
+        print("\naf3's CPU kernel is not available here (see af3/kernels/binding.py); its table is skipped")
         return
     print("\n| weight | rows | bf16 F.linear GB/s | af3 kernel bf16 GB/s | speed-up | int8 torch GB/s | "
           "af3 kernel int8 GB/s | speed-up |\n|---|---|---|---|---|---|---|---|")
@@ -83,7 +87,7 @@ def main() -> None:
                 base = seconds(lambda x=x, w=w: F.linear(x, w), repeats)
                 ours = seconds(lambda x=x, w=w: cpu_kernels.small_gemm(x, w, out_dtype=x.dtype), repeats)
                 # int8 as quantize.int8_linear ran it before this kernel: the fused op up to 8 rows, else the fallback
-                fused = rows <= quantize.FUSED_MAX_ROWS and quantize.fused_kernel_available("cpu")
+                fused = rows <= kernel_policy.current().int8pack_rows
                 qbase = seconds(lambda x=x, q=q, s=scales, fused=fused: quantize.int8_linear(x, q, s, fused=fused),
                                 repeats)
                 qours = seconds(lambda x=x, q=q, s=scales: cpu_kernels.small_gemm(x, q, s, out_dtype=x.dtype), repeats)

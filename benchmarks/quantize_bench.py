@@ -21,8 +21,9 @@ from torch import nn
 
 from af3 import AF3Model
 from af3.config import AF3Config, EncoderConfig, TextConfig
+from af3.kernels import policy as kernel_policy
 from af3.model import quantize as Q
-from af3.model.encoder import pooled_lengths
+from af3.features import conv_output_lengths
 
 AUDIO_ID = 151646
 VOCAB = 151936
@@ -77,7 +78,7 @@ def audio_prompt(seconds: float, gen: torch.Generator) -> dict[str, torch.Tensor
     feats = torch.randn(1, 128, 3000, generator=gen)
     fmask = torch.zeros(1, 3000, dtype=torch.long)
     fmask[:, : int(seconds * 100)] = 1
-    n = int(pooled_lengths(fmask.sum(-1))[0])
+    n = int(conv_output_lengths(fmask.sum(-1))[1][0])
     ids = torch.cat([torch.randint(0, 151000, (1, 10), generator=gen), torch.full((1, n), AUDIO_ID),
                      torch.randint(0, 151000, (1, 12), generator=gen)], dim=1)
     return dict(input_ids=ids, input_features=feats, input_features_mask=fmask)
@@ -140,7 +141,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fused int8 kernel on CPU: "
-          f"{Q.fused_kernel_available('cpu')}")
+          f"{kernel_policy.current().int8pack_rows > 0}")
 
     t = time.perf_counter()
     bf16 = build_random(mid_config())

@@ -67,3 +67,21 @@ def load_ours(folder: str):
 @pytest.fixture
 def audio():
     return synth_audio
+
+
+@pytest.fixture
+def kernel_policy():
+    """``kernel_policy(**fields)`` sets af3's kernel policy for the rest of the test (restored after it), e.g.
+    ``kernel_policy(native_half=frozenset())`` makes any CPU dispatch as an AVX2 CPU does."""
+    import dataclasses
+
+    from af3.kernels import policy
+
+    before = policy.current()
+
+    def set_fields(**changes):
+        policy.set_policy(dataclasses.replace(before, **changes))
+        return policy.current()
+
+    yield set_fields
+    policy.set_policy(before)

@@ -161,7 +161,7 @@ def convert(
     force: bool = typer.Option(False, help="Write into an existing folder."),
 ) -> None:
     """Convert NVIDIA's original checkpoint layout to the HF layout (loadable by af3 and transformers)."""
-    from .model.convert import convert_checkpoint
+    from .convert import convert_checkpoint
 
     if dst.exists() and not force:
         raise AF3Error(f"{dst} already exists; choose a new folder or pass --force")

@@ -226,6 +226,15 @@ class GenerationConfig(_JsonConfig):
         write_json(path, self.to_dict())
 
 
+#: NVIDIA's original checkpoint layout: one folder per part → our module prefix.
+NVIDIA_FOLDERS = {"llm": "language_model", "sound_tower": "audio_tower", "sound_mm_projector": "multi_modal_projector"}
+
+
+def is_nvidia_layout(folder: str | os.PathLike) -> bool:
+    """True for a checkpoint in NVIDIA's layout (``llm/``, ``sound_tower/``, ``sound_mm_projector/``)."""
+    return all(os.path.isdir(os.path.join(folder, sub)) for sub in NVIDIA_FOLDERS)
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON file, turning a missing or broken file into a :class:`CheckpointError`."""
     try:

@@ -18,7 +18,7 @@ import torch
 
 from .audio import load_audio
 from .chat import ChatTemplate, RenderedChat, TextTokenizer, read_chat_template
-from .config import IGNORE_INDEX, read_json, write_json
+from .config import IGNORE_INDEX, is_nvidia_layout, read_json, write_json
 from .errors import AudioError, CheckpointError, InputError
 from .features import FeatureConfig, extract_features
 
@@ -123,8 +123,6 @@ class AF3Processor:
         folder = os.fspath(path)
         if not os.path.isdir(folder):
             raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
-        from .model.weights import is_nvidia_layout
-
         if is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
             # NVIDIA's layout: the tokenizer lives in llm/; its chat template is the LLM's text-only one, so the
             # AF3 processor template is used instead.

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from af3.kernels import binding as cpu_kernels
+from af3.kernels import policy
+from af3.kernels.policy import HALF_DTYPES
 from af3.model import linear
 from af3.model import quantize as Q
 from af3.system import cpuinfo
@@ -90,8 +92,8 @@ def test_leading_dimensions_and_input_dtypes():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, monkeypatch):
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({dtype}))  # as on an AVX2 CPU, whatever this one is
+def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, monkeypatch, kernel_policy):
+    kernel_policy(native_half=HALF_DTYPES - {dtype})  # as on an AVX2 CPU, whatever this one is
     calls, original = [], cpu_kernels.small_gemm
     monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     torch.manual_seed(0)
@@ -105,19 +107,19 @@ def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, 
     assert torch.allclose(out.float(), whole.float(), rtol=1e-2, atol=1e-2)
     assert torch.allclose(out.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
     calls.clear()
-    xs = torch.randn(1, linear.CONVERT_ROWS, 96, dtype=dtype)
+    xs = torch.randn(1, policy.current().convert_rows, 96, dtype=dtype)
     with torch.inference_mode():
         layer(xs)  # many rows: the fp32 conversion path, not the kernel
     assert not calls
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # a CPU with native half GEMMs: torch's kernels
+    kernel_policy(native_half=HALF_DTYPES)  # a CPU with native half GEMMs: torch's kernels
     with torch.inference_mode():
         layer(x)
     assert not calls
 
 
 @needs_kernel
-def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(monkeypatch):
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({torch.bfloat16}))
+def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(monkeypatch, kernel_policy):
+    kernel_policy(native_half=frozenset())  # as on an AVX2 CPU
     calls, original = [], cpu_kernels.small_gemm
     monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     torch.manual_seed(0)
@@ -133,15 +135,20 @@ def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(mo
     calls.clear()
     with torch.no_grad():
         Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=False)  # forced fallback: not the kernel
-        Q.int8_linear(torch.randn(linear.CONVERT_ROWS, 64).bfloat16(), q.qweight, q.scales, q.bias)  # many rows
+        many = torch.randn(policy.current().convert_rows, 64).bfloat16()
+        Q.int8_linear(many, q.qweight, q.scales, q.bias)  # many rows: not the kernel
     assert not calls
 
 
 def test_off_switch_missing_compiler_and_failed_build_fall_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("AF3_CACHE", str(tmp_path))
-    monkeypatch.setenv("AF3_CPU_KERNELS", "0")
-    assert cpu_kernels._library.__wrapped__() is None
-    monkeypatch.delenv("AF3_CPU_KERNELS")
+    off = policy.KernelPolicy.detect({"AF3_CPU_KERNELS": "0"})
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: pytest.fail("the off switch still reached the build"))
+    assert not off.kernels_usable()
+    assert not off.own_gemm(1, torch.bfloat16, torch.device("cpu"))
+    assert not off.fused_decode_takes(1, torch.bfloat16, torch.device("cpu"))
+    monkeypatch.undo()
+    monkeypatch.setenv("AF3_CACHE", str(tmp_path))
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")  # reach the build step on any machine
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
     with caplog.at_level(logging.WARNING, logger="af3.kernels.binding"):

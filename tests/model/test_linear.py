@@ -7,20 +7,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from af3.kernels import policy
+from af3.kernels.policy import HALF_DTYPES, SMALL_ROWS
 from af3.model import linear
-from af3.model.linear import CONVERT_ROWS, SMALL_ROWS, Linear
+from af3.model.linear import Linear
+
+CONVERT_ROWS = policy.current().convert_rows
 
 
 @pytest.mark.parametrize("rows", [1, 3, SMALL_ROWS, SMALL_ROWS + 1])
 @pytest.mark.parametrize("bias", [True, False])
-def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch):
-    monkeypatch.setattr(linear, "GEMV_ROWS", SMALL_ROWS)  # the path runs on every CPU here, not only AVX-512
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # (on AVX2, few rows take af3's kernel instead)
+def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch, kernel_policy):
     torch.manual_seed(rows)
     layer = Linear(96, 40, bias=bias).to(torch.bfloat16)
     x = torch.randn(rows, 1, 96, dtype=torch.bfloat16)  # [B, T=1, K]: decoding
+    calls, mv, mm = [], torch.mv, torch.mm
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or mv(*a))
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
+    # The path runs on every CPU here, not only AVX-512 (on AVX2 few rows would take af3's kernel instead).
+    kernel_policy(gemv_rows=SMALL_ROWS, native_half=HALF_DTYPES)
     with torch.inference_mode():
         out = layer(x)
+    assert calls == ([] if rows > SMALL_ROWS else ["mv"] if rows == 1 else ["mm"])
     exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
     assert out.shape == (rows, 1, 40) and out.dtype == torch.bfloat16 and out.is_contiguous()
     # Within bf16 rounding of the result (both paths accumulate in fp32 and round once).
@@ -31,14 +39,14 @@ def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [CONVERT_ROWS, 300])
-def test_many_half_rows_in_fp32_match_f_linear(rows, dtype, monkeypatch):
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({dtype}))  # the path runs on every CPU here
+def test_many_half_rows_in_fp32_match_f_linear(rows, dtype, monkeypatch, kernel_policy):
     monkeypatch.setattr(linear, "CONVERT_CHUNK", 1000)  # several weight chunks and output row blocks
     calls, original = [], linear.linear_via_fp32
     monkeypatch.setattr(linear, "linear_via_fp32", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(rows)
     layer = Linear(96, 40).to(dtype)
     x = torch.randn(3, rows // 3 + 1, 96, dtype=dtype)
+    kernel_policy(native_half=HALF_DTYPES - {dtype})  # the path runs on every CPU here
     with torch.inference_mode():
         out = layer(x)
     assert calls and out.shape == (3, rows // 3 + 1, 40) and out.dtype == dtype

@@ -14,11 +14,13 @@ from torch import Tensor, nn
 from af3 import AF3Model
 from af3.config import AF3Config, EncoderConfig, TextConfig
 from af3.errors import InputError
+from af3.kernels import policy as kernel_policy_module
+from af3.kernels.policy import HALF_DTYPES
 from af3.model import quantize as Q
-from af3.model.encoder import pooled_lengths
+from af3.features import conv_output_lengths
 from af3.model.quantize import Int8Embedding, Int8Linear
 
-FUSED = Q.fused_kernel_available("cpu")
+FUSED = kernel_policy_module.current().int8pack_rows > 0  # this torch has a CPU _weight_int8pack_mm kernel
 AUDIO_ID = 3
 
 
@@ -133,10 +135,8 @@ def counting(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not FUSED, reason="this torch has no CPU _weight_int8pack_mm kernel")
-def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch):
-    from af3.model import linear
-
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # a CPU with native bf16 GEMMs (not af3's kernel)
+def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch, kernel_policy):
+    kernel_policy(native_half=HALF_DTYPES)  # a CPU with native bf16 GEMMs (not af3's kernel)
     calls = counting(monkeypatch)
     q = Int8Linear.from_linear(varied_linear(128, 48, True, torch.bfloat16))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
@@ -149,11 +149,9 @@ def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch):
     assert calls == {"fused": 2, "fallback": 2, "own": 0, "steps": 0}
 
 
-def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch):
+def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch, kernel_policy):
     """torch 2.13's bf16 CPU kernel returns NaN/garbage for K % 16 != 0; the guard must route around it."""
-    from af3.model import linear
-
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset())  # where torch's fused kernel would be chosen
+    kernel_policy(native_half=HALF_DTYPES)  # where torch's fused kernel would be chosen
     calls = counting(monkeypatch)
     lin = varied_linear(72, 40, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)
@@ -177,17 +175,15 @@ def test_fallback_chunks_large_weights(monkeypatch):
 
 
 @pytest.mark.parametrize("chunk", [Q.CHUNK_ELEMENTS, 64 * 10])
-def test_fallback_computes_many_bf16_rows_in_fp32_where_bf16_gemm_is_not_native(monkeypatch, chunk):
-    from af3.model import linear
-
-    monkeypatch.setattr(linear, "CONVERT_DTYPES", frozenset({torch.bfloat16}))  # as on an AVX2 CPU
+def test_fallback_computes_many_bf16_rows_in_fp32_where_bf16_gemm_is_not_native(monkeypatch, chunk, kernel_policy):
+    policy = kernel_policy(native_half=frozenset())  # as on an AVX2 CPU
     monkeypatch.setattr(Q, "CHUNK_ELEMENTS", chunk)
     seen = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real_linear(x, w, *a))
     lin = varied_linear(64, 45, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)
-    x = torch.randn(linear.CONVERT_ROWS, 64).to(torch.bfloat16)
+    x = torch.randn(policy.convert_rows, 64).to(torch.bfloat16)
     with torch.no_grad():
         y = Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=False)
     assert seen and set(seen) == {(torch.float32, torch.float32)} and y.dtype == torch.bfloat16
@@ -219,7 +215,7 @@ def test_quantize_replaces_exactly_the_decoder_linears(ckpt_factory):
     float_names = decoder_linears(ref, nn.Linear)
     assert len(float_names) == 7 * layers + 1  # q, k, v, o, gate, up, down per layer + lm_head
 
-    model = Q.load_quantized(folder, dtype=torch.bfloat16)
+    model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")
     assert Q.is_quantized(model) and not Q.is_quantized(ref)
     assert decoder_linears(model, Int8Linear) == float_names
     assert decoder_linears(model, nn.Linear) == []
@@ -269,7 +265,7 @@ def test_tied_lm_head_and_embeddings_share_one_int8_table(ckpt_factory):
 
 def test_quantized_state_dict_cannot_pass_for_a_float_one(ckpt_factory):
     folder, _, _ = ckpt_factory("base")
-    model = Q.load_quantized(folder)
+    model = AF3Model.from_pretrained(folder, quantize="int8")
     keys = model.state_dict().keys()
     assert "language_model.model.layers.0.self_attn.q_proj.qweight" in keys
     assert "language_model.model.layers.0.self_attn.q_proj.scales" in keys
@@ -281,15 +277,13 @@ def test_quantized_state_dict_cannot_pass_for_a_float_one(ckpt_factory):
         Q.check_not_quantized(model)
     Q.check_not_quantized(fresh)
     with pytest.raises(InputError, match="unknown quantization mode"):
-        Q.load_quantized(folder, mode="int4")
+        AF3Model.from_pretrained(folder, quantize="int4")
 
 
 def test_save_pretrained_refuses_a_quantized_model(ckpt_factory, tmp_path):
     folder, _, _ = ckpt_factory("base")
     with pytest.raises(InputError, match="int8-quantized"):
-        Q.load_quantized(folder).save_pretrained(tmp_path / "out")
-    # and loading through AF3Model.from_pretrained(quantize=...) gives the quantized model
-    assert Q.is_quantized(AF3Model.from_pretrained(folder, quantize="int8"))
+        AF3Model.from_pretrained(folder, quantize="int8").save_pretrained(tmp_path / "out")
 
 
 def test_quantization_releases_the_float_weights(ckpt_factory):
@@ -330,7 +324,7 @@ def prompts() -> list[dict[str, torch.Tensor]]:
     feats = torch.randn(1, 128, 3000, generator=g)
     fmask = torch.zeros(1, 3000, dtype=torch.long)
     fmask[:, :200] = 1
-    n_audio = int(pooled_lengths(fmask.sum(-1))[0])
+    n_audio = int(conv_output_lengths(fmask.sum(-1))[1][0])
     audio_ids = torch.cat([torch.randint(4, 2000, (1, 4), generator=g), torch.full((1, n_audio), AUDIO_ID),
                            torch.randint(4, 2000, (1, 8), generator=g)], dim=1)
     return [dict(input_ids=ids, attention_mask=mask),

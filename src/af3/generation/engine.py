@@ -72,7 +72,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         if model.device.type == "cpu" and model.dtype in kernels.policy.HALF_DTYPES:
-            kernels.available()  # build (first run: ~2 s) or load them now, not during the first request
+            kernels.policy.current().kernels_usable()  # build (first run: ~2 s) or load them now, not mid-request
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: str = "cpu",

@@ -10,8 +10,8 @@ The kernel is compiled at first use with the system C compiler (``$CC``, else ``
 ``-O3 -march=native`` for the machine it runs on, then cached under ``$AF3_CACHE`` (default
 ``~/.cache/af3``)/``kernels``, keyed by the source, the flags and the CPU's feature flags. It is loaded with
 ``ctypes``; no Python headers or build tools beyond a C compiler with OpenMP are needed. Without a compiler, on
-other architectures, on CPUs without AVX2/FMA/F16C, or with ``AF3_CPU_KERNELS=0``, :func:`available` is False and
-af3 keeps torch's kernels.
+other architectures or on CPUs without AVX2/FMA/F16C, :func:`available` is False and af3 keeps torch's kernels
+(``AF3_CPU_KERNELS=0`` is read by :mod:`.policy`, which then never calls this module).
 """
 
 from __future__ import annotations
@@ -74,8 +74,6 @@ def _build(compiler: str) -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("AF3_CPU_KERNELS", "1") == "0":
-        return None
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")

@@ -12,6 +12,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   GEMMs far below the fp32 ones: from :attr:`KernelPolicy.convert_rows` rows a half weight is widened to fp32 a
   chunk at a time; below it (decoding) af3's own kernel widens it in registers, at memory bandwidth.
 * On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
+* int8 weights: torch's fused ``_weight_int8pack_mm`` is vectorised for bf16 activations only and its cost grows
+  linearly with the rows, so it serves few rows; elsewhere the weight is dequantized in chunks and multiplied.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway;
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 """
@@ -33,6 +35,21 @@ log = logging.getLogger(__name__)
 #: The half-precision dtypes af3's CPU kernels take as activations.
 HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 FUSED_MODES = ("auto", "always", "off")
+#: Rows up to which CPU half-precision linears compute ``W @ x.T`` where that is faster (AVX-512).
+SMALL_ROWS = 8
+#: torch's fused int8 weight-only product: its name, and the only activation dtype it vectorises on CPU.
+INT8PACK_OP = "aten::_weight_int8pack_mm"
+INT8PACK_DTYPES = frozenset({torch.bfloat16})
+#: Its bf16 CPU kernel returns garbage unless the reduction dimension is a multiple of this.
+INT8PACK_K_MULTIPLE = 16
+
+
+def _has_int8pack_cpu_kernel() -> bool:
+    """This torch build registers a CPU kernel for ``_weight_int8pack_mm``."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(INT8PACK_OP, "CPU"))
+    except RuntimeError:  # the op does not exist in this torch
+        return False
 
 
 def _native_half_dtypes() -> frozenset[torch.dtype]:
@@ -62,6 +79,9 @@ class KernelPolicy:
     gemv_rows: int = 0
     #: From this many rows, half weights without a native GEMM are widened to fp32 and multiplied by torch.
     convert_rows: int = 32
+    #: Up to this many rows, int8 weights with bf16 activations use torch's fused ``_weight_int8pack_mm`` on the
+    #: CPU (its cost grows with the rows; beyond ~8 dequantize + GEMM wins); 0 = never (no such kernel here).
+    int8pack_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -75,9 +95,10 @@ class KernelPolicy:
         if fused not in FUSED_MODES:
             log.warning("AF3_FUSED_DECODE=%r is not one of %s: using auto", fused, ", ".join(FUSED_MODES))
             fused = "auto"
-        gemv = 8 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
+        gemv = SMALL_ROWS if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
         return cls(cpu_kernels=env.get("AF3_CPU_KERNELS", "1") != "0", fused_decode=fused,
-                   native_half=_native_half_dtypes(), gemv_rows=gemv)
+                   native_half=_native_half_dtypes(), gemv_rows=gemv,
+                   int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0)
 
     # ------------------------------------------------------------------ the rules
     def kernels_usable(self) -> bool:
@@ -97,6 +118,15 @@ class KernelPolicy:
         """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel."""
         return (device.type == "cpu" and rows < self.convert_rows and dtype in HALF_DTYPES
                 and dtype not in self.native_half and self.kernels_usable())
+
+    def gemv(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A half-precision product of ``rows`` rows runs as ``W @ x.T`` (after the two rules above declined)."""
+        return device.type == "cpu" and rows <= self.gemv_rows and dtype in HALF_DTYPES
+
+    def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
+        """An int8 weight-only product (``k`` inputs, ``dtype`` activations) runs in torch's fused kernel."""
+        return (device.type == "cpu" and rows <= self.int8pack_rows and dtype in INT8PACK_DTYPES
+                and k % INT8PACK_K_MULTIPLE == 0)
 
     def fused_decode_takes(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A decoding step of ``rows`` rows in ``dtype`` may run as one fused C call (when the decoder is plain)."""

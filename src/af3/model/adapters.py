@@ -4,6 +4,9 @@ The adapter shipped with the checkpoints (``think/`` in the HF repo, ``stage35/`
 folder: ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``non_lora_trainables.bin``). It is read here
 without peft, and applied through forward hooks, so module names and the base weights stay untouched and one
 batch can mix rows with and without the adapter: ``controller.rows`` is a bool per batch row.
+
+:func:`read_adapter_folder`, :data:`LORA_KEY` and :func:`lora_scale` are the one reader of a peft adapter folder:
+training's :mod:`af3.training.lora` (which saves, merges and loads adapters into peft layers) builds on them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from ..errors import CheckpointError
 
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
 ADAPTER_FOLDERS = ("think", "stage35")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: peft's prefix of the saved tensor names (``base_model.model.<module>.lora_A.weight``).
+PEFT_PREFIX = "base_model.model."
+#: A LoRA tensor name: ``<module>.<kind>[.<adapter name>].weight`` (peft saves it without the adapter name).
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                      r"(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 # The decoder-layer part of a LoRA target, whatever prefix the training code used
 # (peft's "base_model.model.", LLaVA's "llm.", transformers' "model.language_model." ...).
@@ -38,9 +48,32 @@ def find_adapter(checkpoint: str | os.PathLike) -> str | None:
     """The think adapter folder inside a checkpoint folder, if it has one."""
     for name in ADAPTER_FOLDERS:
         folder = os.path.join(checkpoint, name)
-        if os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
             return folder
     return None
+
+
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    """The factor of ``B @ A``: alpha / r, or alpha / √r with rsLoRA."""
+    return alpha / r**0.5 if rslora else alpha / r
+
+
+def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
+    """(``adapter_config.json`` as a dict, the tensors under their saved names) of a peft LoRA folder, checked:
+    both files are there and the adapter is plain LoRA (no other peft type, no DoRA)."""
+    folder = os.fspath(folder)
+    cfg_path, weights_path = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(weights_path):
+        raise CheckpointError(f"{folder!r} is not a LoRA adapter folder: it needs {ADAPTER_CONFIG} and "
+                              f"{ADAPTER_WEIGHTS}")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    kind = cfg.get("peft_type")
+    if kind not in (None, "LORA"):
+        raise CheckpointError(f"{cfg_path}: peft_type {kind!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise CheckpointError(f"{cfg_path}: only plain LoRA adapters are supported (not DoRA)")
+    return cfg, load_file(weights_path)
 
 
 def _our_module_name(peft_module: str) -> str:
@@ -53,24 +86,16 @@ def _our_module_name(peft_module: str) -> str:
 
 def read_lora(folder: str | os.PathLike) -> dict[str, LoRAWeights]:
     """Our module name → LoRA weights of a peft LoRA folder (``scale`` = alpha / r, or alpha / √r with rsLoRA)."""
-    folder = os.fspath(folder)
-    cfg_path = os.path.join(folder, "adapter_config.json")
-    weights_path = os.path.join(folder, "adapter_model.safetensors")
-    if not os.path.isfile(cfg_path) or not os.path.isfile(weights_path):
-        raise CheckpointError(f"{folder!r} is not a LoRA adapter: it needs adapter_config.json and "
-                              "adapter_model.safetensors")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise CheckpointError(f"{cfg_path}: only plain LoRA adapters are supported")
-    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
-    scale = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
+    cfg, tensors = read_adapter_folder(folder)
+    weights_path = os.path.join(os.fspath(folder), ADAPTER_WEIGHTS)
+    r = int(cfg["r"])
+    scale = lora_scale(r, float(cfg.get("lora_alpha", r)), bool(cfg.get("use_rslora")))
     pairs: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in load_file(weights_path).items():
-        m = re.match(r"(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if m is None:
+    for key, tensor in tensors.items():
+        m = LORA_KEY.match(key)
+        if m is None or m["kind"] not in ("lora_A", "lora_B"):
             raise CheckpointError(f"{weights_path}: unexpected tensor {key!r} (only lora_A/lora_B weights)")
-        pairs.setdefault(_our_module_name(m.group(1)), {})[m.group(2)] = tensor
+        pairs.setdefault(_our_module_name(m["module"]), {})[m["kind"][-1]] = tensor
     out = {}
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -153,7 +178,7 @@ def check_non_lora(folder: str | os.PathLike, model: nn.Module, allow_pickle: bo
     own = model.state_dict()
     differing = []
     for key, value in state.items():
-        name = key.removeprefix("base_model.model.")
+        name = key.removeprefix(PEFT_PREFIX)
         if name not in own or own[name].shape != value.shape or not torch.allclose(
                 own[name].float().cpu(), value.float(), atol=1e-3):
             differing.append(key)

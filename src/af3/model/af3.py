@@ -17,10 +17,12 @@ from torch import Tensor, nn
 
 from ..config import IGNORE_INDEX, AF3Config, GenerationConfig
 from ..errors import InputError
+from ..features import conv_output_lengths
 from .decoder import Qwen2ForCausalLM, attention_mask_4d
-from .encoder import AudioEncoder, pooled_lengths
+from .encoder import AudioEncoder
 from .kv_cache import KVCache
 from .projector import Projector
+from .quantize import check_mode, check_not_quantized, quantize_model
 
 
 @dataclass
@@ -74,25 +76,24 @@ class AF3Model(nn.Module):
         """Load a local checkpoint folder (HF layout, sharded or not, or NVIDIA's layout).
 
         ``dtype=None`` keeps the checkpoint's dtype. Storage is allocated empty on ``device`` and filled tensor by
-        tensor from memory-mapped files. Pickled ``.bin`` weights are refused unless ``allow_pickle``.
-        ``quantize="int8"`` stores the decoder's linear weights as int8 with per-channel scales (bf16 compute).
+        tensor with plain file reads (peak memory: the weights plus one tensor). Pickled ``.bin`` weights are
+        refused unless ``allow_pickle``. ``quantize="int8"`` stores the decoder's linear weights (and the token
+        embeddings) as int8 with per-channel scales; everything else computes in ``dtype`` (default bf16).
         """
-        if quantize is not None:
-            from .quantize import load_quantized
-
-            return load_quantized(path, dtype=dtype or torch.bfloat16, device=device, mode=quantize,
-                                  allow_pickle=allow_pickle)
         from .weights import load_pretrained
 
-        return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        if quantize is None:
+            return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        # Quantized on the CPU, then moved: an accelerator only ever holds the int8 model.
+        check_mode(quantize)
+        model = load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device="cpu", allow_pickle=allow_pickle)
+        return quantize_model(model, quantize).to(device)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write the HF layout (config, generation config, safetensors), atomically."""
-        from .quantize import check_not_quantized
         from .weights import save_pretrained
 
         check_not_quantized(self)
-
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
 
     @property
@@ -110,7 +111,7 @@ class AF3Model(nn.Module):
         D_text], window-major (valid frames of window 0, then window 1, ...). No mask means full windows."""
         input_features_mask = self._check_audio(input_features, input_features_mask)
         hidden = self.audio_tower(input_features, input_features_mask)  # [N, P/2, D_audio]
-        lengths = pooled_lengths(input_features_mask.sum(-1).long())  # [N]
+        lengths = conv_output_lengths(input_features_mask.sum(-1).long())[1]  # [N] audio tokens per window
         keep = torch.arange(hidden.shape[1], device=hidden.device) < lengths[:, None]  # [N, P/2]
         # The projector works per frame, so project only the frames that are used.
         return self.multi_modal_projector(hidden[keep])  # [sum(lengths), D_text]

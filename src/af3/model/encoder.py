@@ -13,17 +13,8 @@ from torch import Tensor, nn
 
 from ..config import EncoderConfig
 from ..errors import CheckpointError
+from ..features import conv_output_lengths
 from .linear import Linear
-
-
-def conv_lengths(mel_lengths: Tensor) -> Tensor:
-    """Valid frames after conv2 (stride 2) for ``mel_lengths`` valid mel frames."""
-    return (mel_lengths - 1) // 2 + 1
-
-
-def pooled_lengths(mel_lengths: Tensor) -> Tensor:
-    """Encoder output frames after AvgPool(2,2) = audio tokens of a window of ``mel_lengths`` frames."""
-    return (conv_lengths(mel_lengths) - 2) // 2 + 1
 
 
 class EncoderAttention(nn.Module):
@@ -105,7 +96,7 @@ class AudioEncoder(nn.Module):
         positions = self.config.max_source_positions  # conv frames of a full window
         cut, mask = positions, None
         if input_features_mask is not None:
-            lengths = conv_lengths(input_features_mask.sum(-1).long())  # [N]
+            lengths = conv_output_lengths(input_features_mask.sum(-1).long())[0]  # [N] frames after conv2
             # Padded frames are never used: valid keys are all a query attends to, and a valid pooled frame
             # averages two valid positions. So everything runs only on the longest window's valid prefix (a 2 s
             # clip costs ~1/15 of a window) and the tail is zero-filled. Conv position j < cut reads mel frames

@@ -4,33 +4,24 @@ Each ``nn.Linear`` under ``model.language_model`` becomes an :class:`Int8Linear`
 [out, in] with one symmetric scale per output channel (``scale = absmax / 127``, ``w ≈ q * scale``), the bias is
 kept as it was. The audio encoder and the projector keep their dtype.
 
-Kernels (measured with torch 2.13 on the 2-core Sapphire-Rapids VM, see ``benchmarks/quantize_bench.py``):
+Kernels, as ``af3.kernels.policy`` chooses them (measurements in ``benchmarks/README.md``, from
+``benchmarks/quantize_bench.py`` and ``benchmarks/gemv_bench.py``):
 
-* ``torch.ops.aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N]) -> [M, N]`` computes
-  ``(x @ w.T) * scales`` without materialising a float weight. On CPU: x must be 2-D with a contiguous last
-  dimension, w contiguous int8, scales 1-D of **the same dtype as x** (f32, f16 or bf16), output in x's dtype.
-  Only the bf16 path is vectorised (AVX-512): for one row it is ~2x faster than a bf16 ``F.linear``, but its cost
-  grows linearly with M (slower than dequantize + AMX matmul beyond ~8-12 rows). The f32/f16 paths are not
-  vectorised (1.5x slower than the fallback for one row, 7x for four). The bf16 path returns garbage (NaN/inf,
-  once a segfault) when K is not a multiple of 16, so K % 16 == 0 is required here.
-* On CPUs without native bf16 matrix instructions (AVX2), rows below ``linear.CONVERT_ROWS`` go through af3's own
-  C kernel (:mod:`.cpu_kernels`, ``linear.own_kernel_takes``) when it could be built: it reads the int8 weight once for
-  up to 4 rows at a time and applies the scales in fp32 (about 1.4x the decode speed of the kernels above there).
-* Everything else takes the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (the int8 values are exact in bf16 and
-  fp32), chunked over output rows for large weights so the temporary float weight stays small. It is also the
-  CUDA path (untested here): this CPU build registers the op for CPU only, and the CUDA kernels seen upstream
-  are simple per-output loops, so CUDA is not in :data:`FUSED_DEVICES`; the fallback expression is the one
-  ``torch.compile`` fuses into a single kernel (as in gpt-fast). ``torch._int_mm`` needs int8 activations too
-  (W8A8), so it is not a weight-only kernel and is not used.
+* few rows on CPUs without native bf16 matrix instructions (AVX2): af3's own C kernel (``af3.kernels``), which
+  reads the int8 weight once for up to 4 rows at a time and applies the scales in fp32;
+* few bf16 rows elsewhere on the CPU: torch's ``_weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``, which
+  computes ``(x @ w.T) * scales`` without a float weight (x 2-D and contiguous, scales in x's dtype; its bf16 CPU
+  kernel is wrong unless K % 16 == 0, which the policy checks; its fp32/fp16 CPU kernels are scalar, so unused);
+* everything else: the fallback ``F.linear(x, q.to(x.dtype)) * scale`` (int8 values are exact in bf16 and fp32),
+  chunked over output rows for large weights so the temporary float weight stays small. It is also the CUDA path
+  (untested here): the expression is the one ``torch.compile`` fuses into a single kernel (as in gpt-fast).
+  ``torch._int_mm`` needs int8 activations too (W8A8), so it is not a weight-only kernel and is not used.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -38,39 +29,14 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..kernels import binding as cpu_kernels
-from . import linear
-
-if TYPE_CHECKING:
-    from .af3 import AF3Model
+from ..kernels import policy as kernel_policy
 
 log = logging.getLogger(__name__)
 
-#: Quantization modes that :func:`quantize_model` and :func:`load_quantized` accept.
+#: Quantization modes that :func:`quantize_model` (and ``AF3Model.from_pretrained(quantize=...)``) accept.
 MODES = ("int8",)
-#: Devices on which the fused kernel is used when torch has it (see the module docstring for CUDA).
-FUSED_DEVICES = frozenset({"cpu"})
-#: Activation dtypes with a fast fused kernel (the f32/f16 CPU kernels are scalar and slower than the fallback).
-FUSED_DTYPES = frozenset({torch.bfloat16})
-#: Up to this many rows (batch decode) the fused kernel wins; beyond it, dequantize + matmul (prefill) wins.
-FUSED_MAX_ROWS = 8
-#: The bf16 CPU kernel needs the reduction dimension to be a multiple of this (otherwise wrong results).
-FUSED_K_MULTIPLE = 16
 #: Largest float weight chunk (elements) materialised by the fallback and by quantization.
 CHUNK_ELEMENTS = 1 << 24
-
-_OP_NAME = "aten::_weight_int8pack_mm"
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
-
-
-@functools.cache
-def fused_kernel_available(device_type: str) -> bool:
-    """True when this torch build has a ``_weight_int8pack_mm`` kernel for ``device_type`` and we use it there."""
-    if device_type not in FUSED_DEVICES or device_type not in _DISPATCH_KEYS:
-        return False
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(_OP_NAME, _DISPATCH_KEYS[device_type]))
-    except RuntimeError:  # the op does not exist in this torch
-        return False
 
 
 def _fused_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
@@ -82,9 +48,9 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     """Fallback: (x @ q.T) * scales with q cast to a float dtype, in chunks of output rows. x [M, K] → [M, N]."""
     dtype = x.dtype
     # bf16/fp32 hold x @ q.T (up to 127x the true output) safely; fp16 could overflow, so compute in fp32. So does a
-    # CPU without a native bf16 GEMM for many rows (AVX2: 3-7x faster in fp32, see linear.py).
+    # CPU without a native bf16 GEMM for many rows (see af3.kernels.policy).
     compute = dtype if dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-    if compute in linear.CONVERT_DTYPES and x.device.type == "cpu" and x.shape[0] >= linear.CONVERT_ROWS:
+    if kernel_policy.current().converts_to_fp32(x.shape[0], compute, x.device):
         compute = torch.float32
     xc = x.to(compute)
     n, k = qweight.shape
@@ -102,10 +68,8 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
                 fused: bool | None = None) -> Tensor:
     """``x [..., K]`` times an int8 weight ``[N, K]`` with per-row ``scales [N]`` (+ ``bias [N]``) → ``[..., N]``.
 
-    ``fused=None`` picks the fastest kernel for this device, dtype and row count: af3's own CPU kernel
-    (:mod:`.cpu_kernels`) for few rows on CPUs without native bf16 matrix instructions, else torch's fused kernel
-    when it is available and fast, else the fallback. ``True`` forces torch's fused kernel (for tests; it must be
-    available), ``False`` forces the fallback.
+    ``fused=None`` lets ``af3.kernels.policy`` pick the kernel for this device, dtype and row count (see the module
+    docstring); ``True`` forces torch's fused kernel (for tests; it must exist), ``False`` forces the fallback.
     """
     n, k = qweight.shape
     if x.shape[-1] != k:
@@ -113,11 +77,12 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
                          f"{list(x.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    if fused is None and not x2.requires_grad and linear.own_kernel_takes(x2.shape[0], x2.dtype, x2.device):
-        return cpu_kernels.small_gemm(x2, qweight, scales, bias, out_dtype=x2.dtype).reshape(*lead, n)  # [..., N]
     if fused is None:
-        fused = (x2.dtype in FUSED_DTYPES and x2.shape[0] <= FUSED_MAX_ROWS and k % FUSED_K_MULTIPLE == 0
-                 and not x2.requires_grad and fused_kernel_available(x2.device.type))
+        policy = kernel_policy.current()
+        rows, grad = x2.shape[0], x2.requires_grad
+        if not grad and policy.own_gemm(rows, x2.dtype, x2.device):
+            return cpu_kernels.small_gemm(x2, qweight, scales, bias, out_dtype=x2.dtype).reshape(*lead, n)  # [..., N]
+        fused = not grad and policy.int8pack(rows, x2.dtype, k, x2.device)
     if fused:
         s = scales if scales.dtype == x2.dtype else scales.to(x2.dtype)
         out = _fused_mm(x2.contiguous(), qweight, s)  # [M, N]
@@ -238,7 +203,7 @@ class Int8Embedding(nn.Module):
 
 
 # ---------------------------------------------------------------------- model-level entry points
-def quantize_int8(model: AF3Model, include_lm_head: bool = True, include_embeddings: bool = True) -> AF3Model:
+def quantize_int8(model: nn.Module, include_lm_head: bool = True, include_embeddings: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` under ``model.language_model`` with :class:`Int8Linear` (and the token embedding
     table with :class:`Int8Embedding`), in place.
 
@@ -267,30 +232,17 @@ def quantize_int8(model: AF3Model, include_lm_head: bool = True, include_embeddi
     return model
 
 
-def quantize_model(model: AF3Model, mode: str, include_lm_head: bool = True,
-                   include_embeddings: bool = True) -> AF3Model:
-    """Apply quantization ``mode`` (one of :data:`MODES`) to ``model`` in place; the ``quantize=`` hook."""
-    if mode != "int8":
-        raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
-    return quantize_int8(model, include_lm_head=include_lm_head, include_embeddings=include_embeddings)
-
-
-def load_quantized(path: str | os.PathLike, dtype: torch.dtype | None = torch.bfloat16,
-                   device: str | torch.device = "cpu", mode: str = "int8", include_lm_head: bool = True,
-                   allow_pickle: bool = False) -> AF3Model:
-    """Load a checkpoint with :meth:`AF3Model.from_pretrained` and quantize its decoder.
-
-    The float model is loaded and quantized on the CPU, then moved to ``device``, so an accelerator only ever
-    holds the quantized model. ``dtype`` is the compute dtype of everything else (None: the checkpoint's); bf16 is
-    the one with a fused int8 kernel on CPU.
-    """
-    from .af3 import AF3Model
-
+def check_mode(mode: str) -> None:
+    """Raise :class:`InputError` unless ``mode`` is one of :data:`MODES` (before any weight is loaded)."""
     if mode not in MODES:
         raise InputError(f"unknown quantization mode {mode!r}; choose one of: {', '.join(MODES)}")
-    model = AF3Model.from_pretrained(path, dtype=dtype, device="cpu", allow_pickle=allow_pickle)
-    model = quantize_model(model, mode, include_lm_head=include_lm_head)
-    return model.to(device)
+
+
+def quantize_model(model: nn.Module, mode: str, include_lm_head: bool = True,
+                   include_embeddings: bool = True) -> nn.Module:
+    """Apply quantization ``mode`` (one of :data:`MODES`) to ``model`` in place; the ``quantize=`` hook."""
+    check_mode(mode)
+    return quantize_int8(model, include_lm_head=include_lm_head, include_embeddings=include_embeddings)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Checkpoint files: find, read (memory-mapped), map keys, write.
+"""Checkpoint files: find, read (plain file reads, tensor by tensor), map keys, write.
 
 Two on-disk layouts are understood:
 
@@ -28,20 +28,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..config import AF3Config, EncoderConfig, GenerationConfig, TextConfig, read_json, write_json
+from ..config import (NVIDIA_FOLDERS, AF3Config, EncoderConfig, GenerationConfig, TextConfig, is_nvidia_layout,
+                      read_json, write_json)
 from ..errors import CheckpointError
 
 logger = logging.getLogger("af3")
 
 LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
-NVIDIA_FOLDERS = {"llm": "language_model", "sound_tower": "audio_tower", "sound_mm_projector": "multi_modal_projector"}
 _PROJECTOR_RENAMES = [(re.compile(r"^multi_modal_projector\.layers\.0\."), "multi_modal_projector.linear_1."),
                       (re.compile(r"^multi_modal_projector\.layers\.2\."), "multi_modal_projector.linear_2.")]
-
-
-def is_nvidia_layout(folder: str | os.PathLike) -> bool:
-    return all(os.path.isdir(os.path.join(folder, sub)) for sub in NVIDIA_FOLDERS)
 
 
 def weight_files(folder: str | os.PathLike, allow_pickle: bool = False) -> list[str]:

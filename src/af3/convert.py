@@ -6,8 +6,11 @@ import os
 
 import torch
 
-from ..errors import CheckpointError
-from .weights import is_nvidia_layout, nvidia_tensor_source, read_nvidia_config, write_checkpoint
+from .config import is_nvidia_layout
+from .errors import CheckpointError
+from .model import AF3Model
+from .model.weights import nvidia_tensor_source, read_nvidia_config, write_checkpoint
+from .processor import AF3Processor
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -17,9 +20,6 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: to
     Every tensor is checked against the shapes the config implies before anything is written; a missing or
     unexpected tensor is an error that names it.
     """
-    from ..processor import AF3Processor
-    from .af3 import AF3Model
-
     src, dst = os.fspath(src), os.fspath(dst)
     if not is_nvidia_layout(src):
         raise CheckpointError(f"{src!r} is not in NVIDIA's layout (expected llm/, sound_tower/ and "
