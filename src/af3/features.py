@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .config import _JsonConfig, read_json, write_json
+from .config import MAX_AUDIO_SECONDS, MAX_AUDIO_WINDOWS, _JsonConfig, read_json, write_json
 from .errors import AudioError, CheckpointError, InputError
 
 logger = logging.getLogger("af3")
@@ -242,7 +242,7 @@ def _window_bounds(num_samples: int, config: FeatureConfig, max_windows: int, wa
     return [range(i * width, min((i + 1) * width, cap)) for i in range(n_win)]
 
 
-def split_windows(audio: np.ndarray, config: FeatureConfig | None = None, max_windows: int = 20
+def split_windows(audio: np.ndarray, config: FeatureConfig | None = None, max_windows: int = MAX_AUDIO_WINDOWS
                   ) -> list[np.ndarray]:
     """Cut a 1-D clip into consecutive ``chunk_length`` windows (views; the last one may be shorter).
 
@@ -258,7 +258,8 @@ def _mel_length(num_samples: int, config: FeatureConfig) -> int:
     return min(-(-num_samples // config.hop_length), config.nb_max_frames)
 
 
-def audio_token_count(num_samples: int, config: FeatureConfig | None = None, max_windows: int = 20) -> int:
+def audio_token_count(num_samples: int, config: FeatureConfig | None = None,
+                      max_windows: int = MAX_AUDIO_WINDOWS) -> int:
     """``<sound>`` tokens a clip of ``num_samples`` samples becomes (after windowing and truncation)."""
     cfg = config or FeatureConfig()
     bounds = _window_bounds(int(num_samples), cfg, max_windows, warn=False)
@@ -280,7 +281,7 @@ def _as_clip(audio: Any, index: int) -> np.ndarray:
 def extract_features(
     audios: Sequence[np.ndarray],
     config: FeatureConfig | None = None,
-    max_audio_len: float = 600.0,
+    max_audio_len: float = MAX_AUDIO_SECONDS,
     device: torch.device | str | None = None,
 ) -> AudioFeatures:
     """Featurize 1-D mono clips at ``config.sampling_rate``, as AudioFlamingo3Processor does.

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .audio import _to_float32, load_audio
+from .audio import SAMPLING_RATE, _to_float32, load_audio
+from .config import MAX_AUDIO_SECONDS, MAX_AUDIO_WINDOWS, WINDOW_SECONDS
 from .errors import InputError
 from .processor import DEFAULT_TRANSCRIPTION_PROMPT, strip_transcription
 
@@ -33,13 +34,11 @@ GenerateFn = Callable[[list[list[dict]], int], list[str]]
 #: ``progress(done, total)``: called after each batch.
 ProgressFn = Callable[[int, int], None]
 
-SAMPLING_RATE = 16000
 FRAME_S = 0.025  # short-time energy frames
 FLOOR_DB = -70.0  # frame energies below this (dBFS) count as equally silent
 QUIET_MARGIN_DB = 6.0  # a frame is "quiet" within this margin of the quietest frame of the search window
 LONG_PAUSE_S = 0.3  # pauses at least this long are all good cut points; the latest one wins
 SILENCE_DB = -50.0  # a segment whose loudest frame is below this is silent
-TRAINED_MAX_AUDIO_S = 600.0  # AF3 was trained on up to 20 windows of 30 s
 _BLOCK_SAMPLES = 1 << 22  # energy is computed over blocks of ~4 M samples (16 MB of float32)
 
 
@@ -385,7 +384,7 @@ def ask_long(
     audio: Any,
     question: str,
     *,
-    chunk_s: float = 600.0,
+    chunk_s: float = MAX_AUDIO_SECONDS,
     generate_fn: GenerateFn | None = None,
     max_new_tokens: int = 256,
     sampling_rate: int | None = None,
@@ -439,7 +438,7 @@ def ask_long(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# more than 20 windows
+# more than MAX_AUDIO_WINDOWS windows
 
 
 @contextlib.contextmanager
@@ -447,18 +446,19 @@ def allow_long_context(processor: Any, max_seconds: float) -> Iterator[Any]:
     """``with allow_long_context(processor, 1200): ...`` — let the processor take up to ``max_seconds`` of
     audio per clip (``max_seconds // 30`` windows) inside the block; the previous cap comes back afterwards.
 
-    Beyond 600 s this is outside what AF3 was trained on (20 windows), which is logged as a warning. It changes
+    Beyond :data:`af3.config.MAX_AUDIO_SECONDS` (20 windows) this is outside what AF3 was trained on, which is
+    logged as a warning. It changes
     the processor object itself, so do not share it with other threads meanwhile; for one call,
     ``processor.apply_chat_template(..., max_audio_len=...)`` does the same without state.
     """
-    window = getattr(getattr(processor, "feature_config", None), "chunk_length", 30)
+    window = getattr(getattr(processor, "feature_config", None), "chunk_length", WINDOW_SECONDS)
     if not isinstance(max_seconds, (int, float)) or not max_seconds >= window:
         raise InputError(f"max_seconds must be at least one {window} s window, got {max_seconds!r}")
-    if max_seconds > TRAINED_MAX_AUDIO_S:
+    if max_seconds > MAX_AUDIO_SECONDS:
         logger.warning(
-            "max_audio_len raised to %g s (%d windows): AF3 was trained on up to %g s (20 windows); answers "
+            "max_audio_len raised to %g s (%d windows): AF3 was trained on up to %g s (%d windows); answers "
             "about longer audio are untested and may degrade", max_seconds, int(max_seconds // window),
-            TRAINED_MAX_AUDIO_S,
+            MAX_AUDIO_SECONDS, MAX_AUDIO_WINDOWS,
         )
     previous = processor.max_audio_len
     processor.max_audio_len = max_seconds

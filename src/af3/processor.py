@@ -18,7 +18,7 @@ import torch
 
 from .audio import load_audio
 from .chat import ChatTemplate, RenderedChat, TextTokenizer, read_chat_template
-from .config import IGNORE_INDEX, is_nvidia_layout, read_json, write_json
+from .config import IGNORE_INDEX, MAX_AUDIO_SECONDS, is_nvidia_layout, read_json, write_json
 from .errors import AudioError, CheckpointError, InputError
 from .features import FeatureConfig, extract_features
 
@@ -103,7 +103,7 @@ class AF3Processor:
         chat_template: str | None = None,
         audio_token: str = "<sound>",
         default_transcription_prompt: str = DEFAULT_TRANSCRIPTION_PROMPT,
-        max_audio_len: float = 600,
+        max_audio_len: float = MAX_AUDIO_SECONDS,
     ):
         self.tokenizer = tokenizer
         self.feature_config = feature_config or FeatureConfig()
@@ -142,7 +142,7 @@ class AF3Processor:
             read_chat_template(folder),
             audio_token=proc_cfg.get("audio_token", "<sound>"),
             default_transcription_prompt=proc_cfg.get("default_transcription_prompt", DEFAULT_TRANSCRIPTION_PROMPT),
-            max_audio_len=proc_cfg.get("max_audio_len", 600),
+            max_audio_len=proc_cfg.get("max_audio_len", MAX_AUDIO_SECONDS),
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .chat import DEFAULT_CHAT_TEMPLATE
-from .config import AF3Config, EncoderConfig, TextConfig
+from .config import MAX_AUDIO_SECONDS, AF3Config, EncoderConfig, TextConfig
 
 # AF3's special tokens, in the order their ids are given (ids 0..3 in a tiny vocabulary).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>")
@@ -68,5 +68,5 @@ def write_tokenizer_files(folder: str, tok: Tokenizer) -> None:
         f.write(DEFAULT_CHAT_TEMPLATE)
     with open(os.path.join(folder, "processor_config.json"), "w", encoding="utf-8") as f:
         json.dump({"processor_class": "AudioFlamingo3Processor", "audio_token": "<sound>",
-                   "default_transcription_prompt": "Transcribe the input speech.", "max_audio_len": 600,
+                   "default_transcription_prompt": "Transcribe the input speech.", "max_audio_len": MAX_AUDIO_SECONDS,
                    "feature_extractor": FeatureConfig().to_dict()}, f, indent=2)

@@ -311,3 +311,46 @@ def test_a_half_precision_cpu_engine_loads_the_kernels_when_it_is_built(tiny_bf1
     monkeypatch.setattr(binding, "_library", lambda: loads.append(1) or real())
     Engine(model, proc, max_batch_size=1)  # not at the first request: a compile there would delay its answer
     assert loads
+
+
+@needs_kernel
+def test_the_c_structs_match_the_binding_and_a_mismatch_is_refused():
+    lib = binding._library()
+    assert binding.abi_mismatch(lib) == ""
+
+    class Shifted:  # a build whose Step grew by one field the binding does not know
+        @staticmethod
+        def af3_decode_struct_size(which):
+            return lib.af3_decode_struct_size(which) + (8 if which == 2 else 0)
+
+    assert binding.abi_mismatch(Shifted()).startswith("Step: ")
+
+
+@needs_kernel
+def test_the_plan_keeps_one_scratch_buffer_and_grows_it_when_a_step_needs_more():
+    model = random_decoder().to(torch.bfloat16)
+    plan = read_plan(model, torch.bfloat16)
+    cache = KVCache(LAYERS, 4, 2048, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cpu")
+    g = torch.Generator().manual_seed(3)
+
+    def step(rows: int, width: int) -> torch.Tensor:
+        x = torch.randn(rows, HIDDEN, generator=g).to(torch.bfloat16)
+        slots = torch.full((rows,), width - 1, dtype=torch.long)
+        mask = torch.ones(rows, width, dtype=torch.bool)
+        with torch.inference_mode():
+            return plan.decoder.step(x, slots, slots, mask, cache.k, cache.v)
+
+    step(1, 16)
+    memory = plan.decoder.scratch.memory
+    assert memory.numel() > 0
+    for width in range(2, 17):  # other steps that need no more: the same memory
+        step(1, width)
+    assert plan.decoder.scratch.memory is memory
+    out = step(4, 2000)  # more rows, a much longer cache: it grows, and the step still computes
+    assert plan.decoder.scratch.memory.numel() > memory.numel() and torch.isfinite(out.float()).all()
+    with pytest.raises(RuntimeError, match="status -2"):  # the C side refuses memory smaller than it needs
+        small = binding.Scratch()
+        small.at_least = lambda floats: torch.empty(max(0, floats - 1))
+        binding.decode_step(plan.decoder.weights, torch.zeros(1, HIDDEN, dtype=torch.bfloat16),
+                            torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
+                            torch.ones(1, 1, dtype=torch.bool), cache.k, cache.v, small)

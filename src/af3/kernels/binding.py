@@ -95,7 +95,24 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_small_gemm.argtypes = [p, i, n, n, p, i, n, p, i, p, i, p, i, i]
     lib.af3_decode_step.restype = ctypes.c_int
     lib.af3_decode_step.argtypes = [ctypes.POINTER(_Step), ctypes.POINTER(_Layer), i]
+    lib.af3_decode_scratch.restype = ctypes.c_int64
+    lib.af3_decode_scratch.argtypes = [ctypes.POINTER(_Step)]
+    lib.af3_decode_struct_size.restype = ctypes.c_int64
+    lib.af3_decode_struct_size.argtypes = [i]
+    mismatch = abi_mismatch(lib)
+    if mismatch:  # a bug in af3, not in the user's setup: say so, and keep working with torch's kernels
+        log.error("af3's CPU kernels are off: their C structs do not match binding.py's (%s)", mismatch)
+        return None
     return lib
+
+
+def abi_mismatch(lib: ctypes.CDLL) -> str:
+    """'' when the library lays out ``Lin``, ``Layer`` and ``Step`` as this module's ctypes structs do; else which
+    differ (C size vs ctypes size)."""
+    ours = {"Lin": _Lin, "Layer": _Layer, "Step": _Step}
+    wrong = [f"{name}: {lib.af3_decode_struct_size(i)} vs {ctypes.sizeof(struct)} bytes"
+             for i, (name, struct) in enumerate(ours.items()) if lib.af3_decode_struct_size(i) != ctypes.sizeof(struct)]
+    return ", ".join(wrong)
 
 
 def available() -> bool:
@@ -162,9 +179,9 @@ class _Step(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "kv_heads", "head_dim", "inter",
                                                       "width", "cache_row", "cache_head", "cache_slot")),
                 *((name, ctypes.c_void_p) for name in ("positions", "slots", "mask", "inv_freq", "caches",
-                                                       "final_norm", "x", "out")),
-                ("eps", ctypes.c_float), ("act_kind", ctypes.c_int32), ("threads", ctypes.c_int32),
-                ("unused", ctypes.c_int32)]
+                                                       "final_norm", "x", "out", "scratch")),
+                ("scratch_floats", ctypes.c_int64), ("eps", ctypes.c_float),
+                *((name, ctypes.c_int32) for name in ("act_kind", "threads", "unused"))]
 
 
 class DecodeWeights:
@@ -230,14 +247,15 @@ class DecodeWeights:
 
 
 def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
-                keys: list[Tensor], values: list[Tensor]) -> Tensor:
+                keys: list[Tensor], values: list[Tensor], scratch: Scratch | None = None) -> Tensor:
     """All decoder layers and the final norm for one new token per row, in one call (``kernels/decode_step.c``).
 
     x [M, hidden] (the tokens' embeddings, ``weights.dtype``), positions and slots [M] int64 (rotary position; cache
     slot written), mask [M, width] bool (cache slots each row attends to), ``keys``/``values`` per layer: [>= M,
     kv_heads, slots, head_dim] cache tensors of ``weights.dtype`` whose rows start with this step's rows, all with
     the same strides and a contiguous last axis. Writes the new keys and values into the caches and returns the
-    final hidden states [M, hidden]. Requires :func:`available`."""
+    final hidden states [M, hidden]. ``scratch`` is the work memory to use (kept by a :class:`FusedDecoder` across
+    steps); without it one is made for this call. Requires :func:`available`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("af3's CPU kernels are not available on this machine")
@@ -277,12 +295,27 @@ def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Ten
     out = torch.empty_like(x)
     step = _Step(m, w.hidden, w.heads, w.kv_heads, w.head_dim, w.inter, mask.shape[1], strides[0], strides[1],
                  strides[2], positions.data_ptr(), slots.data_ptr(), mask.data_ptr(), w.inv_freq_ptr,
-                 ctypes.cast(pointers, ctypes.c_void_p), w.final_norm_ptr, x.data_ptr(), out.data_ptr(),
+                 ctypes.cast(pointers, ctypes.c_void_p), w.final_norm_ptr, x.data_ptr(), out.data_ptr(), None, 0,
                  w.eps, KINDS[w.dtype], torch.get_num_threads(), 0)
+    memory = (scratch or Scratch()).at_least(lib.af3_decode_scratch(ctypes.byref(step)))
+    step.scratch, step.scratch_floats = memory.data_ptr(), memory.numel()
     status = lib.af3_decode_step(ctypes.byref(step), w.layers, w.num_layers)
     if status != 0:
         raise RuntimeError(f"af3's decode step failed (status {status})")
     return out
+
+
+class Scratch:
+    """Work memory of the decoding step, grown when a step needs more (more rows, a longer cache) and then reused:
+    the C step allocates nothing. Grows by at least half, so a sequence growing slot by slot reallocates rarely."""
+
+    def __init__(self) -> None:
+        self.memory = torch.empty(0, dtype=torch.float32)
+
+    def at_least(self, floats: int) -> Tensor:
+        if self.memory.numel() < floats:
+            self.memory = torch.empty(max(floats, self.memory.numel() * 3 // 2), dtype=torch.float32)
+        return self.memory
 
 
 class FusedDecoder:
@@ -293,6 +326,7 @@ class FusedDecoder:
     def __init__(self, layers: list[dict], final_norm: Tensor, inv_freq: Tensor, eps: float, heads: int,
                  kv_heads: int, head_dim: int, dtype: torch.dtype, borrow: bool = False):
         self.weights = DecodeWeights(layers, final_norm, inv_freq, eps, heads, kv_heads, head_dim, dtype, borrow)
+        self.scratch = Scratch()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -301,4 +335,4 @@ class FusedDecoder:
     def step(self, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, keys: list[Tensor],
              values: list[Tensor]) -> Tensor:
         """One token per row through every layer and the final norm (arguments as :func:`decode_step`)."""
-        return decode_step(self.weights, x, positions, slots, mask, keys, values)
+        return decode_step(self.weights, x, positions, slots, mask, keys, values, self.scratch)

@@ -15,6 +15,9 @@
  * differ by a rounding of T. */
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "gemm.h"
 
@@ -41,9 +44,36 @@ typedef struct {
     const void *final_norm;                   /* [hidden] */
     const void *x;                            /* [rows, hidden]: embeddings of the new tokens */
     void *out;                                /* [rows, hidden]: hidden states after the final norm */
+    float *scratch;                           /* the caller's work memory, af3_decode_scratch(step) floats */
+    int64_t scratch_floats;
     float eps;
     int32_t act_kind, threads, unused;
 } Step;
+
+/* Sizes of the structs as this build lays them out: binding.py checks them against its ctypes copies. */
+int64_t af3_decode_struct_size(int which) {
+    const size_t sizes[] = {sizeof(Lin), sizeof(Layer), sizeof(Step)};
+    return which >= 0 && which < 3 ? (int64_t)sizes[which] : -1;
+}
+
+/* Floats of scratch one attention task needs: scores over the key slots, a widened block of 8 keys or values,
+ * the accumulators and the softmax normalisers of the `rep` heads. */
+static ptrdiff_t attend_floats(ptrdiff_t rep, ptrdiff_t Dh, ptrdiff_t width) {
+    const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
+    return rep * span + 8 * Dh + rep * Dh + rep;
+}
+
+/* Floats of the step's activations (x, normed x, q, k, v, attention output, gate, up, rotary table, o). */
+static ptrdiff_t step_floats(const Step *st) {
+    const ptrdiff_t M = st->rows, D = st->hidden, H = st->heads, G = st->kv_heads, Dh = st->head_dim;
+    return 2 * M * D + M * (H + 2 * G) * Dh + M * H * Dh + 2 * st->inter * M + M * Dh + M * D;
+}
+
+/* Scratch floats af3_decode_step needs for this step: the activations, then one attention area per thread. */
+int64_t af3_decode_scratch(const Step *st) {
+    const ptrdiff_t G = st->kv_heads, rep = G > 0 ? st->heads / G : 0, threads = st->threads < 1 ? 1 : st->threads;
+    return (int64_t)(step_floats(st) + threads * attend_floats(rep, st->head_dim, st->width));
+}
 
 #ifdef AF3_HAVE_KERNELS
 
@@ -117,12 +147,11 @@ INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t s
 }
 
 /* Attention of the `rep` query heads q[rep, Dh] that share one key/value head (keys, values: slot s at s * stride)
- * over `width` slots where mask[s] is 1; out[rep, Dh] rounded to T. Returns -2 if scratch memory is lacking. */
-static int attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys, const void *values,
-                  ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float *out) {
+ * over `width` slots where mask[s] is 1; out[rep, Dh] rounded to T. `scores` is attend_floats(rep, Dh, width)
+ * floats of work memory. */
+static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys, const void *values,
+                   ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float *scores, float *out) {
     const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
-    float *scores = (float *)malloc((size_t)(rep * span + 8 * Dh + rep * Dh + rep) * sizeof(float));
-    if (!scores) return -2;
     float *block = scores + rep * span, *acc = block + 8 * Dh, *inv = acc + rep * Dh;
     const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)Dh)), minus_inf = _mm256_set1_ps(-INFINITY);
     for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* scores = q . k / sqrt(Dh), -inf where masked */
@@ -172,8 +201,6 @@ static int attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys,
     }
     for (ptrdiff_t r = 0; r < rep; r++)
         for (ptrdiff_t d = 0; d < Dh; d++) out[r * Dh + d] = round_to(acc[r * Dh + d] * inv[r], kind);
-    free(scores);
-    return 0;
 }
 
 /* g = T(T(silu(g)) * u) for n values; silu(g) = g / (1 + exp(-g)) in fp32. */
@@ -195,20 +222,20 @@ INLINE Job job(const Lin *l, float *out, int round_kind) {
     return j;
 }
 
-/* Runs `nlayers` layers and the final norm for st->rows new tokens. Returns 0; -1 for shapes or kinds it does
- * not take (the caller checks them first); -2 when scratch memory could not be allocated. */
+/* Runs `nlayers` layers and the final norm for st->rows new tokens, in the caller's scratch memory (no allocation).
+ * Returns 0; -1 for shapes or kinds it does not take (the caller checks them first); -2 when st->scratch is
+ * smaller than af3_decode_scratch(st). */
 int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     const ptrdiff_t M = st->rows, D = st->hidden, H = st->heads, G = st->kv_heads, Dh = st->head_dim;
     const ptrdiff_t I = st->inter, W = st->width, rep = G > 0 ? H / G : 0;
     const int T = st->act_kind, threads = st->threads < 1 ? 1 : st->threads;
     if ((T != BF16 && T != F16) || M < 1 || G < 1 || H % G || Dh % 8 || Dh < 8 || W < 1 || nlayers < 0)
         return -1;
-    const size_t floats = (size_t)(2 * M * D + M * (H + 2 * G) * Dh + M * H * Dh + 2 * M * I + M * Dh + M * D);
-    float *mem = (float *)malloc(floats * sizeof(float));
-    if (!mem) return -2;
-    float *x = mem, *h = x + M * D, *q = h + M * D, *k = q + M * H * Dh, *v = k + M * G * Dh, *att = v + M * G * Dh;
-    float *gate = att + M * H * Dh, *up = gate + M * I, *rope = up + M * I, *o = rope + M * Dh;
-    int status = 0;
+    if (!st->scratch || st->scratch_floats < af3_decode_scratch(st)) return -2;
+    float *x = st->scratch, *h = x + M * D, *q = h + M * D, *k = q + M * H * Dh, *v = k + M * G * Dh;
+    float *att = v + M * G * Dh, *gate = att + M * H * Dh, *up = gate + M * I, *rope = up + M * I, *o = rope + M * Dh;
+    float *areas = st->scratch + step_floats(st); /* one attention area per thread */
+    const ptrdiff_t area = attend_floats(rep, Dh, W);
     for (ptrdiff_t i = 0; i < M * D; i++) x[i] = load1(st->x, i, T);
     for (ptrdiff_t m = 0; m < M; m++) /* cos (first half) and sin of each row's position, rounded to T */
         for (ptrdiff_t j = 0; j < Dh / 2; j++) {
@@ -216,7 +243,7 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
             rope[m * Dh + j] = round_to(cosf(f), T);
             rope[m * Dh + Dh / 2 + j] = round_to(sinf(f), T);
         }
-    for (int l = 0; l < nlayers && status == 0; l++) {
+    for (int l = 0; l < nlayers; l++) {
         const Layer *L = layers + l;
         const int wk = L->q.w_kind;
         for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm1, T, st->eps);
@@ -228,18 +255,22 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
         }
         char *kc = (char *)st->caches[2 * l], *vc = (char *)st->caches[2 * l + 1];
         const size_t size = T == F32 ? 4 : 2;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : status)
+#pragma omp parallel for num_threads(threads) schedule(static)
         for (ptrdiff_t t = 0; t < M * G; t++) {
             const ptrdiff_t m = t / G, g = t % G;
+#ifdef _OPENMP
+            float *mine = areas + omp_get_thread_num() * area;
+#else
+            float *mine = areas;
+#endif
             char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
             char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
             for (ptrdiff_t d = 0; d < Dh; d++) {
                 store1(kh, st->slots[m] * st->cache_slot + d, T, k[(m * G + g) * Dh + d]);
                 store1(vh, st->slots[m] * st->cache_slot + d, T, v[(m * G + g) * Dh + d]);
             }
-            int s = attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T,
-                           att + (m * H + g * rep) * Dh);
-            status = s < status ? s : status;
+            attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T, mine,
+                   att + (m * H + g * rep) * Dh);
         }
         Job oj = job(&L->o, o, T);
         run_jobs(att, M, H * Dh, wk, &oj, 1, threads);
@@ -254,8 +285,7 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     }
     for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, st->final_norm, T, st->eps);
     for (ptrdiff_t i = 0; i < M * D; i++) store1(st->out, i, T, h[i]);
-    free(mem);
-    return status;
+    return 0;
 }
 
 #else
