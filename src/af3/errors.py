@@ -1,6 +1,7 @@
 """Every failure a user can cause is an :class:`AF3Error` with a message that says what to do.
 
-The CLI maps these to exit code 2 and one readable line; the server maps them to JSON errors with a 4xx status.
+The CLI maps these to exit code 2 and one readable line. Each class names the HTTP status that fits it, for any
+HTTP front end built on the library.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 class AF3Error(Exception):
     """Base class for errors caused by input, files or configuration (not by bugs)."""
 
-    #: HTTP status the server answers with for this kind of error.
+    #: The HTTP status that fits this kind of error (a client's mistake: 400).
     status_code: int = 400
 
 

@@ -1,4 +1,5 @@
-"""The Engine: conversations in, answers out, for any number of callers (the CLI, a server, batch jobs, eval).
+"""The Engine: conversations in, answers out, for any number of callers in one process (today the CLI's commands
+and long-form transcription; every other surface is meant to be a thin shell over it).
 
 A thin front over one :class:`~.core.EngineCore` (scheduler, model runner, sampling, output processing): it turns
 a conversation into a :class:`~.scheduler.Request` (the processor's template, tokens and audio features; a

@@ -104,19 +104,17 @@ INLINE float hsum(__m256 v) {
 }
 
 /* Software prefetch distance (elements) along a weight row, for one-row products (row1; tiles prefetch the next
- * tile instead, see NEXT_TILE). Hardware prefetchers alone left the decode-shaped products at 9-12 GB/s of
- * weights on a 2-core Zen 3 VM; with this, 15-18 GB/s for one row (DRAM-bound; tried 256-2048, 512 was best,
- * within the VM's noise). int8 weights look 4x as many elements (2 KB) ahead: at 512 they read 13.5 GB/s against
- * bf16's 15-16, at 2048 14.8-16.2 (same process). */
+ * tile instead, see NEXT_TILE): the hardware prefetchers alone leave a DRAM-bound one-row product well below the
+ * bandwidth it can reach. int8 weights look 4x as many elements (the same 2 KB) ahead. The measurements that chose
+ * these distances are in benchmarks/README.md. */
 #define PREFETCH 512
 #define AHEAD(kind) ((kind) == I8 ? 4 * PREFETCH : PREFETCH)
 
 /* out[0:MT, n0:n0+NT] for rows x[0:MT] (MT <= 4, NT <= 8, MT * NT <= 12 keeps the accumulators in registers).
  * NEXT_TILE: a tile reads NT weight rows side by side, and the memory system serves those interleaved streams
  * slower than one sequential stream, worst at the start of each row. So while it works, a tile prefetches the rows
- * of the tile after it (contiguous with its own), column for column, into L2: the microbenchmark of 40 distinct
- * 4864x896 bf16 weights read 2-row products at 12-13 GB/s instead of 9-11, 4-row at 12-13 instead of 9-12, 8-row at
- * 8-10 instead of 7-8 (2 threads, noisy VM; one row reads each weight row front to back and is unchanged). */
+ * of the tile after it (contiguous with its own), column for column, into L2 (2-8 row products read faster; the
+ * A/B is in benchmarks/README.md; one row reads each weight row front to back and is unchanged). */
 INLINE void tile(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n0, int MT, int NT, int kind,
                  const Epilogue *e, ptrdiff_t m0) {
     __m256 acc[4][8];
