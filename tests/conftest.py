@@ -57,11 +57,26 @@ def synth_audio(seconds: float, seed: int = 0, sr: int = 16000) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def audio_question(seconds: float, seed: int, text: str = "What is it?") -> list[dict]:
+    """A one-turn conversation: ``seconds`` of :func:`synth_audio` and a question."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": synth_audio(seconds, seed)},
+                                         {"type": "text", "text": text}]}]
+
+
 def load_ours(folder: str):
     """Our model from a reference checkpoint folder."""
     from af3 import AF3Model
 
     return AF3Model.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def odd_pair(ckpt_factory):
+    """(our model, our processor) of the "odd" reference checkpoint, shared by the Engine tests."""
+    from af3 import AF3Processor
+
+    folder, _, _ = ckpt_factory("odd")
+    return load_ours(folder), AF3Processor.from_pretrained(folder)
 
 
 @pytest.fixture

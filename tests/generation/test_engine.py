@@ -7,22 +7,18 @@ import asyncio
 
 import pytest
 import torch
-from conftest import load_ours, synth_audio
+from conftest import audio_question
 
-from af3 import AF3Processor
 from af3.errors import InputError
 from af3.generation.engine import Engine, GenerationOptions
 
 
 @pytest.fixture(scope="module")
-def pair(ckpt_factory):
-    folder, _, _ = ckpt_factory("odd")
-    return load_ours(folder), AF3Processor.from_pretrained(folder)
+def pair(odd_pair):
+    return odd_pair
 
 
-def conv(seconds: float, seed: int, text: str = "What is it?"):
-    return [{"role": "user", "content": [{"type": "audio", "audio": synth_audio(seconds, seed)},
-                                         {"type": "text", "text": text}]}]
+conv = audio_question
 
 
 def reference(model, proc, convs, **kw):
