@@ -94,7 +94,7 @@ def test_peft_loads_adapter_and_merge_matches(lora_run, tiny_ckpt):
 
 def test_next_stage_can_start_from_lora_checkpoint(lora_run, tiny_ckpt, tmp_path):
     """A LoRA checkpoint folder (adapter + recorded base) works as model.path: it is loaded merged."""
-    from af3.training.trainer import load_training_model
+    from af3.training.model_setup import load_training_model
 
     _, manifest, out = lora_run
     inputs = _inputs(tiny_ckpt[0], manifest)

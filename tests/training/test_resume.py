@@ -9,7 +9,8 @@ import subprocess
 import time
 
 import pytest
-from af3.training.trainer import list_checkpoints, run, train
+from af3.training.checkpoint import list_checkpoints
+from af3.training.trainer import run, train
 from train_helpers import (
     base_config,
     make_config,

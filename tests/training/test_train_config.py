@@ -9,7 +9,7 @@ import yaml
 from af3.errors import InputError
 from af3.training.config import load_config, save_config
 from af3.training.stages import STAGES, get_stage
-from af3.training.trainer import lr_factor
+from af3.training.optim import lr_factor
 
 
 def _yaml(path, data) -> str:
@@ -115,7 +115,7 @@ def test_lr_schedule():
 
 def test_part_learning_rates_give_each_part_its_own_scheduled_lr(tmp_path, tiny_ckpt):
     from af3 import AF3Model
-    from af3.training.trainer import build_optimizer, build_scheduler
+    from af3.training.optim import build_optimizer, build_scheduler
 
     folder, _, _ = tiny_ckpt
     path = _yaml(tmp_path / "c.yaml", {"model": {"path": folder}, "data": {"mixture": "a.jsonl"}, "stage": "stage3",

@@ -9,7 +9,8 @@ import pytest
 import torch
 from af3.errors import AF3Error
 from af3.model import AF3Model
-from af3.training.trainer import TrainingError, token_loss_sum, train
+from af3.model.af3 import causal_lm_loss
+from af3.training.trainer import TrainingError, train
 from train_helpers import base_config, make_config, max_diff, read_metrics, tensors, write_manifest
 
 
@@ -110,7 +111,7 @@ def test_loss_equals_model_mean_loss(big_batch_step, tiny_ckpt, manifest):
         res = model(**batch["inputs"])
     assert rows[0]["label_tokens"] == batch["num_label_tokens"]
     assert rows[0]["loss"] == pytest.approx(float(res.loss), abs=1e-5)
-    own = token_loss_sum(res.logits, batch["inputs"]["labels"]) / batch["num_label_tokens"]
+    own = causal_lm_loss(res.logits, batch["inputs"]["labels"], reduction="sum") / batch["num_label_tokens"]
     assert float(own) == pytest.approx(float(res.loss), abs=1e-6)
 
 
@@ -163,11 +164,11 @@ def test_audio_filler_adds_a_silent_unlabelled_row(tiny_ckpt, manifest):
     """Distributed runs give every micro-batch audio (same modules and collectives on every rank)."""
     from af3 import AF3Processor
     from af3.training.data import Collator, MixtureDataset
-    from af3.training.trainer import _AudioFiller
+    from af3.training.loader import AudioFiller
 
     proc = AF3Processor.from_pretrained(tiny_ckpt[0])
     model = AF3Model.from_pretrained(tiny_ckpt[0])
-    filler = _AudioFiller(model.config, proc.pad_token_id)
+    filler = AudioFiller(model.config, proc.pad_token_id)
     text_only = Collator(proc)([MixtureDataset([(1.0, manifest)])[3]])["inputs"]
     assert "input_features" not in text_only
     for inputs in (text_only, None):
@@ -182,6 +183,6 @@ def test_audio_filler_adds_a_silent_unlabelled_row(tiny_ckpt, manifest):
             with torch.no_grad():
                 ref = model(**{k: v for k, v in text_only.items() if k != "labels"}).logits
             assert float((logits[:-1, :t] - ref).abs().max()) <= 1e-5
-            assert float(token_loss_sum(logits, filled["labels"])) == pytest.approx(
-                float(token_loss_sum(ref, text_only["labels"])), rel=1e-5)
+            assert float(causal_lm_loss(logits, filled["labels"], reduction="sum")) == pytest.approx(
+                float(causal_lm_loss(ref, text_only["labels"], reduction="sum")), rel=1e-5)
     assert filler.ensure_audio(filled) is filled  # batches with audio are left alone

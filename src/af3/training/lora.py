@@ -4,12 +4,12 @@ Adapters are injected in place with ``peft.inject_adapter_in_model`` (our ``AF3M
 targets are matched by a regex over full module names, so only ``language_model.`` layers get adapters).
 :func:`save_adapter` writes ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's tensor names
 (``base_model.model.<module>.lora_A.weight``), so ``peft.PeftModel.from_pretrained(AF3Model..., folder)`` loads
-them, and :func:`merge_lora` folds an adapter into a plain HF-layout checkpoint.
+them, and :func:`merge_lora` folds an adapter into a plain HF-layout checkpoint. Reading a folder (file names,
+config checks, tensor names, the alpha/r scale) is :mod:`af3.model.adapters`'s, shared with inference.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,20 +19,22 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from ..model.adapters import (
+    ADAPTER_WEIGHTS,
+    LORA_KEY,
+    PEFT_PREFIX,
+    lora_scale,
+    read_adapter_folder,
+)
 
 if TYPE_CHECKING:
-    from .config import LoraSection
+    from .sections import LoraSection
 
 logger = logging.getLogger("af3")
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 #: Every linear layer of the decoder blocks (attention and MLP); not lm_head, not the embeddings.
 LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
-                       r"(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
 def target_regex(target_modules: list[str] | str | None = None) -> str:
@@ -64,7 +66,7 @@ def has_lora(model: nn.Module) -> bool:
 def add_lora(model: nn.Module, lora_cfg: LoraSection | Any) -> nn.Module:
     """Inject LoRA adapters (peft, adapter "default") into the LLM's linear layers, in place.
 
-    ``lora_cfg`` is our :class:`~af3.training.config.LoraSection` or a ``peft.LoraConfig``. The new ``lora_A``
+    ``lora_cfg`` is our :class:`~af3.training.sections.LoraSection` or a ``peft.LoraConfig``. The new ``lora_A``
     weights come from torch's global RNG (seed it for reproducible runs); ``lora_B`` starts at zero, so the
     model's outputs do not change."""
     import peft
@@ -92,7 +94,7 @@ def to_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a model state dict, under peft's saved names (adapter name removed, prefixed)."""
     out = {}
     for key, value in state.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if m:
             out[f"{PEFT_PREFIX}{m['module']}.{m['kind']}.weight"] = value
     return out
@@ -103,7 +105,7 @@ def from_peft_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         name = key.removeprefix(PEFT_PREFIX)
-        m = _LORA_KEY.match(name)
+        m = LORA_KEY.match(name)
         if not m:
             raise CheckpointError(f"unexpected tensor {key!r} in a LoRA adapter (only lora_A/lora_B are supported)")
         out[f"{m['module']}.{m['kind']}.{ADAPTER_NAME}.weight"] = value
@@ -134,19 +136,9 @@ def save_adapter(state: dict[str, torch.Tensor], folder: str | os.PathLike, conf
 def read_adapter(folder: str | os.PathLike):
     """(peft.LoraConfig, tensors under our in-model names) of an adapter folder."""
     import peft
-    from safetensors.torch import load_file
 
-    folder = os.fspath(folder)
-    cfg_path, weights = os.path.join(folder, ADAPTER_CONFIG), os.path.join(folder, ADAPTER_WEIGHTS)
-    if not os.path.isfile(cfg_path) or not os.path.isfile(weights):
-        raise CheckpointError(f"{folder!r} is not a LoRA adapter folder: it needs {ADAPTER_CONFIG} and "
-                              f"{ADAPTER_WEIGHTS}")
-    with open(cfg_path, encoding="utf-8") as f:
-        kind = json.load(f).get("peft_type")
-    if kind not in (None, "LORA"):
-        raise CheckpointError(f"{cfg_path}: peft_type {kind!r} is not supported (only LORA)")
-    cfg = peft.LoraConfig.from_pretrained(folder)
-    return cfg, from_peft_names(load_file(weights))
+    _, tensors = read_adapter_folder(folder)  # checks the folder and the config
+    return peft.LoraConfig.from_pretrained(os.fspath(folder)), from_peft_names(tensors)
 
 
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
@@ -184,8 +176,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], config: Any) -> dict[str, 
     """A plain AF3 state dict from one with injected LoRA layers: ``W + scaling * B @ A`` (in float32, cast back
     to W's dtype), ``base_layer`` names restored, LoRA tensors dropped. Works on CPU copies (e.g. gathered
     from FSDP), the model is not touched."""
-    r, alpha = int(config.r), float(config.lora_alpha)
-    scaling = alpha / (r**0.5) if getattr(config, "use_rslora", False) else alpha / r
+    scaling = lora_scale(int(config.r), float(config.lora_alpha), getattr(config, "use_rslora", False))
     if getattr(config, "use_dora", False) or getattr(config, "fan_in_fan_out", False):
         raise CheckpointError("merging DoRA / fan_in_fan_out adapters is not supported")
     out: dict[str, torch.Tensor] = {}

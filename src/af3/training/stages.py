@@ -10,8 +10,9 @@ stage3.5   frozen       frozen     LoRA   600 s (20)  5e-5      2 × 8        2
 stage4     train        train      train  600 s (20)  5e-5      2 × 8        2
 =========  ===========  =========  =====  ==========  ========  ===========  ======
 
-(NVIDIA's ``scripts/stage*_af3.sh``; per-device batch sizes are for 8 GPUs.) The encoder's learned position
-embeddings stay frozen in every stage, as in Whisper and the reference.
+(NVIDIA's ``scripts/stage*_af3.sh``; per-device batch sizes are for 8 GPUs.) A window is
+``af3.config.WINDOW_SECONDS``; the last stages train on ``af3.config.MAX_AUDIO_WINDOWS``, AF3's cap. The encoder's
+learned position embeddings stay frozen in every stage, as in Whisper and the reference.
 """
 
 from __future__ import annotations
@@ -20,16 +21,15 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
+from ..config import MAX_AUDIO_WINDOWS, WINDOW_SECONDS
 from ..errors import InputError
+from .sections import LoraSection
 
 if TYPE_CHECKING:
-    from .config import LoraSection
+    from torch import nn
 
 logger = logging.getLogger("af3")
 
-WINDOW_SECONDS = 30.0
 PARTS = ("audio_tower", "multi_modal_projector", "language_model")
 #: Parameters that never train (Whisper's sinusoid-initialised, frozen position table).
 ALWAYS_FROZEN = ("audio_tower.embed_positions.weight",)
@@ -52,7 +52,7 @@ class Stage:
 
     @property
     def max_audio_len(self) -> float:
-        return self.windows * WINDOW_SECONDS
+        return float(self.windows * WINDOW_SECONDS)
 
     @property
     def uses_lora(self) -> bool:
@@ -69,8 +69,10 @@ STAGES: dict[str, Stage] = {
         Stage("stage1", "frozen", "train", "frozen", 1, 1e-3, 4, 1, 1, "alignment: projector only"),
         Stage("stage2", "train", "train", "frozen", 1, 1.5e-5, 4, 4, 1, "encoder tuning: encoder + projector"),
         Stage("stage3", "train", "train", "train", 5, 1.5e-5, 2, 8, 1, "full fine-tuning, 2.5 min audio"),
-        Stage("stage3.5", "frozen", "frozen", "lora", 20, 5e-5, 2, 8, 2, "context extension: LoRA on the LLM"),
-        Stage("stage4", "train", "train", "train", 20, 5e-5, 2, 8, 2, "chat: full fine-tuning on multi-turn data"),
+        Stage("stage3.5", "frozen", "frozen", "lora", MAX_AUDIO_WINDOWS, 5e-5, 2, 8, 2,
+              "context extension: LoRA on the LLM"),
+        Stage("stage4", "train", "train", "train", MAX_AUDIO_WINDOWS, 5e-5, 2, 8, 2,
+              "chat: full fine-tuning on multi-turn data"),
     )
 }
 _ALIASES = {"stage35": "stage3.5", "stage3_5": "stage3.5", "3.5": "stage3.5", "35": "stage3.5"}
@@ -95,8 +97,7 @@ def apply_stage(model: nn.Module, stage: str | Stage, lora_cfg: LoraSection | No
     table of trainable/frozen parameters. Returns the model to train (the same object)."""
     stage = get_stage(stage)
     if stage.uses_lora:
-        from .config import LoraSection
-        from .lora import add_lora
+        from .lora import add_lora  # imports peft
 
         add_lora(model, lora_cfg or LoraSection())
     model.requires_grad_(False)
