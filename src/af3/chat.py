@@ -39,6 +39,10 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+#: Largest ``tokenizer.json`` / ``chat_template.jinja`` read (bounded memory for a hostile folder).
+MAX_TOKENIZER_BYTES = 512 * 1024**2
+MAX_TEMPLATE_CHARS = 1024**2
+
 AUDIO_KEYS = ("audio", "path", "url", "array", "base64", "input_audio", "audio_url")
 ROLES = ("system", "user", "assistant")
 
@@ -69,6 +73,9 @@ class TextTokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise CheckpointError(f"missing file {path!r}: the tokenizer is needed to build prompts")
+        if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+            raise CheckpointError(f"{path!r} is larger than {MAX_TOKENIZER_BYTES // 1024**2} MB; it is not a "
+                                  "tokenizer (Qwen2's is about 11 MB)")
         try:
             tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -76,6 +83,10 @@ class TextTokenizer:
         cfg_path = os.path.join(folder, "tokenizer_config.json")
         cfg = read_json(cfg_path) if os.path.isfile(cfg_path) else {}
         special = {k: _token_text(cfg.get(k)) for k in ("eos_token", "pad_token", "bos_token")}
+        for key, text in special.items():
+            if text is None and cfg.get(key) is not None:
+                raise CheckpointError(f"{cfg_path}: {key} must be a token string (or an AddedToken object with "
+                                      f"\"content\"), got {cfg.get(key)!r}")
         return cls(tok, special)
 
     def token_id(self, token: str | None) -> int | None:
@@ -116,8 +127,15 @@ def read_chat_template(folder: str | os.PathLike) -> str | None:
     """The checkpoint's chat template, looked up in the places transformers writes it (newest first)."""
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            return f.read()
+        try:
+            with open(jinja_path, encoding="utf-8") as f:
+                template = f.read(MAX_TEMPLATE_CHARS + 1)
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the chat template {jinja_path!r}: {e}") from None
+        if len(template) > MAX_TEMPLATE_CHARS:
+            raise CheckpointError(f"{jinja_path!r} is longer than {MAX_TEMPLATE_CHARS} characters; it is not a "
+                                  "chat template")
+        return template
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):

@@ -1,6 +1,9 @@
 """Model configuration: dataclasses whose field names follow the HF ``config.json`` of AudioFlamingo3.
 
 Unknown fields are kept in ``extra`` and written back, so a config survives a load/save round trip unchanged.
+Every config checks its fields when it is built (:mod:`af3.config_checks`): a wrong type, a size out of range or
+an unsupported setting is a :class:`CheckpointError` that names the field, and — when read from a file — the file.
+:func:`read_json` reads at most :data:`MAX_JSON_BYTES` and only accepts a JSON object.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import CheckpointError
+from . import config_checks as checks
+from .errors import CheckpointError, InputError
 
 #: Label value that no loss or accuracy counts (prompt tokens, audio placeholders, padding).
 IGNORE_INDEX = -100
@@ -61,8 +65,19 @@ class _JsonConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        if not isinstance(data, dict):
+            raise CheckpointError(f"a {cls.__name__} must be a JSON object, got {checks.describe(data)}")
         known, extra = _split_known(cls, dict(data), cls.ALIASES)
         return cls(**known, extra=extra)  # type: ignore[call-arg]
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike):
+        """Read and check a JSON config file; a bad field is a :class:`CheckpointError` that names the file."""
+        data = read_json(path)
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as e:
+            raise CheckpointError(f"{os.fspath(path)}: {e}; fix it in that file") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
@@ -90,6 +105,9 @@ class EncoderConfig(_JsonConfig):
     activation_function: str = "gelu"
     max_source_positions: int = 1500
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks.check_encoder(self)
 
     @property
     def head_dim(self) -> int:
@@ -121,13 +139,9 @@ class TextConfig(_JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        checks.check_text(self)
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise CheckpointError(
-                f"text_config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})"
-            )
 
     def rope(self) -> dict[str, Any]:
         """The rotary settings, whichever way the config spells them (v4 ``rope_theta``/``rope_scaling`` or
@@ -161,14 +175,31 @@ class AF3Config(_JsonConfig):
     projector_bias: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        checks.check_af3(self)
+        if not isinstance(self.audio_config, EncoderConfig) or not isinstance(self.text_config, TextConfig):
+            raise CheckpointError("audio_config and text_config must be an EncoderConfig and a TextConfig")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AF3Config:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"the model config must be a JSON object, got {checks.describe(data)}")
         data = dict(data)
-        audio = data.pop("audio_config", None) or {}
-        text = data.pop("text_config", None) or {}
+        kind = data.get("model_type", "audioflamingo3")
+        if kind != "audioflamingo3":
+            raise CheckpointError(f"model_type is {checks.describe(kind)}, not 'audioflamingo3': this is not an AF3 "
+                                  "checkpoint (a folder in NVIDIA's layout has llm/, sound_tower/ and "
+                                  "sound_mm_projector/)")
+        parts = {}
+        for key, part_cls in (("audio_config", EncoderConfig), ("text_config", TextConfig)):
+            value = data.pop(key, None)
+            if value is None:
+                value = {}
+            if not isinstance(value, (dict, part_cls)):
+                raise CheckpointError(f"{key} must be an object, got {checks.describe(value)}")
+            parts[key] = part_cls.from_dict(value) if isinstance(value, dict) else value
         cfg = super().from_dict(data)
-        cfg.audio_config = audio if isinstance(audio, EncoderConfig) else EncoderConfig.from_dict(audio)
-        cfg.text_config = text if isinstance(text, TextConfig) else TextConfig.from_dict(text)
+        cfg.audio_config, cfg.text_config = parts["audio_config"], parts["text_config"]
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,10 +215,6 @@ class AF3Config(_JsonConfig):
         for key, value in self.extra.items():
             out.setdefault(key, value)
         return out
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> AF3Config:
-        return cls.from_dict(read_json(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
@@ -209,6 +236,12 @@ class GenerationConfig(_JsonConfig):
     repetition_penalty: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name, default in checks.GENERATION_NULL_DEFAULTS.items():  # null = unset, as in transformers
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        checks.check_generation(self)
+
     @property
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids as a list (the config may hold one int or a list)."""
@@ -217,10 +250,6 @@ class GenerationConfig(_JsonConfig):
         if isinstance(self.eos_token_id, int):
             return [self.eos_token_id]
         return [int(t) for t in self.eos_token_id]
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> GenerationConfig:
-        return cls.from_dict(read_json(path))
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())
@@ -235,15 +264,60 @@ def is_nvidia_layout(folder: str | os.PathLike) -> bool:
     return all(os.path.isdir(os.path.join(folder, sub)) for sub in NVIDIA_FOLDERS)
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON file, turning a missing or broken file into a :class:`CheckpointError`."""
+#: Largest JSON file :func:`read_json` reads (a Qwen2 ``tokenizer.json`` is about 11 MB, configs a few kB).
+MAX_JSON_BYTES = 64 * 1024**2
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Read a JSON object from a file; a missing, unreadable, oversized or broken file, a key that appears twice
+    or a top level that is not an object is a :class:`CheckpointError` naming the file."""
+    path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+            raise CheckpointError(f"{path!r} is not a regular file (a pipe or a device?); it cannot be a config file")
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise CheckpointError(f"missing file {os.fspath(path)!r}") from None
+        raise CheckpointError(f"missing file {path!r}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path!r} is a folder, not a JSON file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path!r}: {e.strerror or e}") from None
+    if len(raw) > max_bytes:
+        raise CheckpointError(f"{path!r} is larger than {max_bytes // 1024**2} MB; it is not a config file")
+    try:
+        data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path!r} is not valid JSON: it is not UTF-8 text") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{os.fspath(path)!r} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path!r} is not valid JSON: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path!r} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path!r} is not valid JSON: it is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path!r} must hold a JSON object {{...}}, not {checks.describe(data)}")
+    return data
+
+
+def folder_path(path: Any, what: str = "checkpoint folder") -> str:
+    """``path`` (str or os.PathLike) as a str; anything else is an :class:`InputError`."""
+    try:
+        folder = os.fspath(path)
+    except TypeError:
+        folder = None
+    if not isinstance(folder, str) or not folder:
+        raise InputError(f"the {what} must be a path (str or os.PathLike), got {path!r}")
+    return folder
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

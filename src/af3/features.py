@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .config import MAX_AUDIO_SECONDS, MAX_AUDIO_WINDOWS, _JsonConfig, read_json, write_json
+from .config_checks import check_features
 from .errors import AudioError, CheckpointError, InputError
 
 logger = logging.getLogger("af3")
@@ -39,7 +40,9 @@ class FeatureConfig(_JsonConfig):
     """``preprocessor_config.json`` of a WhisperFeatureExtractor (field names as HF saves them).
 
     As in HF, ``n_samples`` and ``nb_max_frames`` are derived from ``chunk_length``, ``sampling_rate`` and
-    ``hop_length`` (the values in the file are overwritten).
+    ``hop_length`` (the values in the file are overwritten). Every field's type and range is checked when the
+    config is built (:func:`af3.config_checks.check_features`), before anything is derived: a bad value is a
+    :class:`CheckpointError` naming the field, never a ``ZeroDivisionError`` later.
     """
 
     feature_size: int = 128
@@ -57,15 +60,15 @@ class FeatureConfig(_JsonConfig):
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.n_samples = int(self.chunk_length * self.sampling_rate)
-        self.nb_max_frames = self.n_samples // self.hop_length
+        # Every field's type and range first (one place: af3.config_checks), then what is derived from them.
         if self.padding_side != "right":
             raise CheckpointError(
                 f"feature extractor padding_side={self.padding_side!r} is not supported; AF3 pads windows "
                 "on the right"
             )
-        if min(self.feature_size, self.hop_length, self.n_fft, self.n_samples) <= 0:
-            raise CheckpointError(f"feature extractor sizes must be positive: {self.to_dict()}")
+        check_features(self)
+        self.n_samples = int(self.chunk_length * self.sampling_rate)
+        self.nb_max_frames = self.n_samples // self.hop_length
 
     @property
     def window_samples(self) -> int:
@@ -78,7 +81,10 @@ class FeatureConfig(_JsonConfig):
         data = read_json(path)
         if isinstance(data.get("feature_extractor"), dict):
             data = data["feature_extractor"]
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as e:
+            raise CheckpointError(f"{os.fspath(path)}: {e}; fix it in that file") from None
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, self.to_dict())

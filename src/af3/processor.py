@@ -18,9 +18,11 @@ import torch
 
 from .audio import load_audio
 from .chat import ChatTemplate, RenderedChat, TextTokenizer, read_chat_template
-from .config import IGNORE_INDEX, MAX_AUDIO_SECONDS, is_nvidia_layout, read_json, write_json
+from .config import IGNORE_INDEX, MAX_AUDIO_SECONDS, folder_path, is_nvidia_layout, read_json, write_json
+from .config_checks import describe
 from .errors import AudioError, CheckpointError, InputError
 from .features import FeatureConfig, extract_features
+from .files import atomic_folder
 
 logger = logging.getLogger("af3")
 
@@ -93,6 +95,52 @@ def _b64decode(data: str) -> bytes:
         raise AudioError("audio data is not valid base64") from None
 
 
+def _settings_problem(audio_token: Any, default_transcription_prompt: Any, max_audio_len: Any,
+                      features: FeatureConfig) -> str | None:
+    """What is wrong with the processor's own settings, or None."""
+    if not isinstance(audio_token, str) or not audio_token:
+        return f"audio_token must be a non-empty string, got {describe(audio_token)}"
+    if not isinstance(default_transcription_prompt, str):
+        return f"default_transcription_prompt must be a string, got {describe(default_transcription_prompt)}"
+    if isinstance(max_audio_len, bool) or not isinstance(max_audio_len, (int, float)) \
+            or not features.chunk_length <= max_audio_len < float("inf"):
+        return (f"max_audio_len must be a number of seconds >= chunk_length ({features.chunk_length}: one window), "
+                f"got {describe(max_audio_len)}")
+    return None
+
+
+def _check_fits_model(processor: AF3Processor, config_path: str) -> None:
+    """The processor must fit the model of the same folder: its ``<sound>`` id, vocabulary size, mel bins and
+    frames per window. (A broken or missing config.json is the model loader's to report.)"""
+    try:
+        config = read_json(config_path)
+    except CheckpointError:
+        return
+    text = config.get("text_config", config)  # NVIDIA's llm/config.json is the text config itself
+    audio = config.get("audio_config")
+    fe, tok = processor.feature_config, processor.tokenizer
+    checks = []
+    if "text_config" in config:
+        checks.append(("audio_token_id", config.get("audio_token_id"), processor.audio_token_id,
+                       f"tokenizer.json gives {processor.audio_token!r} the id {processor.audio_token_id}"))
+    if isinstance(text, dict):
+        vocab, top = text.get("vocab_size"), max(tok.tokenizer.get_vocab(with_added_tokens=True).values(), default=0)
+        if isinstance(vocab, int) and top >= vocab:
+            raise CheckpointError(f"{config_path}: text_config.vocab_size is {vocab} but tokenizer.json has token ids "
+                                  f"up to {top}; the tokenizer and the model are from different checkpoints")
+    if isinstance(audio, dict):
+        checks.append(("audio_config.num_mel_bins", audio.get("num_mel_bins"), fe.feature_size,
+                       f"the feature extractor makes {fe.feature_size} mel bins (feature_size)"))
+        positions = audio.get("max_source_positions")
+        if isinstance(positions, int):
+            checks.append(("audio_config.max_source_positions x 2", 2 * positions, fe.nb_max_frames,
+                           f"the feature extractor makes {fe.nb_max_frames} frames per window"))
+    for name, value, want, why in checks:
+        if isinstance(value, int) and value != want:
+            raise CheckpointError(f"{config_path}: {name} is {value} but {why}; the processor files and the model "
+                                  "are from different checkpoints")
+
+
 class AF3Processor:
     """Tokenizer + chat template + Whisper-style feature extractor for Audio Flamingo 3."""
 
@@ -107,48 +155,90 @@ class AF3Processor:
     ):
         self.tokenizer = tokenizer
         self.feature_config = feature_config or FeatureConfig()
+        if not isinstance(self.feature_config, FeatureConfig):
+            raise InputError(f"feature_config must be a FeatureConfig, got {type(feature_config).__name__}")
+        problem = _settings_problem(audio_token, default_transcription_prompt, max_audio_len, self.feature_config)
+        if problem:
+            raise InputError(f"AF3Processor: {problem}")
         self.audio_token = audio_token
         self.default_transcription_prompt = default_transcription_prompt
         self.max_audio_len = max_audio_len
         self.audio_token_id = tokenizer.token_id(audio_token)
         if self.audio_token_id is None:
-            raise CheckpointError(f"the tokenizer has no {audio_token!r} token; is this an AF3 checkpoint?")
+            raise CheckpointError(f"the tokenizer has no {audio_token!r} token (the processor's audio_token); is this "
+                                  "an AF3 checkpoint? AF3's tokenizer has '<sound>'")
+        for role in ("eos_token", "pad_token"):
+            token = getattr(tokenizer, role)
+            if token is not None and tokenizer.token_id(token) is None:
+                raise CheckpointError(f"tokenizer_config.json names {role} {token!r}, which tokenizer.json does not "
+                                      "have; fix the token in tokenizer_config.json")
+        if tokenizer.eos_token_id is None and tokenizer.pad_token_id is None:
+            raise CheckpointError("tokenizer_config.json sets neither eos_token nor pad_token; AF3 needs "
+                                  "\"eos_token\": \"<|im_end|>\" there to end turns and pad batches")
         self.chat_template = ChatTemplate(chat_template, audio_token, tokenizer.eos_token)
+        self.chat_template._template  # noqa: B018 (compiles now: a broken template is a load error, not a 500 later)
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> AF3Processor:
         """Load from a local folder in the HF layout (``tokenizer.json``, ``processor_config.json`` or
-        ``preprocessor_config.json``, a chat template file)."""
-        folder = os.fspath(path)
-        if not os.path.isdir(folder):
+        ``preprocessor_config.json``, a chat template file).
+
+        Every problem of the folder is a :class:`CheckpointError` naming the file and the field: settings of the
+        wrong type or out of range, a template that does not compile, special tokens the tokenizer lacks, and a
+        processor that does not fit the model of the same folder (``<sound>`` id, vocabulary, mel bins, frames).
+        """
+        folder = folder_path(path)
+        if not os.path.exists(folder):
             raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder!r} is a file, not a checkpoint folder; pass the folder that holds "
+                                  "tokenizer.json and config.json")
         if is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
             # NVIDIA's layout: the tokenizer lives in llm/; its chat template is the LLM's text-only one, so the
             # AF3 processor template is used instead.
-            return cls(TextTokenizer.from_folder(os.path.join(folder, "llm")), FeatureConfig(), None)
+            processor = cls(TextTokenizer.from_folder(os.path.join(folder, "llm")), FeatureConfig(), None)
+            _check_fits_model(processor, os.path.join(folder, "llm", "config.json"))
+            return processor
         tokenizer = TextTokenizer.from_folder(folder)
         proc_cfg: dict[str, Any] = {}
         proc_path = os.path.join(folder, "processor_config.json")
-        if os.path.isfile(proc_path):
+        if os.path.exists(proc_path):
             proc_cfg = read_json(proc_path)
-        fe_cfg = proc_cfg.get("feature_extractor")
+        fe_cfg, fe_path = proc_cfg.get("feature_extractor"), proc_path
         pre_path = os.path.join(folder, "preprocessor_config.json")
-        if fe_cfg is None and os.path.isfile(pre_path):
-            fe_cfg = read_json(pre_path)
-        return cls(
-            tokenizer,
-            FeatureConfig.from_dict(fe_cfg or {}),
-            read_chat_template(folder),
-            audio_token=proc_cfg.get("audio_token", "<sound>"),
-            default_transcription_prompt=proc_cfg.get("default_transcription_prompt", DEFAULT_TRANSCRIPTION_PROMPT),
-            max_audio_len=proc_cfg.get("max_audio_len", MAX_AUDIO_SECONDS),
-        )
+        if fe_cfg is None and os.path.exists(pre_path):
+            fe_cfg, fe_path = read_json(pre_path), pre_path
+        if fe_cfg is not None and not isinstance(fe_cfg, dict):
+            raise CheckpointError(f"{fe_path}: feature_extractor must be an object, got {describe(fe_cfg)}")
+        try:
+            features = FeatureConfig.from_dict(fe_cfg or {})
+        except CheckpointError as e:
+            raise CheckpointError(f"{fe_path}: {e}; fix it in that file") from None
+        settings = {"audio_token": "<sound>", "default_transcription_prompt": DEFAULT_TRANSCRIPTION_PROMPT,
+                    "max_audio_len": MAX_AUDIO_SECONDS}
+        settings.update({k: proc_cfg[k] for k in settings if k in proc_cfg})
+        problem = _settings_problem(**settings, features=features)
+        if problem:
+            raise CheckpointError(f"{proc_path}: {problem}; fix it in that file")
+        processor = cls(tokenizer, features, read_chat_template(folder), **settings)
+        _check_fits_model(processor, os.path.join(folder, "config.json"))
+        return processor
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write the processor files in the layout transformers writes (and reads back)."""
-        folder = os.fspath(path)
-        os.makedirs(folder, exist_ok=True)
+        """Write the processor files in the layout transformers writes (and reads back), through
+        :func:`af3.files.atomic_folder`: the folder's other files (the model's) are kept, and a crash leaves the
+        old files or the new ones, never a mix."""
+        folder = folder_path(path, "output folder")
+        try:
+            with atomic_folder(folder, keep_existing=True) as tmp:
+                self.save_files(tmp)
+        except OSError as e:
+            raise CheckpointError(f"cannot write the processor files to {folder!r}: {e.strerror or e}; check that "
+                                  "the folder is writable and the disk has room") from None
+
+    def save_files(self, folder: str) -> None:
+        """Write the processor files into ``folder`` as they are (no atomic swap: for a folder being built)."""
         self.tokenizer.save(folder)
         with open(os.path.join(folder, "chat_template.jinja"), "w", encoding="utf-8") as f:
             f.write(self.chat_template.source)

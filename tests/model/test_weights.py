@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -16,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from af3 import AF3Model, AF3Processor
 from af3.cli import main as cli_main
-from af3.errors import CheckpointError
+from af3.errors import CheckpointError, InputError
+from af3.model import weights
 
 
 def reference_inputs(ref_proc):
@@ -63,7 +65,7 @@ def test_save_pretrained_sharded_loads_in_af3_and_transformers(tiny_ckpt, tmp_pa
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
-    assert not list(tmp_path.glob(".af3-save-*"))  # the temporary folder is gone
+    assert not [e for e in os.listdir(tmp_path.parent) if e.startswith(f".{tmp_path.name}.")]  # no temporary
     again = AF3Model.from_pretrained(tmp_path)
     assert_logits_match(again, ref_model, ref_proc, tol=1e-4)
     theirs = AudioFlamingo3ForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -187,7 +189,8 @@ def test_loading_peak_memory_is_close_to_weight_size(tmp_path):
     config = AF3Config(
         audio_config=EncoderConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024),
         text_config=TextConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
-                               num_attention_heads=8, num_key_value_heads=2),
+                               num_attention_heads=8, num_key_value_heads=2, bos_token_id=0, eos_token_id=2,
+                               pad_token_id=0),
         audio_token_id=5,
     )
     model = AF3Model(config)
@@ -208,3 +211,123 @@ def test_module_names_equal_checkpoint_keys(tiny_ckpt):
     folder, _, _ = tiny_ckpt
     model = AF3Model(AF3Config.from_file(os.path.join(folder, "config.json")))
     model.load_state_dict(load_file(os.path.join(folder, "model.safetensors")), strict=True)
+
+
+# ---------------------------------------------------------------------- atomic writes
+def tree(root) -> dict[str, bytes]:
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return out
+
+
+def leftovers(folder) -> list[str]:
+    parent, name = os.path.split(os.path.abspath(folder))
+    return [e for e in os.listdir(parent) if e.startswith(f".{name}.")]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["disk-full", "interrupted"])
+def test_a_save_that_fails_midway_leaves_the_previous_checkpoint(tiny_ckpt, tmp_path, monkeypatch, failure):
+    folder, ref_proc, ref_model = tiny_ckpt
+    out = tmp_path / "ckpt"
+    AF3Model.from_pretrained(folder).save_pretrained(out, max_shard_bytes=200_000)
+    AF3Processor.from_pretrained(folder).save_pretrained(out)
+    before = tree(out)
+    real, written = weights.save_file, []
+
+    def save_file(tensors, path, metadata=None):  # the first shard is written, the second fails
+        if written:
+            raise failure
+        written.append(path)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(weights, "save_file", save_file)
+    other = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)  # every weight file would change
+    with pytest.raises((CheckpointError, KeyboardInterrupt)) as err:
+        other.save_pretrained(out, max_shard_bytes=200_000)
+    if isinstance(failure, OSError):
+        assert err.type is CheckpointError and "No space left on device" in str(err.value)
+        assert "previous checkpoint there is unchanged" in str(err.value)
+    assert len(written) == 1
+    assert tree(out) == before  # byte-identical
+    assert leftovers(out) == []  # no temporary folder
+    monkeypatch.undo()
+    assert_logits_match(AF3Model.from_pretrained(out), ref_model, ref_proc)
+
+
+def test_a_processor_save_that_fails_leaves_the_old_files(tiny_ckpt, tmp_path, monkeypatch):
+    from af3 import processor as processor_module
+
+    folder, _, _ = tiny_ckpt
+    out = tmp_path / "ckpt"
+    shutil.copytree(folder, out)
+    before = tree(out)
+    proc = AF3Processor.from_pretrained(folder)
+    proc.default_transcription_prompt = "Something else."
+
+    def broken(path, data):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(processor_module, "write_json", broken)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        proc.save_pretrained(out)
+    assert tree(out) == before and leftovers(out) == []
+
+
+def test_saves_keep_other_files_drop_stale_shards_and_follow_the_umask(tiny_ckpt, tmp_path):
+    folder, ref_proc, ref_model = tiny_ckpt
+    model = AF3Model.from_pretrained(folder)
+    out = tmp_path / "ckpt"
+    old_mask = os.umask(0o027)
+    try:
+        model.save_pretrained(out, max_shard_bytes=200_000)
+        AF3Processor.from_pretrained(folder).save_pretrained(out)  # processor files next to the weights
+        (out / "think").mkdir()
+        (out / "think" / "adapter_config.json").write_text("{}")
+        (out / "notes.txt").write_text("mine")
+        model.save_pretrained(out)  # unsharded now
+    finally:
+        os.umask(old_mask)
+    names = sorted(os.listdir(out))
+    assert "model.safetensors" in names and not [n for n in names if n.startswith("model-") or "index" in n]
+    for kept in ("tokenizer.json", "processor_config.json", "chat_template.jinja", "notes.txt",
+                 "think/adapter_config.json"):
+        assert (out / kept).is_file(), kept
+    for path in [out, *out.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.name in ("notes.txt", "adapter_config.json") or path.name == "think":
+            continue  # written by this test, not by a save
+        assert mode == (0o750 if path.is_dir() else 0o640), (path, oct(mode))
+    assert_logits_match(AF3Model.from_pretrained(out), ref_model, ref_proc)
+
+
+def test_convert_force_replaces_an_existing_folder_whole_and_refuses_a_file(tiny_ckpt, tmp_path):
+    folder, ref_proc, ref_model = tiny_ckpt
+    nv = make_nvidia_layout(folder, str(tmp_path / "nv"))
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"old shard")
+    (out / "tokenizer.json").write_text("old tokenizer")
+    assert cli_main(["convert", nv, str(out), "--force"]) == 0
+    names = set(os.listdir(out))
+    assert "stale.txt" not in names and "model-00001-of-00009.safetensors" not in names
+    assert_logits_match(AF3Model.from_pretrained(out), ref_model, ref_proc)
+    AF3Processor.from_pretrained(out)
+    assert leftovers(out) == []
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    assert cli_main(["convert", nv, str(target), "--force"]) == 2
+    assert target.read_text() == "keep me" and leftovers(target) == []
+
+
+def test_save_onto_a_file_is_an_input_error(tiny_ckpt, tmp_path):
+    folder, _, _ = tiny_ckpt
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    with pytest.raises(InputError, match="is a file, not a folder"):
+        AF3Model.from_pretrained(folder).save_pretrained(target)
+    assert target.read_text() == "keep me"

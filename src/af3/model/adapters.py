@@ -7,20 +7,27 @@ batch can mix rows with and without the adapter: ``controller.rows`` is a bool p
 
 :func:`read_adapter_folder`, :data:`LORA_KEY` and :func:`lora_scale` are the one reader of a peft adapter folder:
 training's :mod:`af3.training.lora` (which saves, merges and loads adapters into peft layers) builds on them.
+
+Every problem of an adapter folder is a :class:`CheckpointError` naming the file and the key: a broken
+``adapter_config.json`` (not JSON, ``r`` not a positive integer, ``lora_alpha`` not a number), a weight file whose
+header or values are bad (checked as model weights are: :mod:`af3.model.tensor_files`, NaN/inf refused), LoRA
+pairs whose shapes do not chain, or a pickled ``non_lora_trainables.bin`` that ``torch.load`` cannot read.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..config import read_json
+from ..config_checks import describe
 from ..errors import CheckpointError
+from .tensor_files import TensorSource, _load_pickle, all_finite
 
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
 ADAPTER_FOLDERS = ("think", "stage35")
@@ -66,14 +73,26 @@ def read_adapter_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, Tens
     if not os.path.isfile(cfg_path) or not os.path.isfile(weights_path):
         raise CheckpointError(f"{folder!r} is not a LoRA adapter folder: it needs {ADAPTER_CONFIG} and "
                               f"{ADAPTER_WEIGHTS}")
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = read_json(cfg_path)
     kind = cfg.get("peft_type")
     if kind not in (None, "LORA"):
         raise CheckpointError(f"{cfg_path}: peft_type {kind!r} is not supported (only LORA)")
     if cfg.get("use_dora"):
         raise CheckpointError(f"{cfg_path}: only plain LoRA adapters are supported (not DoRA)")
-    return cfg, load_file(weights_path)
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha", cfg.get("r"))
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise CheckpointError(f"{cfg_path}: r must be a positive integer (the LoRA rank), got {describe(r)}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CheckpointError(f"{cfg_path}: lora_alpha must be a finite number, got {describe(alpha)}")
+    tensors = {}
+    with TensorSource([weights_path]) as source:
+        for key in source.keys():  # noqa: SIM118 (TensorSource is not a dict)
+            t = source.get(key)
+            if t.is_floating_point() and not all_finite(t):
+                raise CheckpointError(f"tensor {key} in {weights_path} holds NaN or inf values; the adapter is "
+                                      "corrupt: re-download or re-train it")
+            tensors[key] = t
+    return cfg, tensors
 
 
 def _our_module_name(peft_module: str) -> str:
@@ -88,7 +107,7 @@ def read_lora(folder: str | os.PathLike) -> dict[str, LoRAWeights]:
     """Our module name → LoRA weights of a peft LoRA folder (``scale`` = alpha / r, or alpha / √r with rsLoRA)."""
     cfg, tensors = read_adapter_folder(folder)
     weights_path = os.path.join(os.fspath(folder), ADAPTER_WEIGHTS)
-    r = int(cfg["r"])
+    r = cfg["r"]
     scale = lora_scale(r, float(cfg.get("lora_alpha", r)), bool(cfg.get("use_rslora")))
     pairs: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
@@ -100,7 +119,11 @@ def read_lora(folder: str | os.PathLike) -> dict[str, LoRAWeights]:
     for name, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise CheckpointError(f"{weights_path}: {name} has lora_{next(iter(ab))} but not its pair")
-        out[name] = LoRAWeights(ab["A"], ab["B"], scale)
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point():
+            raise CheckpointError(f"{weights_path}: {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+                                  "they must be float matrices [r, in] and [out, r]")
+        out[name] = LoRAWeights(a, b, scale)
     if not out:
         raise CheckpointError(f"{weights_path} holds no LoRA weights")
     return out
@@ -174,7 +197,7 @@ def check_non_lora(folder: str | os.PathLike, model: nn.Module, allow_pickle: bo
         return
     if not allow_pickle:
         raise CheckpointError(f"{path} is pickled; pass allow_pickle=True to read it (torch.load, weights_only)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_pickle(path)
     own = model.state_dict()
     differing = []
     for key, value in state.items():

@@ -1,4 +1,4 @@
-"""Checkpoint files: find, read (plain file reads, tensor by tensor), map keys, write.
+"""Checkpoint files: find, read (plain file reads, tensor by tensor, every byte checked), map keys, write.
 
 Two on-disk layouts are understood:
 
@@ -8,29 +8,38 @@ Two on-disk layouts are understood:
   own ``config.json`` and safetensors; keys get the prefix of their folder and the projector's ``layers.0``/``layers.2``
   become ``linear_1``/``linear_2``.
 
-Weights are read tensor by tensor into a model whose storage was allocated empty, so loading needs about the
-weights' size in memory, not twice that.
+What loading guarantees: every problem of a checkpoint folder is a :class:`CheckpointError` (bad arguments an
+:class:`InputError`) naming the file, the key or the tensor — never another exception. Configs are checked field
+by field (:mod:`af3.config_checks`), weight files byte by byte (:mod:`af3.model.tensor_files`); the model's size
+is compared with the device's free memory and every tensor's shape and dtype with the config before anything is
+allocated; every floating tensor is checked for NaN/inf as it is read (and after a cast to the load dtype). Weights are
+read tensor by tensor into a model whose storage was allocated empty, so loading needs about the weights' size in
+memory, not twice that.
+
+What saving guarantees: a checkpoint is written through :func:`af3.files.atomic_folder` — built next to the old
+folder, flushed, swapped in one step — so a crash leaves the old checkpoint or the new one, never a mix; files the
+save does not write (a processor's, an adapter's) are kept, weight shards of an earlier save are dropped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import (NVIDIA_FOLDERS, AF3Config, EncoderConfig, GenerationConfig, TextConfig, is_nvidia_layout,
-                      read_json, write_json)
-from ..errors import CheckpointError
+from .. import config_checks as checks
+from ..config import (DTYPE_NAMES, NVIDIA_FOLDERS, AF3Config, EncoderConfig, GenerationConfig, TextConfig,
+                      folder_path, is_nvidia_layout, read_json, write_json)
+from ..errors import CheckpointError, InputError
+from ..files import atomic_folder
+from .tensor_files import (INDEX, SafetensorsFile, StateSource, TensorSource, _names_list, all_finite,  # noqa: F401
+                           read_index, weight_files)
 
 logger = logging.getLogger("af3")
 
@@ -38,185 +47,13 @@ LM_HEAD = "language_model.lm_head.weight"
 EMBED = "language_model.model.embed_tokens.weight"
 _PROJECTOR_RENAMES = [(re.compile(r"^multi_modal_projector\.layers\.0\."), "multi_modal_projector.linear_1."),
                       (re.compile(r"^multi_modal_projector\.layers\.2\."), "multi_modal_projector.linear_2.")]
-
-
-def weight_files(folder: str | os.PathLike, allow_pickle: bool = False) -> list[str]:
-    """The weight files of one folder: single safetensors, shards from an index, or (opt-in) a pickled .bin."""
-    folder = os.fspath(folder)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-        if not shards:
-            raise CheckpointError(f"{index!r} has an empty weight_map")
-        missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
-        if missing:
-            raise CheckpointError(f"{index!r} names shard(s) that are missing: {', '.join(missing)}")
-        return [os.path.join(folder, s) for s in shards]
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    found = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    if len(found) == 1:
-        return [os.path.join(folder, found[0])]
-    if len(found) > 1:
-        raise CheckpointError(f"{folder!r} has several .safetensors files but no model.safetensors.index.json")
-    bins = sorted(f for f in os.listdir(folder) if f.endswith(".bin") and "non_lora" not in f)
-    if bins and allow_pickle:
-        return [os.path.join(folder, b) for b in bins]
-    if bins:
-        raise CheckpointError(
-            f"{folder!r} only has pickled weights ({bins[0]}); they can run code when loaded. Convert them to "
-            "safetensors, or pass allow_pickle=True to load them with torch.load(weights_only=True)"
-        )
-    raise CheckpointError(f"no weights in {folder!r}: expected model.safetensors or a sharded index")
-
-
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class SafetensorsFile:
-    """One safetensors file read with plain file reads (no memory map).
-
-    A memory map keeps every page it touched in the process's resident memory until the file is closed, so
-    loading through it peaks at twice the weights. Reading each tensor into its destination (or a temporary
-    that is freed right after) keeps the peak at the weights plus one tensor.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 (closed by close())
-        try:
-            size = int.from_bytes(self._file.read(8), "little")
-            if not 0 < size <= 100 * 1024**2:
-                raise ValueError(f"header size {size}")
-            header = json.loads(self._file.read(size))
-        except (ValueError, UnicodeDecodeError) as e:
-            self._file.close()
-            raise CheckpointError(f"cannot read {path!r}: not a safetensors file ({e})") from None
-        header.pop("__metadata__", None)
-        self._base = 8 + size
-        self._header = header
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if os.path.getsize(path) < self._base + end:
-            self._file.close()
-            raise CheckpointError(f"{path!r} is truncated: its header promises {self._base + end} bytes")
-
-    def keys(self) -> list[str]:
-        return list(self._header)
-
-    def dtype_name(self, key: str) -> str:
-        return self._header[key]["dtype"]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._header[key]["shape"])
-
-    def dtype(self, key: str) -> torch.dtype:
-        name = self.dtype_name(key)
-        if name not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {name}")
-        return _SAFETENSORS_DTYPES[name]
-
-    def read_into(self, key: str, out: torch.Tensor) -> None:
-        """Fill ``out`` (CPU, contiguous, the tensor's dtype and shape) with the tensor's bytes."""
-        begin, end = self._header[key]["data_offsets"]
-        view = out.reshape(-1).view(torch.uint8).numpy()
-        if view.nbytes != end - begin:
-            raise CheckpointError(f"{self.path}: tensor {key} has {end - begin} bytes, expected {view.nbytes}")
-        self._file.seek(self._base + begin)
-        if self._file.readinto(memoryview(view)) != view.nbytes:
-            raise CheckpointError(f"{self.path}: tensor {key} is cut short")
-
-    def get_tensor(self, key: str) -> torch.Tensor:
-        out = torch.empty(self.shape(key), dtype=self.dtype(key))
-        self.read_into(key, out)
-        return out
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class TensorSource:
-    """Lazy name → tensor access over one or more weight files (safetensors read tensor by tensor)."""
-
-    def __init__(self, files: list[str], rename: Callable[[str], str] | dict[str, Callable[[str], str]] = lambda k: k):
-        """``rename`` maps a file's tensor names to ours: one function for all files, or one per file path."""
-        self._stack = ExitStack()
-        self._where: dict[str, tuple[Any, str]] = {}
-        for path in files:
-            file_rename = rename[path] if isinstance(rename, dict) else rename
-            if path.endswith(".safetensors"):
-                handle = SafetensorsFile(path)
-                self._stack.callback(handle.close)
-                keys = handle.keys()
-            else:
-                handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                keys = list(handle)
-            for k in keys:
-                self._where[file_rename(k)] = (handle, k)
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def get(self, name: str) -> torch.Tensor:
-        handle, key = self._where[name]
-        return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
-
-    def copy_into(self, name: str, target: torch.Tensor) -> None:
-        """``target.copy_(tensor)``, reading straight into ``target`` when it is a CPU tensor of the same dtype."""
-        handle, key = self._where[name]
-        if (isinstance(handle, SafetensorsFile) and target.device.type == "cpu" and target.is_contiguous()
-                and handle.dtype_name(key) in _SAFETENSORS_DTYPES
-                and _SAFETENSORS_DTYPES[handle.dtype_name(key)] == target.dtype):
-            handle.read_into(key, target)
-        else:
-            target.copy_(self.get(name))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
-        """Shape and bytes per element without reading the tensor's data (safetensors header only)."""
-        handle, key = self._where[name]
-        if isinstance(handle, SafetensorsFile):
-            return handle.shape(key), handle.dtype(key).itemsize
-        t = handle[key]
-        return tuple(t.shape), t.element_size()
-
-    def close(self) -> None:
-        self._stack.close()
-        self._where.clear()
-
-    def __enter__(self) -> TensorSource:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class StateSource(TensorSource):
-    """The same interface over tensors already in memory (a model's ``state_dict``)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]):
-        super().__init__([])
-        self._state = state
-        self._where = {k: (state, k) for k in state}
-
-    def shape_and_itemsize(self, name: str) -> tuple[tuple[int, ...], int]:
-        t = self._state[name]
-        return tuple(t.shape), t.element_size()
-
-
-def _names_list(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(sorted(names)[:limit])
-    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+#: Weight files a save writes; those of an earlier save that this one does not rewrite are dropped.
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
 
 
 def check_match(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> list[str]:
-    """Names of the tensors ``model`` wants from ``source``; missing, unexpected or mis-shaped tensors raise a
-    :class:`CheckpointError` that names them. With tied embeddings a missing ``lm_head`` is allowed."""
+    """Names of the tensors ``model`` wants from ``source``; missing, unexpected, mis-shaped or non-float tensors
+    raise a :class:`CheckpointError` that names them. With tied embeddings a missing ``lm_head`` is allowed."""
     wanted = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     present = set(source.keys())
     missing = sorted(set(wanted) - present)
@@ -232,28 +69,51 @@ def check_match(model: torch.nn.Module, source: TensorSource, tie_embeddings: bo
         raise CheckpointError("the checkpoint does not match its config; " + "; ".join(parts))
     for name, want in wanted.items():
         key = name if name in present else EMBED
-        shape = source.shape_and_itemsize(key)[0]
+        shape, dtype = source.shape_and_dtype(key)
         if shape != want:
-            raise CheckpointError(f"tensor {key} has shape {shape} in the checkpoint but the config implies "
+            raise CheckpointError(f"tensor {key} has shape {shape} in {source.file_of(key)} but the config implies "
                                   f"{want}")
+        if not dtype.is_floating_point:
+            raise CheckpointError(f"tensor {key} in {source.file_of(key)} has dtype {dtype}; weights must be "
+                                  "floating point (float32, bfloat16 or float16)")
     return list(wanted)
 
 
+def _non_finite(source: TensorSource, key: str, target: torch.Tensor) -> CheckpointError:
+    where = source.file_of(key)
+    original = source.get(key)
+    if original.dtype != target.dtype and all_finite(original):
+        return CheckpointError(f"tensor {key} of {where} has values beyond {target.dtype}'s range: they become inf; "
+                               "load the checkpoint in bfloat16 or float32")
+    return CheckpointError(f"tensor {key} in {where} holds NaN or inf values; the checkpoint is corrupt (a diverged "
+                           "training run or a damaged file): re-download, re-convert or re-save it")
+
+
 def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: bool = False) -> None:
-    """Copy every tensor of ``source`` into ``model`` (strict, see :func:`check_match`), one tensor at a time."""
+    """Copy every tensor of ``source`` into ``model`` (strict, see :func:`check_match`), one tensor at a time;
+    a floating tensor with NaN or inf values (in the file, or after a cast to a narrower dtype) is refused."""
     names = check_match(model, source, tie_embeddings)
     targets = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     with torch.no_grad():
         for name in names:
-            source.copy_into(name if name in source else EMBED, targets[name])
+            key = name if name in source else EMBED
+            source.copy_into(key, targets[name])
+            if source.check_finite and targets[name].is_floating_point() and not all_finite(targets[name]):
+                raise _non_finite(source, key, targets[name])
 
 
 # ---------------------------------------------------------------------- configs of the two layouts
 def read_hf_config(folder: str) -> tuple[AF3Config, GenerationConfig]:
-    config = AF3Config.from_file(os.path.join(folder, "config.json"))
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder!r} has no config.json: it is not an AF3 checkpoint folder (the HF layout has "
+                              "config.json and model.safetensors; NVIDIA's has llm/, sound_tower/ and "
+                              "sound_mm_projector/)")
+    config = AF3Config.from_file(path)
     gen_path = os.path.join(folder, "generation_config.json")
-    gen = GenerationConfig.from_file(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+    gen = GenerationConfig.from_file(gen_path) if os.path.exists(gen_path) else GenerationConfig()
+    checks.check_token_ids(config, gen, path, gen_path)
     return config, _fill_generation_defaults(gen, config)
 
 
@@ -268,31 +128,45 @@ def _fill_generation_defaults(gen: GenerationConfig, config: AF3Config) -> Gener
     return gen
 
 
+def _part_config(cls: type, path: str, data: dict) -> Any:
+    try:
+        return cls.from_dict(data)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}; fix it in that file") from None
+
+
 def read_nvidia_config(folder: str) -> tuple[AF3Config, GenerationConfig]:
     """Build our config from NVIDIA's per-part configs (``llm/config.json``, ``sound_tower/config.json``)."""
-    llm = read_json(os.path.join(folder, "llm", "config.json"))
+    llm_path = os.path.join(folder, "llm", "config.json")
+    llm = read_json(llm_path)
     tower_path = os.path.join(folder, "sound_tower", "config.json")
-    tower = read_json(tower_path) if os.path.isfile(tower_path) else {}
+    tower = read_json(tower_path) if os.path.exists(tower_path) else {}
     tower = {k: v for k, v in tower.items() if k not in ("model_type", "architectures")}
     audio_token_id = _nvidia_audio_token_id(folder)
-    text = TextConfig.from_dict({k: v for k, v in llm.items() if k not in ("architectures", "model_type")})
-    config = AF3Config(audio_config=EncoderConfig.from_dict(tower), text_config=text, audio_token_id=audio_token_id)
+    llm = {k: v for k, v in llm.items() if k not in ("architectures", "model_type")}
+    text = _part_config(TextConfig, llm_path, llm)
+    config = AF3Config(audio_config=_part_config(EncoderConfig, tower_path, tower), text_config=text,
+                       audio_token_id=audio_token_id)
     gen_path = os.path.join(folder, "llm", "generation_config.json")
-    gen = GenerationConfig.from_file(gen_path) if os.path.isfile(gen_path) else GenerationConfig()
+    gen = GenerationConfig.from_file(gen_path) if os.path.exists(gen_path) else GenerationConfig()
+    checks.check_token_ids(config, gen, llm_path, gen_path)
     return config, _fill_generation_defaults(gen, config)
 
 
 def _nvidia_audio_token_id(folder: str) -> int:
     path = os.path.join(folder, "llm", "tokenizer.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            tok = json.load(f)
-        for added in tok.get("added_tokens", []):
-            if added.get("content") == "<sound>":
-                return int(added["id"])
-        vocab = tok.get("model", {}).get("vocab", {})
-        if "<sound>" in vocab:
-            return int(vocab["<sound>"])
+    if os.path.exists(path):
+        tok = read_json(path)
+        added = tok.get("added_tokens")
+        for token in added if isinstance(added, list) else []:
+            if isinstance(token, dict) and token.get("content") == "<sound>":
+                if isinstance(token.get("id"), int) and not isinstance(token["id"], bool) and token["id"] >= 0:
+                    return token["id"]
+                raise CheckpointError(f"{path!r}: the <sound> token has id {checks.describe(token.get('id'))}")
+        model = tok.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(vocab, dict) and isinstance(vocab.get("<sound>"), int) and vocab["<sound>"] >= 0:
+            return vocab["<sound>"]
     raise CheckpointError(f"cannot find the <sound> token in {path!r}; is this an AF3 checkpoint?")
 
 
@@ -300,7 +174,16 @@ def nvidia_tensor_source(folder: str, allow_pickle: bool = False) -> TensorSourc
     """All tensors of the three NVIDIA sub-folders, renamed to our (HF) names."""
     renames = {path: _prefixer(prefix) for sub, prefix in NVIDIA_FOLDERS.items()
                for path in weight_files(os.path.join(folder, sub), allow_pickle)}
+    for sub in NVIDIA_FOLDERS:  # each sub-folder's index must agree with its own shards
+        index = read_index(os.path.join(folder, sub))
+        if index is not None:
+            TensorSource([p for p in renames if os.path.dirname(p) == os.path.join(folder, sub)], index=index).close()
     return TensorSource(list(renames), renames)
+
+
+def folder_source(folder: str, allow_pickle: bool = False) -> TensorSource:
+    """The tensors of an HF-layout folder, its index (if any) checked against its shards."""
+    return TensorSource(weight_files(folder, allow_pickle), index=read_index(folder))
 
 
 def _prefixer(prefix: str) -> Callable[[str], str]:
@@ -314,25 +197,55 @@ def _prefixer(prefix: str) -> Callable[[str], str]:
 
 
 # ---------------------------------------------------------------------- load / save entry points
+_LOAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """``dtype`` as a torch dtype a model can hold (None = the checkpoint's); strings like "bf16" are accepted."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return None if DTYPE_NAMES[dtype] == "auto" else getattr(torch, DTYPE_NAMES[dtype])
+    if dtype is None or dtype in _LOAD_DTYPES:
+        return dtype
+    raise InputError(f"dtype {dtype!r} is not supported; use torch.float32, torch.bfloat16, torch.float16 or None "
+                     "(the checkpoint's)")
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch device that exists on this machine (:func:`af3.system.check_device`)."""
+    from ..system import check_device as usable
+
+    return usable(device)
+
+
 def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", allow_pickle: bool = False):
     """Build ``cls(config, generation_config)`` with empty storage on ``device`` and fill it from ``path``."""
-    folder = os.fspath(path)
-    if not os.path.isdir(folder):
+    dtype, dev = check_dtype(dtype), check_device(device)
+    folder = folder_path(path)
+    if not os.path.exists(folder):
         raise CheckpointError(f"checkpoint folder {folder!r} does not exist")
-    if is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, "model.safetensors.index.json")) \
-            and not os.path.isfile(os.path.join(folder, "model.safetensors")):
-        config, gen = read_nvidia_config(folder)
-        source = nvidia_tensor_source(folder, allow_pickle)
-    else:
-        config, gen = read_hf_config(folder)
-        source = TensorSource(weight_files(folder, allow_pickle))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder!r} is a file, not a checkpoint folder; pass the folder that holds "
+                              "config.json and the weights")
+    nvidia = is_nvidia_layout(folder) and not os.path.isfile(os.path.join(folder, INDEX)) \
+        and not os.path.isfile(os.path.join(folder, "model.safetensors"))
+    config, gen = read_nvidia_config(folder) if nvidia else read_hf_config(folder)
+    config_path = os.path.join(folder, "llm" if nvidia else "", "config.json")
+    source = nvidia_tensor_source(folder, allow_pickle) if nvidia else folder_source(folder, allow_pickle)
     with source:
         if dtype is None:
             dtype = _checkpoint_dtype(source)
+        checks.check_memory(config, dtype.itemsize, str(dtype).removeprefix("torch."), dev, f"the config {config_path}")
         with torch.device("meta"):
             model = cls(config, gen).to(dtype)
-        model = model.to_empty(device=device)
+        check_match(model, source, tie_embeddings=config.text_config.tie_word_embeddings)  # before allocating
+        try:
+            model = model.to_empty(device=dev)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and "alloc" not in str(e) and "out of memory" not in str(e):
+                raise
+            raise CheckpointError(f"out of memory while allocating the model of {config_path} on {dev}: "
+                                  f"{str(e).splitlines()[0][:120]}; free memory or use a smaller dtype") from None
         if hasattr(model, "init_buffers"):
             model.init_buffers()  # non-persistent buffers (rotary tables) are not in the checkpoint
         load_state(model, source, tie_embeddings=config.text_config.tie_word_embeddings)
@@ -340,29 +253,61 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
 
 
 def _checkpoint_dtype(source: TensorSource) -> torch.dtype:
+    """The dtype of the token embeddings in the checkpoint (read from the header), as a dtype a model can hold."""
     for name in source.keys():  # noqa: SIM118 (TensorSource is not a dict)
         if name.endswith("embed_tokens.weight"):
-            t = source.get(name)
-            if t.is_floating_point():
-                return t.dtype
+            dtype = source.shape_and_dtype(name)[1]
+            if dtype in (torch.float32, torch.bfloat16, torch.float16):
+                return dtype
+            return torch.bfloat16 if dtype.is_floating_point and dtype.itemsize == 1 else torch.float32
     return torch.float32
 
 
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
     """Write ``model`` in the HF layout (see :func:`write_checkpoint`)."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    if any(t.is_meta for t in state.values()):
+        raise InputError("the model's weights are on the meta device (never allocated); there is nothing to save")
     write_checkpoint(path, StateSource(state), model, max_shard_bytes=max_shard_bytes)
+
+
+def check_save_args(skeleton: torch.nn.Module, dtype: Any, max_shard_bytes: Any, folder: str) -> None:
+    if dtype is not None and dtype not in _LOAD_DTYPES:
+        raise InputError(f"dtype {dtype!r} cannot be saved; use torch.float32, torch.bfloat16, torch.float16 or None")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise InputError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    try:  # the config is checked as a load would check it: a save never writes what cannot be loaded
+        config, gen = skeleton.config, skeleton.generation_config
+        checks.check_af3(config)
+        checks.check_encoder(config.audio_config)
+        checks.check_text(config.text_config)
+        checks.check_generation(gen)
+        checks.check_token_ids(config, gen, "model.config", "model.generation_config")
+    except CheckpointError as e:
+        raise InputError(f"cannot save {folder!r}: {e}") from None
 
 
 def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: torch.nn.Module,
                      dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> None:
     """Write ``config.json``, ``generation_config.json`` and the tensors of ``source`` (checked against
     ``skeleton``, a model of the right config, possibly on the meta device) as safetensors in the HF layout,
-    sharded past ``max_shard_bytes``. Tensors are read one shard at a time. Files go to a temporary folder
-    first and are then moved in place, so a crash never leaves a half-written checkpoint behind."""
-    folder = os.fspath(path)
-    os.makedirs(folder, exist_ok=True)
+    sharded past ``max_shard_bytes``, through :func:`af3.files.atomic_folder`: the folder is replaced in one step
+    (files of the old folder that this save does not write are kept, except its weight files)."""
+    folder = folder_path(path, "output folder")
+    check_save_args(skeleton, dtype, max_shard_bytes, folder)
     names = check_match(skeleton, source, skeleton.config.text_config.tie_word_embeddings)
+    try:
+        with atomic_folder(folder, keep_existing=True, drop=lambda rel: bool(_WEIGHT_FILE.fullmatch(rel))) as tmp:
+            write_checkpoint_files(tmp, source, skeleton, names, dtype, max_shard_bytes)
+    except OSError as e:
+        raise CheckpointError(f"cannot write the checkpoint {folder!r}: {e.strerror or e}; check that the folder is "
+                              "writable and the disk has room (a previous checkpoint there is unchanged)") from None
+
+
+def write_checkpoint_files(folder: str, source: TensorSource, skeleton: torch.nn.Module, names: list[str],
+                           dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """The files of :func:`write_checkpoint`, written into ``folder`` (an empty folder being built). Tensors are
+    read one shard at a time."""
     shards: list[list[str]] = [[]]
     size = total = 0
     for name in names:
@@ -376,41 +321,33 @@ def write_checkpoint(path: str | os.PathLike, source: TensorSource, skeleton: to
         total += nbytes
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    tmp = tempfile.mkdtemp(prefix=".af3-save-", dir=folder)
-    try:
-        out_dtype = None
-        for file, shard in zip(files, shards, strict=True):
-            tensors = {}
-            for name in shard:
-                t = source.get(name if name in source else EMBED)
-                t = t.to(device="cpu", dtype=dtype or t.dtype).contiguous()
-                tensors[name] = t.clone() if name == LM_HEAD and name not in source else t
-                out_dtype = out_dtype or (t.dtype if t.is_floating_point() else None)
-            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
-            del tensors
-        if len(shards) > 1:
-            write_json(os.path.join(tmp, "model.safetensors.index.json"), {
-                "metadata": {"total_size": total},
-                "weight_map": {name: file for file, shard in zip(files, shards, strict=True) for name in shard},
-            })
-        config = skeleton.config.to_dict()
-        config["dtype"] = str(out_dtype or torch.float32).removeprefix("torch.")
-        write_json(os.path.join(tmp, "config.json"), config)
-        skeleton.generation_config.save(os.path.join(tmp, "generation_config.json"))
-        # Remove weights of an earlier save that this one does not replace (e.g. another shard count).
-        for old in os.listdir(folder):
-            if re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?", old) and old not in files:
-                os.remove(os.path.join(folder, old))
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out_dtype = None
+    for file, shard in zip(files, shards, strict=True):
+        tensors = {}
+        for name in shard:
+            key = name if name in source else EMBED
+            t = source.get(key).to(device="cpu", dtype=dtype).contiguous()
+            if source.check_finite and t.is_floating_point() and not all_finite(t):
+                raise _non_finite(source, key, t)  # NaN/inf in the file, or values a narrower dtype cannot hold
+            tensors[name] = t.clone() if name == LM_HEAD and name not in source else t
+            out_dtype = out_dtype or (t.dtype if t.is_floating_point() else None)
+        save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        write_json(os.path.join(folder, INDEX), {
+            "metadata": {"total_size": total},
+            "weight_map": {name: file for file, shard in zip(files, shards, strict=True) for name in shard},
+        })
+    config = skeleton.config.to_dict()
+    config["dtype"] = str(out_dtype or torch.float32).removeprefix("torch.")
+    write_json(os.path.join(folder, "config.json"), config)
+    skeleton.generation_config.save(os.path.join(folder, "generation_config.json"))
 
 
 def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of a checkpoint in our names, whichever layout it has (for tools and tests)."""
     folder = os.fspath(path)
-    source = nvidia_tensor_source(folder) if is_nvidia_layout(folder) else TensorSource(weight_files(folder))
+    source = nvidia_tensor_source(folder) if is_nvidia_layout(folder) else folder_source(folder)
     with source:
         for name in source.keys():  # noqa: SIM118 (TensorSource is not a dict)
             yield name, source.get(name)
