@@ -139,3 +139,63 @@ def test_part_learning_rates_give_each_part_its_own_scheduled_lr(tmp_path, tiny_
         sorted(round(x * factor, 12) for x in (1e-4, 1e-3, 4e-3))
     with pytest.raises(InputError, match="optim.part_lr"):
         load_config(path, ["optim.part_lr={audio_tower: -1}"])
+
+
+def test_mixture_paths_resolve_from_the_yaml_folder_and_overrides_from_the_cwd(tmp_path, monkeypatch):
+    from af3.training.config import config_from_dict
+
+    run = tmp_path / "runs"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "a.jsonl").write_text("{}\n")
+    (run / "plain.jsonl").write_text("{}\n")
+    a, b = str(run / "data" / "a.jsonl"), str(run / "data" / "b.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def mixture_of(value, overrides=()):
+        path = _yaml(run / "cfg.yaml", {"model": {"path": "ckpt"}, "data": {
+            "mixture": value, "manifests": {"qa": "data/qa.jsonl"}}})
+        return load_config(path, list(overrides)).data.mixture
+
+    # Paths (existing or not) become absolute against the YAML's folder; names of data.manifests stay names,
+    # and so do bare words (a misspelt name is reported as a name).
+    assert mixture_of("2*data/a.jsonl+qa+0.5*data/b.jsonl") == f"2*{a}+qa+0.5*{b}"
+    assert mixture_of("plain.jsonl") == str(run / "plain.jsonl")
+    assert mixture_of("asr") == "asr"
+    assert mixture_of({"data/a.jsonl": 2, "qa": 1}) == {a: 2, "qa": 1}
+    assert mixture_of(["data/a.jsonl", [0.5, "qa"], {"path": "data/b.jsonl", "weight": 3}]) == \
+        [a, [0.5, "qa"], {"path": b, "weight": 3}]
+    # A KEY=VALUE override is typed in a shell: its paths are relative to the current directory.
+    assert mixture_of("qa", ["data.mixture=1.5*x/c.jsonl+qa"]) == f"1.5*{elsewhere / 'x' / 'c.jsonl'}+qa"
+    cfg = load_config(run / "cfg.yaml", ["data={mixture: d.jsonl}", "data.eval=dev.jsonl", "model.path=m", "output=o"])
+    assert (cfg.data.eval, cfg.model.path, cfg.output) == tuple(str(elsewhere / n) for n in ("dev.jsonl", "m", "o"))
+    assert cfg.data.mixture == str(elsewhere / "d.jsonl")
+
+    # config_from_dict: relative to the current directory, or to `base`; the caller's dict is not changed.
+    raw = {"model": {"path": "ckpt"}, "data": {"mixture": "data/a.jsonl", "eval": "d.jsonl"}}
+    assert config_from_dict(raw).data.mixture == str(elsewhere / "data" / "a.jsonl")
+    cfg = config_from_dict(raw, base=run)
+    assert (cfg.data.mixture, cfg.model.path, cfg.output) == (a, str(run / "ckpt"), str(run / "output"))
+    assert raw["data"]["mixture"] == "data/a.jsonl"
+    # The saved config holds absolute paths: it loads back the same from anywhere.
+    save_config(cfg, tmp_path / "saved.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+def test_a_run_with_relative_paths_trains_from_another_directory(tiny_ckpt, tmp_path, monkeypatch):
+    from af3.training.trainer import run as run_training
+    from train_helpers import write_manifest
+
+    project = tmp_path / "project"
+    write_manifest(project / "data", 2)
+    _yaml(project / "run.yaml", {
+        "model": {"path": os.path.relpath(tiny_ckpt[0], project)},
+        "data": {"mixture": "1.0*data/train.jsonl", "num_workers": 0},
+        "optim": {"lr": 1e-3}, "train": {"max_steps": 1, "batch_size": 2, "grad_accum": 1, "save_every": 0,
+                                         "gradient_checkpointing": False}})
+    monkeypatch.chdir(tmp_path)
+    result = run_training(os.path.join("project", "run.yaml"))
+    assert result["step"] == 1 and result["output"] == str(project / "output")
+    assert os.path.isdir(project / "output" / "final")

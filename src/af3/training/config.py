@@ -2,23 +2,36 @@
 
 Every value a stage preset provides (learning rate, audio length, batch size, accumulation, epochs) may be left
 out (``null``); :func:`load_config` fills it from the preset named by ``stage``, so the ``config.yaml`` written into
-the output folder is the complete, resolved run description. Relative paths in the YAML file are relative to the
-file's folder; relative paths given as overrides are relative to the current directory. The sections themselves
-(keys, defaults, meanings) are the dataclasses of :mod:`af3.training.sections`.
+the output folder is the complete, resolved run description (every path in it absolute).
+
+Paths (``model.path``, ``data.manifests``, the manifest paths inside ``data.mixture``, ``data.eval``, ``output``,
+``train.resume``): relative ones in the YAML file are relative to the file's folder; relative ones given as
+``KEY=VALUE`` overrides (the command line) are relative to the current directory, like any path typed in a
+shell; :func:`config_from_dict` resolves them against its ``base`` argument (default: the current directory).
+A mixture term that is a name of ``data.manifests`` stays a name.
+
+Every value is checked when the config is built (types, finite numbers, ranges, the mixture's syntax and
+weights), so a bad value is an :class:`~af3.errors.InputError` naming its key before anything is loaded. The
+sections themselves (keys, defaults, meanings) are the dataclasses of :mod:`af3.training.sections`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Union
 
 import yaml
 
-from ..config import DTYPE_NAMES
+from ..config import DTYPE_NAMES, MAX_AUDIO_SECONDS, WINDOW_SECONDS
 from ..errors import InputError
+from ..files import write_atomic
+from .mixture import parse_mixture, resolve_mixture_paths
 from .sections import (
     SCHEDULES,
     STRATEGIES,
@@ -61,7 +74,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
-    return "a number" if tp is float else getattr(tp, "__name__", str(tp))
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -169,19 +183,29 @@ def _section_type(cls: type, parts: list[str], key: str) -> Any:
 
 # ---------------------------------------------------------------------- paths
 
-#: Dotted keys that hold file system paths (``*`` = every value of a mapping).
+#: Dotted keys that hold file system paths (``*`` = every value of a mapping); ``data.mixture`` is resolved too
+#: (its manifest paths, not its names).
 PATH_KEYS = ("model.path", "data.manifests.*", "data.eval", "output", "train.resume")
 
 
 def _resolve_path(value: Any, base: str) -> Any:
-    if not isinstance(value, str) or not value or "://" in value:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # `model.path: 2024` names a folder "2024"
+    if not isinstance(value, str) or not value.strip() or "://" in value:
         return value
     value = os.path.expanduser(value)
     return os.path.normpath(value if os.path.isabs(value) else os.path.join(base, value))
 
 
-def _resolve_paths(raw: dict, base: str) -> None:
-    """Make the path values of a raw (YAML) config absolute, relative to ``base``, in place."""
+def _manifests(raw: Any) -> dict:
+    data = raw.get("data") if isinstance(raw, dict) else None
+    named = data.get("manifests") if isinstance(data, dict) else None
+    return named if isinstance(named, dict) else {}
+
+
+def _resolve_paths(raw: dict, base: str, named: dict | None = None) -> None:
+    """Make the path values of a raw (YAML) config absolute, relative to ``base``, in place (``named``: the
+    dataset names known besides ``raw``'s own ``data.manifests``)."""
     for key in PATH_KEYS:
         *parents, last = key.split(".")
         node: Any = raw
@@ -194,12 +218,20 @@ def _resolve_paths(raw: dict, base: str) -> None:
                 node[k] = _resolve_path(v, base)
         elif last in node and not isinstance(node[last], bool):
             node[last] = _resolve_path(node[last], base)
+    data = raw.get("data")
+    if isinstance(data, dict) and "mixture" in data:
+        data["mixture"] = resolve_mixture_paths(data["mixture"], {**(named or {}), **_manifests(raw)}, base)
 
 
-def _is_path_key(parts: list[str]) -> bool:
-    dotted = ".".join(parts)
-    return any(dotted == k or (k.endswith(".*") and dotted.startswith(k[:-1]) and len(parts) == k.count(".") + 1)
-               for k in PATH_KEYS)
+def _absolute_paths(cfg: TrainConfig, base: str) -> None:
+    """The same resolution on a built config (a no-op for absolute paths)."""
+    cfg.model.path = _resolve_path(cfg.model.path, base)
+    cfg.data.manifests = {k: _resolve_path(v, base) for k, v in cfg.data.manifests.items()}
+    cfg.data.mixture = resolve_mixture_paths(cfg.data.mixture, cfg.data.manifests, base)
+    cfg.data.eval = _resolve_path(cfg.data.eval, base)
+    cfg.output = _resolve_path(cfg.output, base)
+    if isinstance(cfg.train.resume, str):
+        cfg.train.resume = _resolve_path(cfg.train.resume, base)
 
 
 # ---------------------------------------------------------------------- public API
@@ -218,12 +250,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], base: str | None = None) -> dict:
-    """Set ``KEY=VALUE`` overrides into a raw config dict (unknown keys are an :class:`InputError`)."""
+    """Set ``KEY=VALUE`` overrides into a raw config dict (unknown keys are an :class:`InputError`); relative paths
+    in them are resolved against ``base`` when it is given."""
     for text in overrides:
         parts, value = parse_override(text)
         _section_type(TrainConfig, parts, ".".join(parts))  # raises for unknown keys
-        if _is_path_key(parts) and base is not None and not isinstance(value, bool):
-            value = _resolve_path(value, base)
+        if base is not None:  # resolve the paths of the value as if it were the only thing in the config
+            wrapper: Any = value
+            for p in reversed(parts):
+                wrapper = {p: wrapper}
+            _resolve_paths(wrapper, base, named=_manifests(raw))
+            for p in parts:
+                wrapper = wrapper[p]
+            value = wrapper
         node = raw
         for p in parts[:-1]:
             if not isinstance(node.get(p), dict):
@@ -233,35 +272,57 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...], base: str
     return raw
 
 
-def config_from_dict(raw: dict) -> TrainConfig:
-    """Build, check and resolve (stage defaults) a config from plain data with absolute paths."""
-    return resolve(_build(TrainConfig, raw))
+def config_from_dict(raw: dict, base: str | os.PathLike | None = None) -> TrainConfig:
+    """Build, check and resolve (stage defaults) a config from plain data; relative paths in it are relative to
+    ``base`` (default: the current directory), and so is the default ``output``. ``raw`` is not changed."""
+    base = os.path.abspath(os.fspath(base) if base is not None else os.getcwd())
+    if isinstance(raw, dict):
+        raw = copy.deepcopy(raw)
+        _resolve_paths(raw, base)
+        raw.setdefault("output", os.path.join(base, TrainConfig.output))
+    return resolve(_build(TrainConfig, raw), base)
+
+
+def _read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise InputError(f"training config {path!r} is a folder; give the path of its YAML file")
+    if not os.path.isfile(path):
+        raise InputError(f"training config {path!r} does not exist")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise InputError(f"{where}: not valid YAML ({what})") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"training config {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise InputError(f"cannot read training config {path!r}: {e.strerror or e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise InputError(f"{path}: a training config is a mapping of sections (model, data, optim, ...), "
+                         f"not a {type(loaded).__name__}")
+    return loaded or {}
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML run config, apply ``KEY=VALUE`` overrides and fill stage defaults."""
     raw: dict = {}
+    cwd = os.getcwd()
     if path is not None:
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise InputError(f"training config {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise InputError(f"{path}: a training config is a mapping of sections (model, data, optim, ...)")
-        raw = loaded or {}
+        raw = _read_yaml(path)
         base = os.path.dirname(os.path.abspath(path))
         _resolve_paths(raw, base)
         raw.setdefault("output", os.path.join(base, TrainConfig.output))  # default output next to the YAML
-    apply_overrides(raw, list(overrides), base=os.getcwd())
-    return config_from_dict(raw)
+    apply_overrides(raw, list(overrides), base=cwd)
+    return resolve(_build(TrainConfig, raw), cwd)
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the values left to the stage preset and check the rest; returns ``cfg`` (changed in place)."""
+def resolve(cfg: TrainConfig, base: str | os.PathLike | None = None) -> TrainConfig:
+    """Fill the values left to the stage preset, make relative paths absolute (against ``base``, default the
+    current directory) and check the rest; returns ``cfg`` (changed in place)."""
     stage = get_stage(cfg.stage)
     cfg.stage = stage.name
     if cfg.optim.lr is None:
@@ -279,8 +340,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg.model.dtype = DTYPE_NAMES.get(cfg.model.dtype, cfg.model.dtype)  # "bf16" → "bfloat16"
     if isinstance(cfg.train.bf16, str) and cfg.train.bf16.lower() != "auto":
         cfg.train.bf16 = _coerce(cfg.train.bf16, bool, "train.bf16")
+    _absolute_paths(cfg, os.path.abspath(os.fspath(base) if base is not None else os.getcwd()))
     _check(cfg)
     return cfg
+
+
+#: Upper bounds that keep a run meaningful and its memory bounded (AdamW moves every weight by about ``lr`` per
+#: step, so a peak rate above 1 cannot train; more workers than this only exhaust processes and memory).
+MAX_LR = 1.0
+MAX_WORKERS = 256
+MAX_EPOCHS = 1e6
+MAX_SEED = 2**62
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -288,50 +363,69 @@ def _check(cfg: TrainConfig) -> None:
         if not ok:
             raise InputError(f"config key {key!r}: {what}")
 
+    def between(x: Any, low: float, high: float) -> bool:
+        return _finite(x) and low <= x <= high
+
+    d, o, t, lo = cfg.data, cfg.optim, cfg.train, cfg.lora
     need(bool(cfg.model.path), "model.path", "set the checkpoint folder to start from")
     need(cfg.model.dtype in DTYPE_NAMES, "model.dtype", f"one of {', '.join(DTYPE_NAMES)}")
-    need(bool(cfg.data.mixture), "data.mixture", "set the data mixture, like 2.0*asr+1.0*qa or a manifest path")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be 0 or more")
-    need(cfg.data.max_skipped >= 0, "data.max_skipped", "must be 0 or more")
-    need(cfg.data.max_audio_len is not None and cfg.data.max_audio_len > 0, "data.max_audio_len", "must be > 0")
-    need(cfg.data.group_size >= 1, "data.group_size", "must be at least 1")
-    need(cfg.data.length_bucket >= 0, "data.length_bucket", "must be 0 or positive")
-    need(cfg.data.eval_batch_size is not None and cfg.data.eval_batch_size >= 1, "data.eval_batch_size",
-         "must be at least 1")
-    need(cfg.optim.lr is not None and cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas), "optim.betas",
+    need(all(isinstance(v, str) and v.strip() for v in d.manifests.values()), "data.manifests",
+         "must map dataset names to manifest paths")
+    need(d.mixture is not None and (not isinstance(d.mixture, str) or bool(d.mixture.strip())), "data.mixture",
+         "set the data mixture, like 2.0*asr+1.0*qa or a manifest path")
+    try:
+        parse_mixture(d.mixture, d.manifests, must_exist=False)
+    except InputError as e:
+        raise InputError(f"config key 'data.mixture': {e}") from None
+    need(0 <= d.num_workers <= MAX_WORKERS, "data.num_workers", f"must be from 0 to {MAX_WORKERS}")
+    need(d.max_skipped >= 0, "data.max_skipped", "must be 0 or more")
+    need(between(d.max_audio_len, WINDOW_SECONDS, MAX_AUDIO_SECONDS), "data.max_audio_len",
+         f"seconds of audio per example, from {WINDOW_SECONDS} (one window) to {MAX_AUDIO_SECONDS:g} (AF3's cap)")
+    need(d.group_size >= 1, "data.group_size", "must be at least 1")
+    need(d.length_bucket >= 0, "data.length_bucket", "must be 0 or positive")
+    need(o.lr is not None and _finite(o.lr) and 0 < o.lr <= MAX_LR, "optim.lr",
+         f"must be a number > 0 and at most {MAX_LR:g}")
+    need(len(o.betas) == 2 and all(between(b, 0, 1) and b < 1 for b in o.betas), "optim.betas",
          "two numbers in [0, 1)")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be 0 or more")
-    need(cfg.optim.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}")
-    need(0 <= cfg.optim.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
-    need(cfg.optim.warmup_steps is None or cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
-    need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    need(isinstance(cfg.optim.part_lr, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
-                                                     for k, v in cfg.optim.part_lr.items()),
-         "optim.part_lr", "must map parameter-name prefixes to learning rates > 0")
-    need(cfg.optim.max_grad_norm >= 0, "optim.max_grad_norm", "must be 0 (off) or more")
-    t = cfg.train
+    need(between(o.eps, 1e-30, 1), "optim.eps", "must be a number from 1e-30 to 1 (usually 1e-8)")
+    need(between(o.weight_decay, 0, 1), "optim.weight_decay", "must be a number from 0 to 1")
+    need(o.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}")
+    need(between(o.warmup_ratio, 0, 1) and o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
+    need(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
+    need(between(o.min_lr_ratio, 0, 1), "optim.min_lr_ratio", "must be in [0, 1]")
+    need(isinstance(o.part_lr, dict) and all(isinstance(k, str) and k and _finite(v) and 0 < v <= MAX_LR
+                                             for k, v in o.part_lr.items()),
+         "optim.part_lr", f"must map parameter-name prefixes to learning rates > 0 and at most {MAX_LR:g}")
+    need(_finite(o.max_grad_norm) and o.max_grad_norm >= 0, "optim.max_grad_norm", "must be 0 (off) or more")
     need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", "must be at least 1")
-    need(t.epochs is None or t.epochs > 0, "train.epochs", "must be > 0")
+    need(t.epochs is None or (_finite(t.epochs) and 0 < t.epochs <= MAX_EPOCHS), "train.epochs",
+         f"must be a number > 0 and at most {MAX_EPOCHS:g}")
     need(t.batch_size is not None and t.batch_size >= 1, "train.batch_size", "must be at least 1")
     need(t.grad_accum is not None and t.grad_accum >= 1, "train.grad_accum", "must be at least 1")
-    need(t.seed >= 0, "train.seed", "must be 0 or more")
+    need(d.eval_batch_size is not None and d.eval_batch_size >= 1, "data.eval_batch_size", "must be at least 1")
+    need(0 <= t.seed < MAX_SEED, "train.seed", "must be an integer from 0 to 2**62")
     need(t.bf16 in (True, False, "auto"), "train.bf16", "true, false or auto")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
     need(t.eval_every >= 0, "train.eval_every", "must be 0 (only at the end) or more")
     need(t.save_every >= 0, "train.save_every", "must be 0 (only final/) or more")
     need(t.keep_last >= 1, "train.keep_last", "must be at least 1")
     need(t.strategy in STRATEGIES, "train.strategy", f"one of {', '.join(STRATEGIES)}")
-    need(cfg.lora.r >= 1, "lora.r", "must be at least 1")
-    need(cfg.lora.alpha > 0, "lora.alpha", "must be > 0")
-    need(0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
-    need(bool(cfg.output), "output", "set the output folder")
+    need(bool(DEVICE_RE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N")
+    need(lo.r >= 1, "lora.r", "must be at least 1")
+    need(_finite(lo.alpha) and lo.alpha > 0, "lora.alpha", "must be a number > 0")
+    need(between(lo.dropout, 0, 1) and lo.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    if isinstance(lo.target_modules, str):
+        try:
+            re.compile(lo.target_modules)
+        except re.error as e:
+            raise InputError(f"config key 'lora.target_modules': not a valid regex ({e})") from None
+    elif lo.target_modules is not None:
+        need(bool(lo.target_modules) and all(m.strip() for m in lo.target_modules), "lora.target_modules",
+             "a list of module names like [q_proj, v_proj], or a regex")
+    need(bool(cfg.output.strip()), "output", "set the output folder")
 
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (atomically: a crash never leaves half a file)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML (atomically and flushed: a crash never leaves half a file)."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    write_atomic(path, text.encode("utf-8"))

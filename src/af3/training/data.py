@@ -1,10 +1,10 @@
 """Training data: weighted mixtures of manifests, the dataset that decodes their audio, a length-grouped
 distributed batch sampler, and the collator.
 
-Manifests (JSONL and NVIDIA's JSON) are read by :mod:`af3.training.manifest`; its public names are importable
-from here too. Audio is decoded only in :meth:`MixtureDataset.__getitem__` (so DataLoader workers do it); an
-unreadable audio file turns the item into ``{"skipped": source, "reason": ...}`` instead of an exception, and
-:class:`Collator` drops and reports it.
+Manifests (JSONL and NVIDIA's JSON) are read by :mod:`af3.training.manifest` and mixture specs by
+:mod:`af3.training.mixture`; their public names are importable from here too. Audio is decoded only in
+:meth:`MixtureDataset.__getitem__` (so DataLoader workers do it); an unreadable audio file turns the item into
+``{"skipped": source, "reason": ...}`` instead of an exception, and :class:`Collator` drops and reports it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,88 +23,13 @@ from ..config import MAX_AUDIO_SECONDS
 from ..errors import AF3Error, InputError
 from ..processor import IGNORE_INDEX, load_audio_part
 from .manifest import Example, load_manifest, resolve_audio_path
+from .mixture import check_weight, parse_mixture
 
 logger = logging.getLogger("af3")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# mixtures
-
-
-def parse_mixture(spec: str | Mapping | Sequence, named: Mapping[str, str] | None = None) -> list[tuple[float, str]]:
-    """A data mixture → [(weight, manifest path)].
-
-    ``spec`` is NVIDIA's ``"2.0*asr+1.0*qa"`` syntax (a term without ``*`` has weight 1), a dict
-    ``{name_or_path: weight}``, or a list of terms (strings like ``"2*asr"``, ``(weight, name)`` pairs or
-    ``{"path"|"name": ..., "weight": ...}``). Names are keys of ``named`` (name → manifest path); anything else
-    must be an existing manifest file.
-    """
-    named = dict(named or {})
-    out: list[tuple[float, str]] = []
-    if isinstance(spec, str):
-        text = spec.strip()
-        if not text:
-            raise InputError("the data mixture is empty")
-        terms = [text] if _is_known(text, named) else text.split("+")  # a path may itself contain "+"
-        out = [_parse_term(t, named) for t in terms]
-    elif isinstance(spec, Mapping):
-        out = [(_check_weight(w, f"{name}: {w}"), _resolve_name(name, named)) for name, w in spec.items()]
-    elif isinstance(spec, Sequence):
-        for item in spec:
-            if isinstance(item, (str, os.PathLike)):
-                out.append(_parse_term(os.fspath(item), named))
-            elif isinstance(item, (list, tuple)) and len(item) == 2:
-                out.append((_check_weight(item[0], repr(item)), _resolve_name(item[1], named)))
-            elif isinstance(item, Mapping) and ("path" in item or "name" in item):
-                name = item.get("path", item.get("name"))
-                out.append((_check_weight(item.get("weight", 1.0), repr(dict(item))), _resolve_name(name, named)))
-            else:
-                raise InputError(f"bad data mixture entry {item!r}: use \"WEIGHT*NAME\", (weight, name) or "
-                                 "{\"path\": ..., \"weight\": ...}")
-    else:
-        raise InputError(f"a data mixture is a string, a dict or a list, not a {type(spec).__name__}")
-    if not out:
-        raise InputError("the data mixture is empty")
-    return out
-
-
-def _is_known(name: str, named: dict[str, str]) -> bool:
-    return name in named or os.path.isfile(name)
-
-
-def _parse_term(term: str, named: dict[str, str]) -> tuple[float, str]:
-    text = term.strip()
-    if not text:
-        raise InputError("the data mixture has an empty term (a stray '+')")
-    if _is_known(text, named) or "*" not in text:
-        return 1.0, _resolve_name(text, named)
-    weight, _, name = text.partition("*")
-    try:
-        value = float(weight)
-    except ValueError:
-        raise InputError(f"bad data mixture term {term!r}: expected WEIGHT*NAME, like 2.0*asr") from None
-    return _check_weight(value, term), _resolve_name(name.strip(), named)
-
-
-def _check_weight(weight: Any, term: str) -> float:
-    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
-    if not ok:
-        raise InputError(f"bad data mixture term {term!r}: the weight must be a positive number")
-    return float(weight)
-
-
-def _resolve_name(name: Any, named: dict[str, str]) -> str:
-    if isinstance(name, os.PathLike):
-        name = os.fspath(name)
-    if not isinstance(name, str) or not name:
-        raise InputError(f"bad data mixture name {name!r}")
-    if name in named:
-        return os.fspath(named[name])
-    if os.path.isfile(name):
-        return name
-    known = ", ".join(sorted(named)) or "none"
-    raise InputError(f"unknown dataset {name!r} in the data mixture: not a named dataset (known: {known}) and not "
-                     "a manifest file")
+# the dataset
 
 
 class MixtureDataset(Dataset):
@@ -121,7 +46,7 @@ class MixtureDataset(Dataset):
             raise InputError("the data mixture is empty")
         if not isinstance(seed, int) or seed < 0:
             raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-        self.mixture = [(_check_weight(w, f"{w}*{p}"), os.fspath(p)) for w, p in mixture]
+        self.mixture = [(check_weight(w, f"{w}*{p}"), os.fspath(p)) for w, p in mixture]
         self.seed = seed
         self.max_audio_len = max_audio_len
         loaded: dict[str, list[Example]] = {}

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 
 @dataclass
 class DistEnv:
@@ -75,11 +77,8 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device, local)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     owns = False
     if dist.is_available() and dist.is_initialized():
@@ -88,6 +87,28 @@ def setup_distributed(device: str = "auto") -> DistEnv:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
     return DistEnv(rank, world, local, dev, owns)
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` (auto, cpu, cuda, cuda:N) → this process's device; a device this machine does not have is
+    an :class:`InputError`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"config key 'train.device': {device!r} is not auto, cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return dev
+    if not torch.cuda.is_available():
+        raise InputError(f"train.device={device} but this machine has no usable CUDA device; use train.device=cpu "
+                         "or auto")
+    dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+    if dev.index >= torch.cuda.device_count():
+        raise InputError(f"train.device: there is no {dev} (this machine has {torch.cuda.device_count()} GPU(s))")
+    return dev
 
 
 def _full_options():

@@ -79,6 +79,12 @@ def add_lora(model: nn.Module, lora_cfg: LoraSection | Any) -> nn.Module:
         if isinstance(cfg.target_modules, str) else []
     if outside:
         raise InputError(f"lora.target_modules must only match language model layers; it matches {outside[0]!r}")
+    if isinstance(cfg.target_modules, str):  # a rank above a layer's size adds nothing but memory
+        sizes = [min(m.in_features, m.out_features) for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and re.fullmatch(cfg.target_modules, n)]
+        if sizes and cfg.r > min(sizes):
+            raise InputError(f"lora.r={cfg.r} is larger than the smallest layer it adapts ({min(sizes)} features); "
+                             f"choose lora.r of at most {min(sizes)}")
     peft.inject_adapter_in_model(cfg, model, adapter_name=ADAPTER_NAME)
     n = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
     if n == 0:

@@ -27,7 +27,9 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    #: "2.0*asr+1.0*qa" (names from ``manifests`` or manifest paths), or a dict/list (see ``parse_mixture``).
+    #: "2.0*asr+1.0*qa" (names from ``manifests`` or manifest paths), or a dict/list (see
+    #: :func:`af3.training.mixture.parse_mixture`); weights are finite numbers > 0. Relative manifest paths are
+    #: relative to the YAML file's folder (to the current directory in command-line overrides).
     mixture: Any = ""
     manifests: dict[str, str] = field(default_factory=dict)
     #: Evaluation manifest (JSONL / NVIDIA JSON); evaluated every ``train.eval_every`` steps and at the end.
