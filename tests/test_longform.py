@@ -295,7 +295,7 @@ def test_ask_long_maps_over_parts_and_reduces():
         audio_part, text_part = conv[0]["content"]
         assert len(audio_part["audio"]) == round((bounds[i + 1] - bounds[i]) * SR)
         assert text_part["text"].startswith(
-            f"This is part {i + 1} of 5 of a recording, from {clocks[i]} to {clocks[i + 1]}.")
+            f"This is part {i + 1} of a recording 4:10 long, from {clocks[i]} to {clocks[i + 1]}.")
         assert text_part["text"].endswith("Who speaks?")
     reduce_turn = engine.calls[-1][0]
     assert [p["type"] for p in reduce_turn[0]["content"]] == ["text"]  # text only

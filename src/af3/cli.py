@@ -19,6 +19,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Audio Flamingo 3: ask about audio, transcribe, convert checkpoints.")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"af3 {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                                help="Print af3's version and exit.")) -> None:
+    """Audio Flamingo 3: ask about audio, transcribe, convert checkpoints."""
+
+
 def _dtype(name: str | None):
     from .config import torch_dtype
 
@@ -50,12 +64,26 @@ def _resolve_model(model: str | None) -> str:
     return str(embedded)
 
 
-def _engine(model_path: str, dtype: str, device: str, quantize: str | None = None, think: bool = False,
-            max_batch_size: int = 1):
-    from .generation.engine import Engine
+def _audio_policy(allow_private_urls: bool):
+    """The CLI's audio limits: the library's defaults, with private-network URLs when the user asks for them.
+    Local files are the user's own (no byte cap, as in the library)."""
+    import dataclasses
 
-    return Engine.from_pretrained(model_path, dtype=_dtype(dtype), device=device, quantize=quantize,
-                                  think=True if think else "auto", max_batch_size=max_batch_size)
+    from .fetch import DEFAULT_POLICY
+
+    return dataclasses.replace(DEFAULT_POLICY, allow_private_network=allow_private_urls)
+
+
+def _engine(model_path: str, dtype: str, device: str, quantize: str | None = None, think: bool = False,
+            max_batch_size: int = 1, allow_private_urls: bool = False):
+    """An Engine for one command: no audio or prefix cache (one process, one conversation: nothing follows up)."""
+    from .generation.engine import Engine
+    from .system import check_device
+
+    return Engine.from_pretrained(model_path, dtype=_dtype(dtype), device=check_device(device), quantize=quantize,
+                                  think=True if think else "auto", max_batch_size=max_batch_size,
+                                  prefix_cache_bytes=0, audio_cache_bytes=0,
+                                  audio_policy=_audio_policy(allow_private_urls))
 
 
 def _json_schema(value: str | None):
@@ -75,19 +103,30 @@ def _json_schema(value: str | None):
         raise AF3Error(f"--json: not a JSON schema file or inline JSON ({e.msg} at char {e.pos})") from None
 
 
+#: Exit status when the answer was printed but is incomplete (JSON cut off by --max-new-tokens).
+EXIT_INCOMPLETE = 3
+
+
 def _answer(model_path: str, conversation: list[dict], options, dtype: str, device: str, quantize: str | None = None,
-            stream: bool = True, strip_prefix: bool = False) -> None:
-    """Run one request through the Engine and print the answer (token by token when streaming)."""
-    engine = _engine(model_path, dtype, device, quantize, think=options.think)
+            stream: bool = True, strip_prefix: bool = False, allow_private_urls: bool = False) -> int:
+    """Run one request through the Engine and print the answer (token by token when streaming); returns the exit
+    status: 0, or :data:`EXIT_INCOMPLETE` when a JSON answer was cut off by the token limit (said on stderr)."""
+    engine = _engine(model_path, dtype, device, quantize, think=options.think, allow_private_urls=allow_private_urls)
     if stream and not strip_prefix:
+        out = None
         for delta in engine.stream(conversation, options):
             sys.stdout.write(delta.text)
             sys.stdout.flush()
+            out = delta.output if delta.finished else out
         sys.stdout.write("\n")
-        return
-    out = engine.generate(conversation, options)
-    text = engine.processor.decode(out.token_ids, skip_special_tokens=True, strip_prefix=strip_prefix)
-    typer.echo(text)
+    else:
+        out = engine.generate(conversation, options)
+        typer.echo(engine.processor.decode(out.token_ids, skip_special_tokens=True, strip_prefix=strip_prefix))
+    if options.json_schema is not None and out is not None and out.finish_reason == "length":
+        typer.echo(f"error: the JSON answer is incomplete: it was cut off after {len(out.token_ids)} tokens "
+                   "(--max-new-tokens); raise --max-new-tokens", err=True)
+        return EXIT_INCOMPLETE
+    return 0
 
 
 MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder (HF or NVIDIA layout). Default: $AF3_MODEL "
@@ -95,14 +134,21 @@ MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder (HF or N
 DTYPE_OPT = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.")
 DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
 QUANT_OPT = typer.Option(None, "--quantize", help="int8: weight-only int8 decoder (about half the memory).")
+PRIVATE_OPT = typer.Option(False, "--allow-private-urls", help="Let audio URLs reach loopback and private-network "
+                           "addresses (refused by default).")
 
 
 def _options(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
              think: bool, json_schema: str | None):
-    from .generation.engine import GenerationOptions
+    """The request's options, checked now (before a model is loaded) by the same rules the Engine applies."""
+    from .config import GenerationConfig
+    from .generation.options import GenerationOptions
 
-    return GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=temperature > 0,
-                             top_p=top_p, top_k=top_k, seed=seed, think=think, json_schema=_json_schema(json_schema))
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=temperature > 0,
+                                top_p=top_p, top_k=top_k, seed=seed, think=think,
+                                json_schema=_json_schema(json_schema))
+    options.resolved(GenerationConfig())
+    return options
 
 
 @app.command()
@@ -121,11 +167,15 @@ def ask(
     quantize: str = QUANT_OPT,
     dtype: str = DTYPE_OPT,
     device: str = DEVICE_OPT,
+    allow_private_urls: bool = PRIVATE_OPT,
 ) -> None:
     """Answer one question about one audio clip."""
     conv = [{"role": "user", "content": [{"type": "audio", "path": audio}, {"type": "text", "text": question}]}]
     options = _options(max_new_tokens, temperature, top_p, top_k, seed, think, json_schema)
-    _answer(_resolve_model(model), conv, options, dtype, device, quantize, stream=stream)
+    code = _answer(_resolve_model(model), conv, options, dtype, device, quantize, stream=stream,
+                   allow_private_urls=allow_private_urls)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -138,6 +188,7 @@ def transcribe(
     quantize: str = QUANT_OPT,
     dtype: str = DTYPE_OPT,
     device: str = DEVICE_OPT,
+    allow_private_urls: bool = PRIVATE_OPT,
 ) -> None:
     """Transcribe speech of any length (long recordings are cut at quiet points; the model's framing sentence
     and quotes are stripped)."""
@@ -146,9 +197,10 @@ def transcribe(
     formats = {"srt": longform.to_srt, "vtt": longform.to_vtt, "json": longform.to_json}
     if output_format not in (*formats, "text"):
         raise AF3Error(f"unknown --format {output_format!r}; use text, srt, vtt or json")
+    _options(max_new_tokens, 0.0, None, None, None, False, None)  # checked before the model loads
     engine = _engine(_resolve_model(model), dtype, device, quantize, max_batch_size=8)
     transcript = longform.transcribe_long(None, engine.processor, audio, prompt=prompt, batch_size=8,
-                                          max_new_tokens=max_new_tokens,
+                                          max_new_tokens=max_new_tokens, policy=_audio_policy(allow_private_urls),
                                           generate_fn=longform.engine_generate_fn(engine))
     typer.echo(transcript.text if output_format == "text" else formats[output_format](transcript).rstrip("\n"))
 
@@ -158,7 +210,8 @@ def convert(
     src: Path = typer.Argument(..., help="NVIDIA-layout checkpoint (llm/, sound_tower/, sound_mm_projector/)."),
     dst: Path = typer.Argument(..., help="Output folder for the HF layout (must not exist unless --force)."),
     dtype: str = typer.Option("auto", help="Weights' dtype in the output: auto keeps the input's."),
-    force: bool = typer.Option(False, help="Write into an existing folder."),
+    force: bool = typer.Option(False, help="Replace an existing folder (whole, in one step, once the new one is "
+                               "complete)."),
 ) -> None:
     """Convert NVIDIA's original checkpoint layout to the HF layout (loadable by af3 and transformers)."""
     from .convert import convert_checkpoint
@@ -254,28 +307,43 @@ def demo(
     typer.echo(f"answer: {answer}")
 
 
+#: What typer raises for a usage error (unknown option or command, missing or unparsable argument). typer bundles
+#: its own click from 0.29 on (whose exceptions are not ``click.ClickException``); this finds the class either way.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_line(e: Exception) -> str:
+    """One line for a usage error: what was wrong and where to look."""
+    message = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    where = f"af3 {ctx.command_path.split(' ', 1)[1]} --help" if ctx is not None and " " in ctx.command_path \
+        else "af3 --help"
+    return f"error: {message} (see '{where}')"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the typer app, turning AF3Error into one line and exit code 2."""
+    """Entry point: run the typer app. A user's mistake (AF3Error, or a usage error) prints one line on stderr and
+    exits with status 2; Ctrl-C exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
             return code
     except AF3Error as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         return 2
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
     except (typer.Exit, SystemExit) as e:
         return int(getattr(e, "exit_code", getattr(e, "code", 0)) or 0)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except _USAGE_ERROR as e:
+        if e.format_message().strip():  # (bare `af3` printed its help already and has nothing to add)
+            typer.echo(_usage_line(e), err=True)
+        return 2
     return 0
 
 

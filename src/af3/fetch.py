@@ -199,8 +199,8 @@ def check_url_addresses(url: str, policy: FetchPolicy = DEFAULT_POLICY, deadline
                 shown = host if str(ip) == host else f"{host!r} resolves to {ip}, which"
                 raise AudioError(
                     f"refusing to download audio from {_short(url)!r}: {shown} is {reason}; only public "
-                    "addresses may be fetched (an operator can allow private networks with "
-                    "allow_private_network=True)"
+                    "addresses may be fetched (an operator can allow private networks: allow_private_network=True, "
+                    "or af3 --allow-private-urls)"
                 )
     return infos
 

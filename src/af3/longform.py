@@ -12,6 +12,7 @@ AF3 produces no timestamps of its own; the times here are those of the segments 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -20,12 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
-from .audio import SAMPLING_RATE, _to_float32, load_audio
+from .audio import SAMPLING_RATE, AudioStream, open_audio
 from .config import MAX_AUDIO_SECONDS, MAX_AUDIO_WINDOWS, WINDOW_SECONDS
 from .errors import InputError
+from .fetch import FetchPolicy
 from .processor import DEFAULT_TRANSCRIPTION_PROMPT, strip_transcription
+from .system import release_free_memory
+from .segments import Segment, frame_energy_db, plan_segments, stream_segments  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("af3")
 
@@ -33,132 +36,6 @@ logger = logging.getLogger("af3")
 GenerateFn = Callable[[list[list[dict]], int], list[str]]
 #: ``progress(done, total)``: called after each batch.
 ProgressFn = Callable[[int, int], None]
-
-FRAME_S = 0.025  # short-time energy frames
-FLOOR_DB = -70.0  # frame energies below this (dBFS) count as equally silent
-QUIET_MARGIN_DB = 6.0  # a frame is "quiet" within this margin of the quietest frame of the search window
-LONG_PAUSE_S = 0.3  # pauses at least this long are all good cut points; the latest one wins
-SILENCE_DB = -50.0  # a segment whose loudest frame is below this is silent
-_BLOCK_SAMPLES = 1 << 22  # energy is computed over blocks of ~4 M samples (16 MB of float32)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# segmentation
-
-
-@dataclass(frozen=True)
-class Segment:
-    """A stretch ``[start, end)`` of a recording, in seconds and in samples."""
-
-    start: float
-    end: float
-    start_sample: int
-    end_sample: int
-    is_silent: bool = False
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-def frame_energy_db(audio: np.ndarray, frame_len: int) -> np.ndarray:
-    """Mean power of consecutive ``frame_len``-sample frames in dBFS, floored at ``FLOOR_DB``: [ceil(n / L)].
-
-    Works block by block, so a multi-hour recording needs only a few MB beyond the audio itself.
-    """
-    n = len(audio)
-    n_frames = -(-n // frame_len)
-    full = n // frame_len
-    power = np.empty(n_frames, dtype=np.float64)
-    step = max(1, _BLOCK_SAMPLES // frame_len)
-    for i in range(0, full, step):
-        j = min(full, i + step)
-        x = _to_float32(np.asarray(audio[i * frame_len : j * frame_len])).reshape(j - i, frame_len)
-        power[i:j] = np.einsum("ij,ij->i", x, x, dtype=np.float64) / frame_len
-    if n_frames > full:
-        tail = _to_float32(np.asarray(audio[full * frame_len :])).astype(np.float64)
-        power[full] = float(np.dot(tail, tail)) / len(tail)
-    np.maximum(power, 10.0 ** (FLOOR_DB / 10.0), out=power)
-    return (10.0 * np.log10(power)).astype(np.float32)
-
-
-def _best_cut(db: np.ndarray, f_lo: int, f_hi: int, long_frames: int) -> tuple[int, int]:
-    """Quiet run ``[a, b)`` of frames in ``[f_lo, f_hi)`` to cut in: the latest run of at least
-    ``long_frames`` quiet frames, else the longest run (the latest on ties)."""
-    window = db[f_lo:f_hi]
-    quiet = window <= window.min() + QUIET_MARGIN_DB
-    edges = np.diff(np.concatenate(([0], quiet.view(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    lengths = ends - starts
-    long_runs = np.flatnonzero(lengths >= long_frames)
-    # The latest long run, else the longest (the latest of equals).
-    k = long_runs[-1] if len(long_runs) else len(lengths) - 1 - int(np.argmax(lengths[::-1]))
-    return f_lo + int(starts[k]), f_lo + int(ends[k])
-
-
-def plan_segments(
-    audio: np.ndarray,
-    sr: int = SAMPLING_RATE,
-    max_segment_s: float = 30.0,
-    search_s: float = 5.0,
-    min_segment_s: float = 1.0,
-    *,
-    silence_db: float = SILENCE_DB,
-) -> list[Segment]:
-    """Cut a 1-D recording of any length into consecutive segments of at most ``max_segment_s``.
-
-    Each cut is placed in the quietest stretch (25 ms frames, short-time energy) of the last ``search_s``
-    seconds before the limit, preferring pauses of at least 0.3 s (the latest such pause wins, so segments
-    stay long); no segment is shorter than ``min_segment_s`` unless the whole recording is. Segments cover the
-    recording without gaps or overlap; those whose loudest frame is below ``silence_db`` dBFS are marked
-    ``is_silent``. An empty recording gives no segments.
-    """
-    audio = np.asarray(audio)
-    if audio.ndim != 1:
-        raise InputError(f"plan_segments expects 1-D mono samples, got shape {tuple(audio.shape)}")
-    if not sr or sr <= 0:
-        raise InputError(f"sr must be a positive number of Hz, got {sr!r}")
-    if not 0 < min_segment_s * 2 <= max_segment_s:
-        raise InputError(
-            f"need 0 < 2 * min_segment_s <= max_segment_s, got min_segment_s={min_segment_s}, "
-            f"max_segment_s={max_segment_s}"
-        )
-    if search_s < 0:
-        raise InputError(f"search_s must be >= 0, got {search_s}")
-    n = len(audio)
-    if n == 0:
-        return []
-    frame_len = max(1, round(FRAME_S * sr))
-    max_n, min_n = int(max_segment_s * sr), max(1, int(min_segment_s * sr))
-    search_n = min(int(search_s * sr), max_n - min_n)
-    long_frames = max(1, round(LONG_PAUSE_S * sr / frame_len))
-    db = frame_energy_db(audio, frame_len)
-
-    bounds = [0]
-    start = 0
-    while n - start > max_n:
-        limit = start + max_n
-        lo = max(start + min_n, limit - search_n)
-        hi = max(lo, min(limit, n - min_n))  # leave at least min_n samples after the cut
-        f_lo, f_hi = -(-lo // frame_len), hi // frame_len  # frames wholly inside [lo, hi]
-        if f_hi > f_lo:
-            a, b = _best_cut(db, f_lo, f_hi, long_frames)
-            cut = (a + b) * frame_len // 2
-        else:
-            cut = hi
-        bounds.append(cut)
-        start = cut
-    bounds.append(n)
-
-    starts = np.asarray(bounds[:-1], dtype=np.int64)
-    loudest = np.maximum.reduceat(db, starts // frame_len)  # [segments]
-    segments = [
-        Segment(a / sr, b / sr, a, b, bool(peak < silence_db))
-        for a, b, peak in zip(bounds[:-1], bounds[1:], loudest.tolist(), strict=True)
-    ]
-    logger.debug("planned %d segments (%d silent) over %.1f s", len(segments),
-                 sum(s.is_silent for s in segments), n / sr)
-    return segments
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,10 +45,13 @@ def plan_segments(
 def engine_generate_fn(engine: Any, **options: Any) -> GenerateFn:
     """A :data:`GenerateFn` over an :class:`af3.generation.engine.Engine` (the default way in: the Engine's
     decoding loop, batched); greedy unless ``options`` say otherwise (any
-    :class:`af3.generation.options.GenerationOptions` field)."""
-    from .generation.options import GenerationOptions
+    :class:`af3.generation.options.GenerationOptions` field). Segments are not kept in the prefix cache: nobody
+    asks a follow-up about one segment's prompt."""
+    from .generation.options import GenerationOptions, check_option_names
 
+    check_option_names(options)
     options.setdefault("temperature", 0.0)
+    options.setdefault("keep_cache", False)
 
     def generate(conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
         outs = engine.generate(conversations, GenerationOptions(max_new_tokens=max_new_tokens, **options))
@@ -212,8 +92,35 @@ def _check_cap(processor: Any, seconds: float, what: str) -> None:
         )
 
 
-def _load(audio: Any, sampling_rate: int | None) -> np.ndarray:
-    return load_audio(audio, sampling_rate=sampling_rate)
+def _open(audio: Any, sampling_rate: int | None, policy: FetchPolicy | None) -> AudioStream:
+    """The recording, opened for reading block by block (memory stays flat however long it is)."""
+    return open_audio(audio, sampling_rate, policy=policy)
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[tuple[list[Any], bool]]:
+    """Consecutive lists of ``size`` items (the last one shorter), each with whether it is the last; reads one item
+    ahead, not a whole batch (items are segments of audio: memory holds one batch and one segment)."""
+    items = iter(items)
+    ahead = next(items, None)
+    while ahead is not None:
+        batch = [ahead]
+        ahead = next(items, None)
+        while ahead is not None and len(batch) < size:
+            batch.append(ahead)
+            ahead = next(items, None)
+        yield batch, ahead is None
+
+
+def _check_seconds(name: str, value: Any, low: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise InputError(f"{name} must be a number of seconds >= {low:g}, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,39 +158,46 @@ def transcribe_long(
     max_segment_s: float = 30.0,
     search_s: float = 5.0,
     skip_silent: bool = True,
+    policy: FetchPolicy | None = None,
 ) -> Transcript:
     """Transcribe a recording of any length, segment by segment (cut at pauses), in batches.
 
-    ``audio`` is anything :func:`af3.audio.load_audio` takes (``sampling_rate`` is the rate of an array).
-    Silent segments are skipped. Replies are cleaned as ``decode(strip_prefix=True)`` does; ``generate_fn``
-    (see :data:`GenerateFn`) replaces the model, which may then be None. ``progress(done, total)`` counts
-    segments.
+    ``audio`` is anything :func:`af3.audio.open_audio` takes (``sampling_rate`` is the rate of an array;
+    ``policy`` the :class:`af3.fetch.FetchPolicy` for URLs, bytes and files). It is read as it is transcribed,
+    segment by segment, so memory stays flat whatever the length. Silent segments are skipped. Replies are cleaned
+    as ``decode(strip_prefix=True)`` does; ``generate_fn`` (see :data:`GenerateFn`) replaces the model, which may
+    then be None. ``progress(done, total)`` counts segments (``total`` is an estimate from the file's header).
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    engine = _engine(model, processor, generate_fn, batch_size)
+    _check_count("batch_size", batch_size)
+    _check_count("max_new_tokens", max_new_tokens)
+    max_segment_s = _check_seconds("max_segment_s", max_segment_s, 2.0)
+    search_s = _check_seconds("search_s", search_s, 0.0)
     if prompt is None:
         prompt = getattr(processor, "default_transcription_prompt", None) or DEFAULT_TRANSCRIPTION_PROMPT
-    wave = _load(audio, sampling_rate)
-    if generate_fn is None:
-        _check_cap(processor, min(max_segment_s, len(wave) / SAMPLING_RATE), "max_segment_s")
-    plan = plan_segments(wave, SAMPLING_RATE, max_segment_s, search_s, min(1.0, max_segment_s / 2))
-    todo = [s for s in plan if not (skip_silent and s.is_silent)]
-    logger.info("transcribing %.1f s in %d segments (%d silent skipped)", len(wave) / SAMPLING_RATE,
-                len(todo), len(plan) - len(todo))
-
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt must be a non-empty string")
+    engine = _engine(model, processor, generate_fn, batch_size)
     out: list[TranscriptSegment] = []
-    for i in range(0, len(todo), batch_size):
-        batch = todo[i : i + batch_size]
-        convs = [[{"role": "user", "content": [
-            {"type": "text", "text": prompt},
-            {"type": "audio", "audio": wave[s.start_sample : s.end_sample]},
-        ]}] for s in batch]
-        texts = _run(engine, convs, max_new_tokens)
-        out.extend(TranscriptSegment(s.start, s.end, strip_transcription(t)) for s, t in zip(batch, texts,
-                                                                                            strict=True))
-        if progress is not None:
-            progress(len(out), len(todo))
+    with _open(audio, sampling_rate, policy) as stream:
+        if generate_fn is None:
+            _check_cap(processor, min(max_segment_s, stream.duration or max_segment_s), "max_segment_s")
+        # An estimate of the segments for progress(): the length when the header tells it.
+        expected = None if stream.duration is None else max(1, math.ceil(stream.duration / max_segment_s))
+        segments = stream_segments(stream.blocks(30.0), SAMPLING_RATE, max_segment_s, search_s,
+                                   min(1.0, max_segment_s / 2))
+        todo = ((s, x) for s, x in segments if not (skip_silent and s.is_silent))
+        for batch, last in _batches(todo, batch_size):
+            convs = [[{"role": "user", "content": [
+                {"type": "text", "text": prompt},
+                {"type": "audio", "audio": samples},
+            ]}] for _, samples in batch]
+            texts = _run(engine, convs, max_new_tokens)
+            out.extend(TranscriptSegment(s.start, s.end, strip_transcription(t))
+                       for (s, _), t in zip(batch, texts, strict=True))
+            release_free_memory()  # memory stays flat with the recording's length (see af3.system)
+            if progress is not None:  # the total is exact once the last batch is known
+                progress(len(out), len(out) if last else max(len(out) + 1, expected or 0))
+    logger.info("transcribed %d segments", len(out))
     return Transcript(tuple(out), " ".join(s.text for s in out if s.text))
 
 
@@ -361,9 +275,11 @@ def clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def map_prompt(question: str, part: int, parts: int, start: float, end: float) -> str:
-    """The question about one chunk, saying which part of the recording it is."""
-    return (f"This is part {part} of {parts} of a recording, from {clock(start)} to {clock(end)}. "
+def map_prompt(question: str, part: int, start: float, end: float, total: float | None = None) -> str:
+    """The question about one chunk, saying which part of the recording it is (and how long the whole recording is,
+    when its header tells: chunks are read as the file streams, so their count is not known in advance)."""
+    whole = "a recording" if total is None else f"a recording {clock(total)} long"
+    return (f"This is part {part} of {whole}, from {clock(start)} to {clock(end)}. "
             f"If this part holds nothing relevant to the question, say so.\n{question}")
 
 
@@ -390,6 +306,7 @@ def ask_long(
     sampling_rate: int | None = None,
     batch_size: int = 1,
     progress: ProgressFn | None = None,
+    policy: FetchPolicy | None = None,
 ) -> LongAnswer:
     """Answer ``question`` about a recording of any length.
 
@@ -400,40 +317,46 @@ def ask_long(
     """
     if not isinstance(question, str) or not question.strip():
         raise InputError("question must be a non-empty string")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    _check_count("batch_size", batch_size)
+    _check_count("max_new_tokens", max_new_tokens)
+    chunk_s = _check_seconds("chunk_s", chunk_s, 2.0)
     engine = _engine(model, processor, generate_fn, batch_size)
-    wave = _load(audio, sampling_rate)
-    duration = len(wave) / SAMPLING_RATE
-    if generate_fn is None:
-        _check_cap(processor, min(chunk_s, duration), "chunk_s")
-    if duration <= chunk_s:
-        conv = [{"role": "user", "content": [{"type": "audio", "audio": wave}, {"type": "text", "text": question}]}]
-        answer = _run(engine, [conv], max_new_tokens)[0].strip()
-        if progress is not None:
-            progress(1, 1)
-        return LongAnswer(answer, ((0.0, duration, answer),))
-
-    chunks = plan_segments(wave, SAMPLING_RATE, chunk_s, search_s=min(30.0, chunk_s / 10),
-                           min_segment_s=min(1.0, chunk_s / 2))
-    total = len(chunks) + 1
-    logger.info("asking about %.1f s in %d chunks of at most %g s", duration, len(chunks), chunk_s)
-    partials: list[tuple[float, float, str]] = []
-    for i in range(0, len(chunks), batch_size):
-        batch = chunks[i : i + batch_size]
-        convs = [[{"role": "user", "content": [
-            {"type": "audio", "audio": wave[c.start_sample : c.end_sample]},
-            {"type": "text", "text": map_prompt(question, i + k + 1, len(chunks), c.start, c.end)},
-        ]}] for k, c in enumerate(batch)]
-        texts = _run(engine, convs, max_new_tokens)
-        partials.extend((c.start, c.end, t.strip()) for c, t in zip(batch, texts, strict=True))
-        if progress is not None:
-            progress(len(partials), total)
+    with _open(audio, sampling_rate, policy) as stream:
+        if generate_fn is None:
+            _check_cap(processor, min(chunk_s, stream.duration or chunk_s), "chunk_s")
+        chunks = stream_segments(stream.blocks(30.0), SAMPLING_RATE, chunk_s, search_s=min(30.0, chunk_s / 10),
+                                 min_segment_s=min(1.0, chunk_s / 2))
+        first, second = next(chunks, None), next(chunks, None)
+        if first is None:
+            raise InputError("the recording is empty (0 samples)")
+        if second is None:  # up to chunk_s: one direct question
+            seg, samples = first
+            conv = [{"role": "user", "content": [{"type": "audio", "audio": samples},
+                                                 {"type": "text", "text": question}]}]
+            answer = _run(engine, [conv], max_new_tokens)[0].strip()
+            if progress is not None:
+                progress(1, 1)
+            return LongAnswer(answer, ((0.0, seg.end, answer),))
+        expected = None if stream.duration is None else max(2, math.ceil(stream.duration / chunk_s))
+        logger.info("asking about a long recording in chunks of at most %g s", chunk_s)
+        partials: list[tuple[float, float, str]] = []
+        pending = [first, second]
+        for batch, last in _batches(itertools.chain(pending, chunks), batch_size):
+            convs = [[{"role": "user", "content": [
+                {"type": "audio", "audio": samples},
+                {"type": "text", "text": map_prompt(question, len(partials) + k + 1, c.start, c.end, stream.duration)},
+            ]}] for k, (c, samples) in enumerate(batch)]
+            texts = _run(engine, convs, max_new_tokens)
+            partials.extend((c.start, c.end, t.strip()) for (c, _), t in zip(batch, texts, strict=True))
+            release_free_memory()
+            if progress is not None:  # parts, then the reduce turn; exact once the last batch is known
+                progress(len(partials), (len(partials) if last else max(len(partials) + 1, expected or 0)) + 1)
+        duration = partials[-1][1]
 
     final = [{"role": "user", "content": [{"type": "text", "text": reduce_prompt(question, partials, duration)}]}]
     answer = _run(engine, [final], max_new_tokens)[0].strip()
     if progress is not None:
-        progress(total, total)
+        progress(len(partials) + 1, len(partials) + 1)
     return LongAnswer(answer, tuple(partials))
 
 

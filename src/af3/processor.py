@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .audio import load_audio
+from .fetch import DEFAULT_POLICY, FetchPolicy
 from .chat import ChatTemplate, RenderedChat, TextTokenizer, read_chat_template
 from .config import IGNORE_INDEX, MAX_AUDIO_SECONDS, folder_path, is_nvidia_layout, read_json, write_json
 from .config_checks import describe
@@ -66,29 +67,44 @@ def _is_batch_of_conversations(conversation: Any) -> bool:
 
 
 def load_audio_part(part: dict, sampling_rate: int | None = None, **load_kwargs: Any) -> np.ndarray:
-    """Decode one audio part of a message (any of the spellings users and APIs send)."""
+    """Decode one audio part of a message (any of the spellings users and APIs send). ``load_kwargs`` go to
+    :func:`af3.audio.load_audio` (``max_seconds``, ``policy``, ``max_bytes``, ...)."""
     rate = part.get("sampling_rate", sampling_rate)
+    limit = _byte_cap(load_kwargs)
     if "input_audio" in part:  # OpenAI: {"type": "input_audio", "input_audio": {"data": b64, "format": "wav"}}
         inner = part["input_audio"]
         data = inner.get("data") if isinstance(inner, dict) else inner
         if not isinstance(data, str):
             raise AudioError("input_audio.data must be a base64 string")
-        return load_audio(_b64decode(data), **load_kwargs)
+        return load_audio(_b64decode(data, limit), **load_kwargs)
     if "audio_url" in part:  # {"type": "audio_url", "audio_url": {"url": ...}}
         inner = part["audio_url"]
         url = inner.get("url") if isinstance(inner, dict) else inner
         return load_audio(url, **load_kwargs)
     if "base64" in part:
-        return load_audio(_b64decode(part["base64"]), **load_kwargs)
+        if not isinstance(part["base64"], str):
+            raise AudioError("an audio part's base64 must be a string")
+        return load_audio(_b64decode(part["base64"], limit), **load_kwargs)
     for key in ("audio", "array", "path", "url"):
         if key in part and part[key] is not None:
             return load_audio(part[key], sampling_rate=rate, **load_kwargs)
     raise AudioError("an audio part needs one of 'path', 'url', 'audio', 'array' or 'base64'")
 
 
-def _b64decode(data: str) -> bytes:
+def _byte_cap(load_kwargs: dict) -> int | None:
+    """The byte cap a load with these keywords applies to encoded data (checked before base64 is decoded)."""
+    if load_kwargs.get("max_bytes") is not None:
+        return load_kwargs["max_bytes"]
+    policy = load_kwargs.get("policy")
+    return (policy if isinstance(policy, FetchPolicy) else DEFAULT_POLICY).max_bytes
+
+
+def _b64decode(data: str, max_bytes: int | None = None) -> bytes:
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
+    if max_bytes is not None and len(data) // 4 * 3 > max_bytes:
+        raise AudioError(f"the base64 audio is too large: about {len(data) // 4 * 3} bytes, the limit is {max_bytes} "
+                         "bytes")
     try:
         return base64.b64decode(data, validate=True)
     except ValueError:
@@ -302,9 +318,10 @@ class AF3Processor:
         out = AF3Inputs()
         counts: list[int] = []
         if audios:
-            waves = [load_audio(a, sampling_rate=sampling_rate) for a in audios]
-            feats = extract_features(waves, self.feature_config,
-                                     self.max_audio_len if max_audio_len is None else max_audio_len)
+            cap = self.max_audio_len if max_audio_len is None else max_audio_len
+            # Only the first `cap` seconds are decoded: a 2-hour file costs what 10 minutes cost.
+            waves = [load_audio(a, sampling_rate=sampling_rate, max_seconds=cap) for a in audios]
+            feats = extract_features(waves, self.feature_config, cap)
             counts = list(feats.tokens_per_audio)
             out["input_features"] = feats.input_features
             out["input_features_mask"] = feats.input_features_mask
@@ -395,6 +412,8 @@ class AF3Processor:
         if not tokenize:
             texts = [r.text for r in rendered]
             return texts if batched else texts[0]
+        cap = self.max_audio_len if max_audio_len is None else max_audio_len
+        load_kwargs = {"max_seconds": cap, **load_kwargs}  # decode only what the features will use
         audios = [load_audio_part(p, sampling_rate, **load_kwargs) for r in rendered for p in r.audios]
         inputs = self(
             [r.text for r in rendered],

@@ -43,17 +43,18 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
                          f"got {list(attention_mask.shape)}")
     gc = model.generation_config
     eos = gc.eos_ids if eos_token_id is None else (
-        [eos_token_id] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id])
+        [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     pad = _pad_id(model, pad_token_id, eos)
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(gc, t)
-    if max_new_tokens <= 0:
-        return input_ids.clone()
+    if isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens <= 0:
+        return input_ids.clone()  # (as transformers does: nothing to add)
     options = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, stop_token_ids=tuple(eos)).resolved(gc, t)
-    if seed is not None and generator is None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+                                repetition_penalty=repetition_penalty, stop_token_ids=tuple(eos),
+                                seed=seed).resolved(gc, t, model.config.text_config.vocab_size)
+    if options.seed is not None and generator is None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(options.seed)
 
     rows = _requests(model, input_ids, attention_mask.bool(), input_features, input_features_mask, options,
                      generator)

@@ -90,7 +90,7 @@ class EngineCore:
 
     def _remember(self, row: int, req: Request) -> None:
         """Keep a finished sequence's keys/values (prompt + reply) for follow-up turns."""
-        if self.prefix_cache is None or req.key is None:
+        if self.prefix_cache is None or req.key is None or not req.options.keep_cache:
             return
         length = req.length  # the last chosen token has no keys/values yet
         reply = torch.tensor(req.tokens[: length - req.prompt_tokens], dtype=torch.long)

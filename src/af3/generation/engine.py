@@ -1,18 +1,18 @@
-"""The Engine: conversations in, answers out, for any number of callers in one process (today the CLI's commands
-and long-form transcription; every other surface is meant to be a thin shell over it).
+"""The Engine: conversations in, answers out, for any number of callers in one process (today the CLI's commands and
+long-form transcription; every other surface is meant to be a thin shell over it).
 
-A thin front over one :class:`~.core.EngineCore` (scheduler, model runner, sampling, output processing): it turns
-a conversation into a :class:`~.scheduler.Request` (the processor's template, tokens and audio features; a
-prefix-cache key; the options resolved once) and waits for it. Exactly one thread steps the core at a time, the
-loop owner:
+A thin front over one :class:`~.core.EngineCore` (scheduler, model runner, sampling, output processing): it turns a
+conversation into a :class:`~.scheduler.Request` (the processor's template, tokens and audio features; a prefix-
+cache key; the options resolved once) and waits for it. Exactly one thread steps the core at a time, the loop owner:
 
 * after :meth:`Engine.start`, a background thread (for servers; ``agenerate`` / ``astream`` are the asyncio
   forms);
 * without it, whichever caller is waiting takes a turn: each step, under one lock, advances every running request,
   so concurrent ``generate`` / ``stream`` / ``agenerate`` calls from any threads share batches and are safe.
 
-Memory is preallocated: the runner's KV cache holds ``max_batch_size`` rows of ``max_seq_len`` slots. Two caches
-save work across requests: the audio cache (projected embeddings per 30 s window; a clip seen before is not
+Memory follows the work: the runner's KV cache holds ``max_batch_size`` rows and grows with the longest running
+sequence (at most ``max_seq_len`` slots per row; a growth that would not fit in memory is refused as an error). Two
+caches save work across requests: the audio cache (projected embeddings per 30 s window; a clip seen before is not
 encoded again) and the prefix cache (keys/values of finished conversations: a second question about the same
 recording neither re-encodes the audio nor re-runs its prefill).
 """
@@ -34,8 +34,10 @@ from torch import Tensor
 from .. import kernels
 from ..errors import InputError
 from ..features import conv_output_lengths
+from ..fetch import DEFAULT_POLICY, FetchPolicy
+from ..model.kv_cache import GROW_STEP
 from .core import EngineCore
-from .options import GenerationOptions
+from .options import GenerationOptions, check_option_names
 from .output import Delta, Output, OutputProcessor, TokenLogprob
 from .runner import ModelRunner, hash_window
 from .sampling import build_chain
@@ -49,9 +51,15 @@ class Engine:
 
     def __init__(self, model, processor, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  audio_cache_bytes: int = 512 * 1024**2, prefix_cache_bytes: int = 1024**3,
-                 max_prefill_tokens: int = 16384, think_adapter: str | None = None, allow_pickle: bool = False):
+                 max_prefill_tokens: int = 16384, think_adapter: str | None = None, allow_pickle: bool = False,
+                 audio_policy: FetchPolicy | None = None):
         self.model = model.eval()
         self.processor = processor
+        #: The limits every request's audio is loaded under (byte caps, download deadline, private networks):
+        #: :data:`af3.fetch.DEFAULT_POLICY` unless the operator sets one.
+        self.audio_policy = audio_policy if audio_policy is not None else DEFAULT_POLICY
+        if not isinstance(self.audio_policy, FetchPolicy):
+            raise InputError(f"audio_policy must be an af3.fetch.FetchPolicy, not {type(audio_policy).__name__}")
         text = model.config.text_config
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(text.max_position_embeddings, 32768)
@@ -61,8 +69,9 @@ class Engine:
 
             check_non_lora(think_adapter, model, allow_pickle)
             self.lora = SwitchableLoRA(model, read_lora(think_adapter))
+        # The KV cache starts small and grows with the longest sequence running (up to max_seq_len per row).
         self.runner = ModelRunner(model, max_batch_size, self.max_seq_len, audio_cache_bytes=audio_cache_bytes,
-                                  lora=self.lora)
+                                  lora=self.lora, kv_capacity=GROW_STEP)
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.core = EngineCore(self.runner, Scheduler(max_batch_size, max_prefill_tokens),
                                OutputProcessor(self._decode_text, self.max_seq_len), self.prefix_cache)
@@ -106,16 +115,21 @@ class Engine:
                stream: bool = False, **kwargs: Any) -> Request:
         """Queue one conversation; returns a handle to wait on (``handle.done``) or read (``handle.output``)."""
         options = options or GenerationOptions()
+        if not isinstance(options, GenerationOptions):
+            raise InputError(f"options must be a GenerationOptions, not {type(options).__name__}")
         if kwargs:
+            check_option_names(kwargs)
             options = replace(options, **kwargs)
+        gc, vocab = self.model.generation_config, self.model.config.text_config.vocab_size
+        options.resolved(gc, 0, vocab)  # every value checked before any work (resolved again with the prompt below)
         if options.think:
             if self.lora is None:
                 raise InputError("think mode needs the checkpoint's think adapter; this engine was loaded without one")
             conversation = _with_think_suffix(conversation)
         inputs = self.processor.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True,
-                                                    return_dict=True)
+                                                    return_dict=True, policy=self.audio_policy)
         ids = inputs["input_ids"][0]
-        options = options.resolved(self.model.generation_config, ids.numel())
+        options = options.resolved(gc, ids.numel(), vocab)
         if ids.numel() + options.max_new_tokens > self.max_seq_len:
             if ids.numel() >= self.max_seq_len:
                 raise InputError(f"the prompt has {ids.numel()} tokens; this engine holds at most "
@@ -126,7 +140,7 @@ class Engine:
         if options.seed is not None:
             generator = torch.Generator(device=self.model.device).manual_seed(options.seed)
         constraint = None
-        if options.json_schema is not None and options.json_schema is not False:
+        if options.json_schema is not None:
             from .structured import JsonSchemaConstraint
 
             schema = None if options.json_schema is True else options.json_schema

@@ -30,6 +30,12 @@ from . import fused_plan
 from .scheduler import LRUBytes, Request
 
 
+#: Windows per audio-encoder call, by device (missing: all at once). On the CPU, attention over a window that is
+#: not full runs torch's math kernel, whose [windows, heads, 1500, 1500] scores grow with the batch: one window at a
+#: time is both the smallest and, measured (benchmarks/README.md), the fastest there.
+ENCODER_WINDOWS = {"cpu": 1}
+
+
 def hash_window(features: Tensor, mask: Tensor) -> int:
     """A content hash of one audio window (its log-mel features and valid-frame count): the audio-cache key."""
     h = hashlib.blake2b(digest_size=8)
@@ -41,12 +47,15 @@ def hash_window(features: Tensor, mask: Tensor) -> int:
 class ModelRunner:
     """Executes one :class:`af3.model.AF3Model` for up to ``rows`` sequences of up to ``max_len`` tokens."""
 
-    def __init__(self, model: Any, rows: int, max_len: int, *, audio_cache_bytes: int = 0, lora: Any = None):
+    def __init__(self, model: Any, rows: int, max_len: int, *, audio_cache_bytes: int = 0, lora: Any = None,
+                 kv_capacity: int | None = None):
         self.model = model
         self.decoder = model.language_model.model
         self.head = model.language_model.lm_head
         self.device, self.dtype = model.device, model.dtype
-        self.cache = KVCache.for_decoder(model.config.text_config, rows, max_len, self.dtype, self.device)
+        # ``kv_capacity`` slots to start with (None: all max_len); the cache grows as longer requests arrive.
+        self.cache = KVCache.for_decoder(model.config.text_config, rows, max_len, self.dtype, self.device,
+                                         capacity=kv_capacity)
         self.audio_cache = LRUBytes(audio_cache_bytes)
         self.lora = lora
         self.vocab_size = model.config.text_config.vocab_size
@@ -85,6 +94,7 @@ class ModelRunner:
     def encode_audio(self, reqs: list[Request]) -> None:
         """Fill ``audio_embeds`` [audio tokens, D] of every request that has ``features`` and none yet."""
         todo: list[tuple[Request, int, int]] = []  # (request, window, hash)
+        keep: set[int] = set()  # hashes of windows whose request keeps its caches
         parts: dict[int, list[Tensor | int]] = {}
         for r in reqs:
             if r.features is None or r.audio_embeds is not None:
@@ -95,20 +105,25 @@ class ModelRunner:
                 if hit is None:
                     todo.append((r, w, h))
                     got.append(h)
+                    if r.options.keep_cache:
+                        keep.add(h)
                 else:
                     got.append(hit)
                     r.audio_windows_cached += 1
             parts[r.id] = got
         fresh: dict[int, Tensor] = {}
-        if todo:
-            feats = torch.stack([r.features[w] for r, w, _ in todo]).to(self.device, self.dtype)
-            masks = torch.stack([r.features_mask[w] for r, w, _ in todo]).to(self.device)
-            self.stats["encoded_windows"] += len(todo)
+        group = ENCODER_WINDOWS.get(self.device.type) or len(todo)
+        for a in range(0, len(todo), group):
+            part = todo[a : a + group]
+            feats = torch.stack([r.features[w] for r, w, _ in part]).to(self.device, self.dtype)
+            masks = torch.stack([r.features_mask[w] for r, w, _ in part]).to(self.device)
+            self.stats["encoded_windows"] += len(part)
             emb = self.model.get_audio_features(feats, masks)  # [sum tokens, D], window-major
             lengths = conv_output_lengths(masks.sum(-1).long())[1].tolist()
-            for (_, _, h), piece in zip(todo, emb.split(lengths), strict=True):
+            for (_, _, h), piece in zip(part, emb.split(lengths), strict=True):
                 fresh[h] = piece.clone()
-                self.audio_cache.put(h, fresh[h], piece.numel() * piece.element_size())
+                if h in keep:
+                    self.audio_cache.put(h, fresh[h], piece.numel() * piece.element_size())
         for r in reqs:
             if r.id in parts:
                 pieces = [fresh[p] if isinstance(p, int) else p for p in parts[r.id]]
@@ -121,6 +136,7 @@ class ModelRunner:
         ids = req.input_ids.to(self.device)
         x = self.model.embed(ids[None], req.audio_embeds)[:, start:]  # [1, T', D]
         t = x.shape[1]
+        self.cache.reserve(start + t)
         pos = torch.arange(start, start + t, device=self.device)[None]  # [1, T']
         mask = None if start == 0 else attention_mask_4d(torch.ones(1, start + t, dtype=torch.bool,
                                                                     device=self.device), start, t)
@@ -136,6 +152,7 @@ class ModelRunner:
         """One token per row for rows ``0 .. n-1``: ``tokens[i]`` goes into slot ``lengths[i]`` of row ``i`` (at
         that rotary position) → logits [n, V] fp32."""
         n = len(tokens)
+        self.cache.reserve(max(lengths) + 1)
         last = torch.tensor(tokens, device=self.device)[:, None]  # [n, 1]
         slots = torch.tensor(lengths, device=self.device)  # [n]
         valid = torch.arange(max(lengths) + 1, device=self.device)[None, :] <= slots[:, None]  # [n, S]
@@ -162,4 +179,5 @@ class ModelRunner:
         return self.cache.read(row, length)
 
     def write_row(self, row: int, kv: list[tuple[Tensor, Tensor]], length: int) -> None:
+        self.cache.reserve(length)
         self.cache.write(row, kv, length)

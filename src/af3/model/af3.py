@@ -79,9 +79,16 @@ class AF3Model(nn.Module):
         tensor with plain file reads (peak memory: the weights plus one tensor). Pickled ``.bin`` weights are
         refused unless ``allow_pickle``. ``quantize="int8"`` stores the decoder's linear weights (and the token
         embeddings) as int8 with per-channel scales; everything else computes in ``dtype`` (default bf16).
-        """
-        from .weights import load_pretrained
 
+        Every problem of the folder is a :class:`~af3.errors.CheckpointError` naming the file, key or tensor (see
+        :mod:`af3.model.weights`); a bad argument is an :class:`~af3.errors.InputError`, raised before any file
+        is read.
+        """
+        from .weights import check_device, check_dtype, load_pretrained
+
+        dtype, device = check_dtype(dtype), check_device(device)
+        if not isinstance(allow_pickle, bool):
+            raise InputError(f"allow_pickle must be True or False, got {allow_pickle!r}")
         if quantize is None:
             return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
         # Quantized on the CPU, then moved: an accelerator only ever holds the int8 model.
@@ -90,7 +97,9 @@ class AF3Model(nn.Module):
         return quantize_model(model, quantize).to(device)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
-        """Write the HF layout (config, generation config, safetensors), atomically."""
+        """Write the HF layout (config, generation config, safetensors) through :func:`af3.files.atomic_folder`:
+        the folder is replaced in one step, its other files (a processor's, an adapter's) are kept, and a failed
+        save leaves the previous checkpoint as it was."""
         from .weights import save_pretrained
 
         check_not_quantized(self)
@@ -187,8 +196,8 @@ class AF3Model(nn.Module):
                 raise InputError(f"labels must be shaped like input_ids {[b, t]}, got {list(labels.shape)}")
             if logits_to_keep:
                 raise InputError("labels need the logits of every position; do not pass logits_to_keep")
-        if cache is not None and start + t > cache.max_len:
-            raise InputError(f"KV cache is full: {start} + {t} tokens > {cache.max_len} slots")
+        if cache is not None:
+            cache.reserve(start + t)  # grows a cache that started small; refuses beyond its max_len
 
         hidden = self.language_model.model(embeds, position_ids, mask, cache, start)  # [B, T, D]
         if cache is not None:

@@ -1,11 +1,14 @@
-"""The key/value cache: one preallocated [rows, kv_heads, max_len, head_dim] tensor pair per decoder layer.
+"""The key/value cache: one [rows, kv_heads, capacity, head_dim] tensor pair per decoder layer.
 
 Slot ``s`` of row ``r`` holds the keys/values of the ``s``-th token fed for that row; which slots a query may read
-is the caller's attention mask, and a token's rotary position is the caller's position id. Nothing grows while
-decoding: every step writes into the same tensors (slice assignment for a shared slot, ``index_put`` for per-row
-slots). :meth:`rows` gives a view of some rows (the generation runner prefills one request into its own row and
-decodes the first ``n`` rows together); :meth:`read` / :meth:`write` / :meth:`copy_row` move a row's prefix (the
-runner's prefix cache, and closing gaps when a request leaves).
+is the caller's attention mask, and a token's rotary position is the caller's position id. Every step writes into
+the same tensors (slice assignment for a shared slot, ``index_put`` for per-row slots). The memory follows what the
+work needs, not the longest sequence allowed: ``capacity`` slots are allocated (all of ``max_len`` unless a smaller
+start is asked for) and :meth:`reserve` grows them, doubling, up to ``max_len``, after checking that the device has
+the memory (an :class:`~af3.errors.InputError` that says how much, instead of an allocator failure). :meth:`rows`
+gives a view of some rows (the generation runner prefills one request into its own row and decodes the first ``n``
+rows together); :meth:`read` / :meth:`write` / :meth:`copy_row` move a row's prefix (the runner's prefix cache, and
+closing gaps when a request leaves).
 """
 
 from __future__ import annotations
@@ -14,33 +17,75 @@ import torch
 from torch import Tensor
 
 from ..config import TextConfig
+from ..errors import InputError
+from ..system import available_memory
+
+#: Slots a growing cache starts with and rounds its capacity up to.
+GROW_STEP = 256
 
 
 class KVCache:
-    """Per-layer key/value tensors ``k[layer]``, ``v[layer]``: [rows, kv_heads, max_len, head_dim].
+    """Per-layer key/value tensors ``k[layer]``, ``v[layer]``: [rows, kv_heads, capacity, head_dim].
 
     ``length`` counts the slots filled by batch-synchronous writes through ``AF3Model.forward(cache=...)`` (every
     row at the same slot); callers that manage rows separately pass explicit slots to the decoder instead.
+    ``capacity=None`` allocates all ``max_len`` slots at once.
     """
 
     def __init__(self, num_layers: int, rows: int, max_len: int, num_kv_heads: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (rows, num_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                 dtype: torch.dtype, device: torch.device | str, capacity: int | None = None):
+        self.max_len = max_len
+        self._shape = (rows, num_kv_heads, head_dim)
+        self.dtype, self.device, self._view = dtype, torch.device(device), False
+        self.k: list[Tensor] = [torch.zeros(0)] * num_layers
+        self.v: list[Tensor] = [torch.zeros(0)] * num_layers
+        self._allocate(max_len if capacity is None else max(1, min(capacity, max_len)), keep=0)
         self.length = 0
+
+    def _allocate(self, slots: int, keep: int) -> None:
+        rows, heads, dim = self._shape
+        need = 2 * len(self.k) * rows * heads * slots * dim * torch.tensor([], dtype=self.dtype).element_size()
+        free = available_memory(self.device)
+        if free is not None and need - self.nbytes > free:
+            raise InputError(f"not enough memory for the KV cache: {rows} rows × {slots} tokens need "
+                             f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are available; lower max_batch_size, "
+                             "max_seq_len or the request's length")
+        for kind in (self.k, self.v):
+            for i, old in enumerate(kind):
+                new = torch.zeros((rows, heads, slots, dim), dtype=self.dtype, device=self.device)
+                if keep:
+                    new[:, :, :keep] = old[:, :, :keep]
+                kind[i] = new
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated now (<= ``max_len``)."""
+        return self.k[0].shape[2]
+
+    def reserve(self, slots: int) -> None:
+        """Make sure ``slots`` slots are allocated: grow (to double, rounded up to :data:`GROW_STEP`, at most
+        ``max_len``), keeping the contents. Views from :meth:`rows` taken before a growth are stale."""
+        if slots <= self.capacity:
+            return
+        if slots > self.max_len:
+            raise InputError(f"KV cache is full: {slots} tokens > {self.max_len} slots")
+        if self._view:
+            raise ValueError("reserve on the whole cache, not on a view of some rows")
+        grown = max(slots, 2 * self.capacity)
+        self._allocate(min(self.max_len, -(-grown // GROW_STEP) * GROW_STEP), keep=self.capacity)
 
     @classmethod
     def for_decoder(cls, cfg: TextConfig, rows: int, max_len: int, dtype: torch.dtype,
-                    device: torch.device | str) -> KVCache:
+                    device: torch.device | str, capacity: int | None = None) -> KVCache:
         """A cache shaped for a decoder of config ``cfg``."""
         return cls(cfg.num_hidden_layers, rows, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype=dtype,
-                   device=device)
+                   device=device, capacity=capacity)
 
-    @classmethod
-    def _of(cls, k: list[Tensor], v: list[Tensor]) -> KVCache:
-        view = cls.__new__(cls)
-        view.k, view.v, view.length = k, v, 0
+    def _of(self, k: list[Tensor], v: list[Tensor]) -> KVCache:
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.length, view.max_len = k, v, 0, self.max_len
+        view._shape, view.dtype, view.device, view._view = (k[0].shape[0], *self._shape[1:]), self.dtype, \
+            self.device, True
         return view
 
     @property
@@ -48,11 +93,8 @@ class KVCache:
         return self.k[0].shape[0]
 
     @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
     def nbytes(self) -> int:
+        """Bytes allocated now."""
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def rows(self, start: int, stop: int) -> KVCache:
