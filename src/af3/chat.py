@@ -265,8 +265,10 @@ def normalize_conversation(conversation: Sequence[dict], audio_token: str = "<so
             raise InputError(f"message {i} must be a dict with 'role' and 'content'")
         if m["role"] not in ROLES:
             raise InputError(f"message {i} has role {m['role']!r}; expected one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if content is None or isinstance(content, str):
+        if "content" not in m or m["content"] is None:
+            raise InputError(f"message {i} ({m['role']}) has no content; give a string or a list of parts")
+        content = m["content"]
+        if isinstance(content, str):
             if isinstance(content, str) and audio_token in content:
                 raise InputError(f"message {i} contains a literal {audio_token}; pass audio as an audio part")
             messages.append({**m})
@@ -286,6 +288,8 @@ def normalize_conversation(conversation: Sequence[dict], audio_token: str = "<so
                 if audio_token in part["text"]:
                     raise InputError(f"message {i} contains a literal {audio_token}; pass audio as an audio part")
                 texts.append({"type": "text", "text": part["text"]})
+            elif part.get("type", "text") == "text" and "text" in part:
+                raise InputError(f"message {i}, part {j}: text must be a string, got {type(part['text']).__name__}")
             else:
                 raise InputError(f"message {i}, part {j}: unknown part {sorted(part)}; use 'text' or 'audio' parts")
         if msg_audios and m["role"] != "user":

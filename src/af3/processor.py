@@ -300,6 +300,8 @@ class AF3Processor:
             raise InputError(f"return_tensors={return_tensors!r} is not supported; only 'pt'")
         if padding_side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        if not isinstance(text, (str, Sequence)):
+            raise InputError(f"text must be a string or a non-empty list of strings, not {type(text).__name__}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("text must be a string or a non-empty list of strings")
@@ -459,8 +461,16 @@ class AF3Processor:
             ids = ids.tolist()
         if isinstance(ids, np.ndarray):
             ids = ids.tolist()
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = [ids]
+        if not isinstance(ids, (list, tuple)):
+            raise InputError(f"decode takes token ids (a list, array or tensor of ints), not {type(ids).__name__}")
         if ids and isinstance(ids[0], (list, tuple)):
             return [self.decode(row, skip_special_tokens, strip_prefix) for row in ids]
+        vocab = len(self.tokenizer)
+        bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InputError(f"cannot decode {bad!r}: token ids are integers from 0 to {vocab - 1}")
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         return strip_transcription(text) if strip_prefix else text
 

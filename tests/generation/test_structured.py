@@ -187,3 +187,13 @@ def test_tokenizer_info_is_cached(tok, eos):
     assert build_tokenizer_info(tok, list(eos)) is a
     assert a.vocab_size == len(tok)
     assert build_tokenizer_info(tok, [*eos, tok.pad_token_id]) is not a
+
+
+def test_grammar_engine_messages_are_made_readable():
+    from af3.generation.structured import _first_line
+
+    assert "vocabulary can continue the JSON" in _first_line("NoExtensionBias")
+    assert "too complex" in _first_line("ParserTooComplex: 12000 items")
+    assert _first_line("regex parse error:\n    [[[\n    ^\nerror: unclosed character class") == \
+        "regex parse error: [[[ ^ error: unclosed character class"
+    assert _first_line("  ") == "unknown error" and len(_first_line("x" * 1000)) == 300

@@ -33,8 +33,7 @@ def generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
              seed: int | None = None) -> Tensor:
     """See ``AF3Model.generate``."""
-    if input_ids.dim() != 2:
-        raise InputError(f"input_ids must be 2-D [batch, tokens], got shape {list(input_ids.shape)}")
+    model.check_input_ids(input_ids)
     b, t = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

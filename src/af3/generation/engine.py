@@ -52,7 +52,15 @@ class Engine:
     def __init__(self, model, processor, *, max_batch_size: int = 8, max_seq_len: int | None = None,
                  audio_cache_bytes: int = 512 * 1024**2, prefix_cache_bytes: int = 1024**3,
                  max_prefill_tokens: int = 16384, think_adapter: str | None = None, allow_pickle: bool = False,
-                 audio_policy: FetchPolicy | None = None):
+                 audio_policy: FetchPolicy | None = None, max_audios: int = 32):
+        for name, value, low in (("max_batch_size", max_batch_size, 1), ("max_seq_len", max_seq_len, 2),
+                                 ("audio_cache_bytes", audio_cache_bytes, 0),
+                                 ("prefix_cache_bytes", prefix_cache_bytes, 0),
+                                 ("max_prefill_tokens", max_prefill_tokens, 1), ("max_audios", max_audios, 0)):
+            if value is None and name == "max_seq_len":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be a whole number >= {low}, got {value!r}")
         self.model = model.eval()
         self.processor = processor
         #: The limits every request's audio is loaded under (byte caps, download deadline, private networks):
@@ -63,6 +71,8 @@ class Engine:
         text = model.config.text_config
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(text.max_position_embeddings, 32768)
+        #: Most audio parts one conversation may carry (each is decoded before the prompt's length is known).
+        self.max_audios = max_audios
         self.lora = None
         if think_adapter is not None:
             from ..model.adapters import SwitchableLoRA, check_non_lora, read_lora
@@ -122,6 +132,7 @@ class Engine:
             options = replace(options, **kwargs)
         gc, vocab = self.model.generation_config, self.model.config.text_config.vocab_size
         options.resolved(gc, 0, vocab)  # every value checked before any work (resolved again with the prompt below)
+        self._check_conversation(conversation)
         if options.think:
             if self.lora is None:
                 raise InputError("think mode needs the checkpoint's think adapter; this engine was loaded without one")
@@ -153,6 +164,17 @@ class Engine:
         with self._wake:
             self._wake.notify()
         return req
+
+    def _check_conversation(self, conversation: Sequence[dict]) -> None:
+        """What the processor cannot know: a request must ask something, and carry at most ``max_audios`` audios."""
+        from ..chat import normalize_conversation
+
+        messages, audios = normalize_conversation(conversation)
+        if not any(m["role"] == "user" for m in messages):
+            raise InputError("the conversation has no user message: there is nothing to answer")
+        if len(audios) > self.max_audios:
+            raise InputError(f"the conversation has {len(audios)} audio parts; this engine takes at most "
+                             f"{self.max_audios} per request")
 
     def _prompt_key(self, ids: Tensor, hashes: list[int], mask: Tensor | None) -> Tensor:
         """Token ids, with each audio token replaced by a negative number derived from its window's content hash,

@@ -54,8 +54,28 @@ def _llguidance():
     return llguidance
 
 
+#: llguidance's stop reasons, as a user can read them.
+_STOP_REASONS = {
+    "NoExtensionBias": "no token of this model's vocabulary can continue the JSON here (the schema asks for text "
+                       "the tokenizer cannot spell, or the whitespace limit was reached)",
+    "NoExtension": "the JSON value cannot be continued",
+    "MaxTokensTotal": "the JSON needs more tokens than the grammar engine allows",
+    "MaxTokensParser": "the JSON needs more tokens than the grammar engine allows",
+    "ParserTooComplex": "the JSON schema is too complex for the grammar engine; simplify it",
+    "LexerTooComplex": "the JSON schema is too complex for the grammar engine; simplify it",
+    "InternalError": "the grammar engine failed (an internal error)",
+}
+
+
 def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "unknown error"
+    """llguidance's message in one readable line: its stop reasons explained, multi-line errors joined."""
+    text = " ".join(message.split())
+    if not text:
+        return "unknown error"
+    for reason, readable in _STOP_REASONS.items():
+        if text == reason or text.startswith((f"{reason}:", f"{reason} ", f"stop reason: {reason}")):
+            return readable
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _compile(schema: dict) -> str:

@@ -208,9 +208,22 @@ class AF3Model(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return AF3Output(loss=loss, logits=logits, cache=cache, audio_embeds=audio_embeds)
 
-    def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
-        if input_ids is not None and input_ids.dim() != 2:
+    def check_input_ids(self, input_ids: Any) -> None:
+        """Raise :class:`InputError` unless ``input_ids`` is a 2-D integer tensor of ids inside the vocabulary."""
+        if not isinstance(input_ids, Tensor):
+            raise InputError(f"input_ids must be a tensor of token ids, not {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
             raise InputError(f"input_ids must be 2-D [batch, tokens], got shape {list(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise InputError(f"input_ids must hold integer token ids, not {input_ids.dtype}")
+        vocab = self.config.text_config.vocab_size
+        if input_ids.numel() and not (int(input_ids.min()) >= 0 and int(input_ids.max()) < vocab):
+            raise InputError(f"input_ids must lie in 0 .. {vocab - 1} (the vocabulary), got ids from "
+                             f"{int(input_ids.min())} to {int(input_ids.max())}")
+
+    def _embed(self, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
         if inputs_embeds is not None:
             if inputs_embeds.dim() != 3:
                 raise InputError(f"inputs_embeds must be 3-D, got {list(inputs_embeds.shape)}")
