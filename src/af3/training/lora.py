@@ -208,8 +208,9 @@ def merge_lora(base_folder: str | os.PathLike | None, adapter_folder: str | os.P
     """Load the base checkpoint, apply the adapter, merge it and write an HF-layout checkpoint (plus the
     processor files) that ``AF3Model.from_pretrained`` and transformers load. ``base_folder=None`` uses the
     adapter's recorded ``base_model_name_or_path``. Returns ``out_folder``."""
+    from ..files import atomic_folder
     from ..model import AF3Model
-    from ..model.weights import StateSource, write_checkpoint
+    from ..model.weights import StateSource, check_match, check_save_args, write_checkpoint_files
     from ..processor import AF3Processor
 
     adapter_folder = os.fspath(adapter_folder)
@@ -225,9 +226,17 @@ def merge_lora(base_folder: str | os.PathLike | None, adapter_folder: str | os.P
     with torch.device("meta"):
         skeleton = AF3Model(model.config, model.generation_config)
     out = os.fspath(out_folder)
-    write_checkpoint(out, StateSource(merged), skeleton)
     proc_source = adapter_folder if os.path.isfile(os.path.join(adapter_folder, "tokenizer.json")) else base
-    AF3Processor.from_pretrained(proc_source).save_pretrained(out)
+    processor = AF3Processor.from_pretrained(proc_source)
+    source = StateSource(merged)
+    check_save_args(skeleton, None, 5 * 1024**3, out)
+    names = check_match(skeleton, source, skeleton.config.text_config.tie_word_embeddings)
+    try:  # weights and processor files swapped in together: never a merged model with another model's tokenizer
+        with atomic_folder(out) as tmp:
+            write_checkpoint_files(tmp, source, skeleton, names)
+            processor.save_files(tmp)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out}: {e.strerror or e}") from None
     logger.info("merged LoRA adapter %s into %s → %s", adapter_folder, base, out)
     return out
 
