@@ -92,9 +92,10 @@ def _check_cap(processor: Any, seconds: float, what: str) -> None:
         )
 
 
-def _open(audio: Any, sampling_rate: int | None, policy: FetchPolicy | None) -> AudioStream:
+def _open(audio: Any, sampling_rate: int | None, policy: FetchPolicy | None,
+          max_duration_s: float | None = None) -> AudioStream:
     """The recording, opened for reading block by block (memory stays flat however long it is)."""
-    return open_audio(audio, sampling_rate, policy=policy)
+    return open_audio(audio, sampling_rate, policy=policy, max_duration_s=max_duration_s)
 
 
 def _batches(items: Iterator[Any], size: int) -> Iterator[tuple[list[Any], bool]]:
@@ -159,6 +160,8 @@ def transcribe_long(
     search_s: float = 5.0,
     skip_silent: bool = True,
     policy: FetchPolicy | None = None,
+    max_duration_s: float | None = None,
+    on_segment: Callable[[TranscriptSegment], None] | None = None,
 ) -> Transcript:
     """Transcribe a recording of any length, segment by segment (cut at pauses), in batches.
 
@@ -166,7 +169,9 @@ def transcribe_long(
     ``policy`` the :class:`af3.fetch.FetchPolicy` for URLs, bytes and files). It is read as it is transcribed,
     segment by segment, so memory stays flat whatever the length. Silent segments are skipped. Replies are cleaned
     as ``decode(strip_prefix=True)`` does; ``generate_fn`` (see :data:`GenerateFn`) replaces the model, which may
-    then be None. ``progress(done, total)`` counts segments (``total`` is an estimate from the file's header).
+    then be None. ``progress(done, total)`` counts segments (``total`` is an estimate from the file's header);
+    ``on_segment(segment)`` gets each transcribed segment as soon as it is done (streaming), and
+    ``max_duration_s`` refuses recordings longer than that (None: any length).
     """
     _check_count("batch_size", batch_size)
     _check_count("max_new_tokens", max_new_tokens)
@@ -178,7 +183,7 @@ def transcribe_long(
         raise InputError("prompt must be a non-empty string")
     engine = _engine(model, processor, generate_fn, batch_size)
     out: list[TranscriptSegment] = []
-    with _open(audio, sampling_rate, policy) as stream:
+    with _open(audio, sampling_rate, policy, max_duration_s) as stream:
         if generate_fn is None:
             _check_cap(processor, min(max_segment_s, stream.duration or max_segment_s), "max_segment_s")
         # An estimate of the segments for progress(): the length when the header tells it.
@@ -192,8 +197,11 @@ def transcribe_long(
                 {"type": "audio", "audio": samples},
             ]}] for _, samples in batch]
             texts = _run(engine, convs, max_new_tokens)
-            out.extend(TranscriptSegment(s.start, s.end, strip_transcription(t))
-                       for (s, _), t in zip(batch, texts, strict=True))
+            done = [TranscriptSegment(s.start, s.end, strip_transcription(t))
+                    for (s, _), t in zip(batch, texts, strict=True)]
+            out.extend(done)
+            for segment in done if on_segment is not None else ():
+                on_segment(segment)
             release_free_memory()  # memory stays flat with the recording's length (see af3.system)
             if progress is not None:  # the total is exact once the last batch is known
                 progress(len(out), len(out) if last else max(len(out) + 1, expected or 0))

@@ -78,3 +78,24 @@ def test_requests_that_nobody_continues_leave_nothing_in_the_caches(pair):
     assert len(engine.prefix_cache) == 1 and len(engine.runner.audio_cache.items) == 1
     again = engine.generate(audio_question(1.0, 3), max_new_tokens=2, keep_cache=False)
     assert again.audio_windows_cached == 1  # what the caches hold is still used
+
+
+def test_a_cancelled_request_frees_its_row_and_the_others_go_on(pair):
+    model, proc = pair
+    engine = Engine(model, proc, max_batch_size=2)
+    keep = engine.submit(audio_question(1.0, 4), max_new_tokens=6, min_new_tokens=6)
+    gone = engine.submit(audio_question(1.0, 5), max_new_tokens=50, min_new_tokens=50)
+    waiting = engine.submit(audio_question(1.0, 6), max_new_tokens=3)  # no free row yet: it waits
+    engine.step()
+    assert engine.load == (1, 2)
+    engine.cancel(gone)
+    engine.cancel(waiting)
+    engine.step()
+    assert engine.load == (0, 1)  # the cancelled one left its row at once, the waiting one never started
+    assert gone.done.is_set() and gone.output.finish_reason == "cancelled" and len(gone.output.token_ids) < 50
+    assert waiting.output.finish_reason == "cancelled" and waiting.output.token_ids == []
+    while not keep.done.is_set():
+        engine.step()
+    alone = Engine(model, proc, max_batch_size=1).generate(audio_question(1.0, 4), max_new_tokens=6,
+                                                            min_new_tokens=6)
+    assert keep.output.token_ids == alone.token_ids and len(engine.prefix_cache) == 1  # only the finished one kept

@@ -40,6 +40,10 @@ class EngineCore:
     @torch.inference_mode()
     def step(self) -> None:
         """Admit (prefill) while rows are free, then decode one token for every running request."""
+        for req in self.scheduler.take_cancelled():  # cancelled before they started: nothing to free
+            req.finish_reason = "cancelled"
+            self.output.finish(req)
+        self._retire()  # cancelled running requests leave their rows now
         admitted = self.scheduler.admit()
         if admitted:
             self.runner.check_backend()
@@ -90,7 +94,7 @@ class EngineCore:
 
     def _remember(self, row: int, req: Request) -> None:
         """Keep a finished sequence's keys/values (prompt + reply) for follow-up turns."""
-        if self.prefix_cache is None or req.key is None or not req.options.keep_cache:
+        if self.prefix_cache is None or req.key is None or not req.options.keep_cache or req.cancelled:
             return
         length = req.length  # the last chosen token has no keys/values yet
         reply = torch.tensor(req.tokens[: length - req.prompt_tokens], dtype=torch.long)

@@ -160,10 +160,23 @@ class Engine:
         req = Request(next(self._ids), ids, options, key=self._prompt_key(ids, hashes, mask), features=features,
                       features_mask=mask, window_hashes=hashes, generator=generator, constraint=constraint,
                       chain=build_chain(options, constraint), stream=queue.Queue() if stream else None)
+        req.audio_tokens = int((ids == self.audio_token_id).sum())
         self.core.add(req)
         with self._wake:
             self._wake.notify()
         return req
+
+    def cancel(self, req: Request) -> None:
+        """End ``req`` at the loop's next step (a client that went away, a timeout): a waiting request never starts,
+        a running one frees its KV row; it finishes with ``finish_reason="cancelled"`` and nothing is cached."""
+        req.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) requests now."""
+        return len(self.core.scheduler.waiting), len(self.core.scheduler.running)
 
     def _check_conversation(self, conversation: Sequence[dict]) -> None:
         """What the processor cannot know: a request must ask something, and carry at most ``max_audios`` audios."""

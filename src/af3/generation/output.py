@@ -30,11 +30,12 @@ class Output:
     request_id: int
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (end token, JSON complete or stop string), "length", or "error"
+    finish_reason: str  # "stop" (end token, JSON complete or stop string), "length", "cancelled" or "error"
     prompt_tokens: int
     cached_prompt_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     audio_windows_cached: int = 0
     logprobs: list[TokenLogprob] | None = None
+    audio_tokens: int = 0  # of prompt_tokens, the audio's
 
 
 @dataclass
@@ -111,7 +112,7 @@ class OutputProcessor:
         """Build the request's :class:`Output`, end its stream and wake whoever waits on it."""
         req.output = Output(req.id, req.text, list(req.tokens), req.finish_reason or "stop", req.prompt_tokens,
                             req.cached_prompt_tokens, req.audio_windows_cached,
-                            req.logprobs if req.options.logprobs else None)
+                            req.logprobs if req.options.logprobs else None, req.audio_tokens)
         if req.stream is not None:
             req.stream.put(Delta(req.id, req.text[req.emitted_chars:], [], True, req.output))
         req.done.set()

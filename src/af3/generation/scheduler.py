@@ -55,6 +55,8 @@ class Request:
     error: BaseException | None = None
     stream: queue.Queue | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # set by Engine.cancel: the loop ends the request at its next step
+    audio_tokens: int = 0  # <sound> tokens in the prompt (usage reports them)
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,6 +97,18 @@ class Scheduler:
                 admitted.append((len(self.running), nxt))
                 self.running.append(nxt)
         return admitted
+
+    def take_cancelled(self) -> list[Request]:
+        """Waiting requests that were cancelled, taken out of the queue; running ones are marked finished
+        (``"cancelled"``) for :meth:`retire` to free their rows. Returns the waiting ones."""
+        with self.lock:
+            gone = [r for r in self.waiting if r.cancelled]
+            if gone:
+                self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for r in self.running:
+            if r.cancelled and r.finish_reason is None:
+                r.finish_reason = "cancelled"
+        return gone
 
     def retire(self, on_finished: Callable[[int, Request], None], move_row: Callable[[int, int, int], None]
                ) -> list[Request]:
