@@ -181,7 +181,7 @@ def test_transcribe_long_custom_prompt_and_silent_audio():
     assert engine.calls[0][0][0]["content"][0]["text"] == "Write down the words."
     assert len(tr.segments) == 1 and tr.segments[0].text == str(5 * SR)
     empty = transcribe_long(None, None, np.zeros(40 * SR, dtype=np.float32), generate_fn=FakeEngine())
-    assert empty == Transcript((), "")
+    assert empty == Transcript((), "", 40.0)  # the length read, although nothing was said
 
 
 def test_bad_generate_fn_output_is_reported():
@@ -257,11 +257,12 @@ def test_vtt_exact():
 
 
 def test_srt_without_wrapping_and_json_exact():
-    one = Transcript((TranscriptSegment(59.9994, 61.0, "Ünïcode\n\nline --> break"),), "Ünïcode")
+    one = Transcript((TranscriptSegment(59.9994, 61.0, "Ünïcode\n\nline --> break"),), "Ünïcode", 61.25)
     assert to_srt(one, line_width=None) == "1\n00:00:59,999 --> 00:01:01,000\nÜnïcode line -> break\n\n"
     assert to_json(one) == (
         '{\n'
         '  "text": "Ünïcode",\n'
+        '  "duration": 61.25,\n'
         '  "segments": [\n'
         '    {\n'
         '      "id": 0,\n'

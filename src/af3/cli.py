@@ -206,6 +206,59 @@ def transcribe(
 
 
 @app.command()
+def serve(
+    model: str = typer.Option("tiny", "--model", "-m", help="'tiny' (the embedded model) or a checkpoint folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: str = typer.Option(None, help="Require 'Authorization: Bearer KEY' (default: $AF3_API_KEY)."),
+    max_batch_size: int = typer.Option(8, help="Requests decoded together."),
+    max_queue: int = typer.Option(64, help="Requests waiting beyond the batch; more get 429."),
+    max_audios: int = typer.Option(8, help="Audio parts per chat request."),
+    max_upload_mb: float = typer.Option(25.0, help="Audio bytes per request (chat parts together, or one upload)."),
+    max_transcription_hours: float = typer.Option(3.0, help="Longest recording /v1/audio/transcriptions takes."),
+    request_timeout: float = typer.Option(600.0, help="Seconds before a request is cancelled (504)."),
+    allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="Fetch http(s) audio URLs (public "
+                                         "addresses only)."),
+    allow_private_urls: bool = typer.Option(False, "--allow-private-urls", help="Let fetched URLs reach private "
+                                            "networks (trusted networks only)."),
+    allow_url_origin: list[str] = typer.Option(None, "--allow-url-origin", hidden=True,
+                                               help="host:port fetched although private (tests)."),
+    allowed_local_media_path: str = typer.Option(None, help="Allow file:// audio URLs below this folder."),
+    quantize: str = QUANT_OPT,
+    think: str = typer.Option("auto", help="auto: serve '<model>:think' when the checkpoint has the adapter; off."),
+    dtype: str = DTYPE_OPT,
+    device: str = DEVICE_OPT,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/audio/transcriptions, /v1/models) and a web page."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise AF3Error("af3 serve needs the serve extra: pip install 'af3[serve]'") from None
+    from .serve import ServeSettings
+    from .serve.server import build_engine, model_name_for
+    from .serve.server import serve as run_server
+
+    settings = ServeSettings(
+        model_name=model_name_for(model), api_key=api_key or os.environ.get("AF3_API_KEY") or None,
+        max_queue=max_queue, max_audios=max_audios, max_upload_mb=max_upload_mb,
+        max_transcription_s=max_transcription_hours * 3600, allow_url_fetch=allow_url_fetch,
+        allow_private_urls=allow_private_urls, allowed_url_origins=tuple(allow_url_origin or ()),
+        allowed_local_media_path=allowed_local_media_path, request_timeout_s=request_timeout)
+    if not 0 < port < 65536:
+        raise AF3Error(f"--port must be between 1 and 65535, got {port}")
+    path = model
+    if model == "tiny":
+        if embedded_model_path() is None:
+            raise AF3Error("this build has no embedded model; pass --model FOLDER")
+        path = str(embedded_model_path())
+    engine = build_engine(path, dtype=_dtype(dtype), device=device, quantize=quantize, think=think,
+                          max_batch_size=max_batch_size, max_audios=max_audios)
+    logging.getLogger("af3.serve").setLevel(logging.INFO)
+    run_server(engine, settings, host=host, port=port)
+
+
+@app.command()
 def convert(
     src: Path = typer.Argument(..., help="NVIDIA-layout checkpoint (llm/, sound_tower/, sound_mm_projector/)."),
     dst: Path = typer.Argument(..., help="Output folder for the HF layout (must not exist unless --force)."),

@@ -75,6 +75,9 @@ class FetchPolicy:
     deadline_s: float | None = 60.0
     allow_private_network: bool = False
     max_redirects: int = 5
+    #: Origins (``host:port`` exactly as written in the URL, e.g. ``"127.0.0.1:8123"``) that may be fetched although
+    #: they are not public: a narrow allow-list (tests, one trusted internal host) instead of all private networks.
+    allowed_origins: tuple[str, ...] = ()
     max_duration_s: float | None = 4 * 3600.0
 
     def __post_init__(self) -> None:
@@ -86,6 +89,9 @@ class FetchPolicy:
         _check_positive_int(self.max_file_bytes, "max_file_bytes", allow_none=True)
         _check_positive_number(self.deadline_s, "deadline_s", allow_none=True)
         _check_positive_number(self.max_duration_s, "max_duration_s", allow_none=True)
+        if not isinstance(self.allowed_origins, tuple) or not all(isinstance(o, str) and ":" in o
+                                                                    for o in self.allowed_origins):
+            raise AudioError(f"allowed_origins must be a tuple of 'host:port' strings, got {self.allowed_origins!r}")
         if not isinstance(self.allow_private_network, bool):
             raise AudioError(f"allow_private_network must be True or False, got {self.allow_private_network!r}")
         if isinstance(self.max_redirects, bool) or not isinstance(self.max_redirects, int) \
@@ -191,7 +197,7 @@ def check_url_addresses(url: str, policy: FetchPolicy = DEFAULT_POLICY, deadline
                          "name") from None
     if not infos:
         raise AudioError(f"could not download audio from {_short(url)!r}: {host!r} has no address")
-    if not policy.allow_private_network:
+    if not policy.allow_private_network and f"{host}:{port}" not in policy.allowed_origins:
         for info in infos:
             ip = ipaddress.ip_address(info[4][0])
             reason = blocked_reason(ip)

@@ -143,6 +143,7 @@ class Transcript:
 
     segments: tuple[TranscriptSegment, ...]
     text: str
+    duration: float = 0.0  # seconds of audio read (silent segments included)
 
 
 def transcribe_long(
@@ -190,7 +191,15 @@ def transcribe_long(
         expected = None if stream.duration is None else max(1, math.ceil(stream.duration / max_segment_s))
         segments = stream_segments(stream.blocks(30.0), SAMPLING_RATE, max_segment_s, search_s,
                                    min(1.0, max_segment_s / 2))
-        todo = ((s, x) for s, x in segments if not (skip_silent and s.is_silent))
+        extent = [0.0]  # the end of the last segment read, silent or not: the recording's length at the end
+
+        def spoken():
+            for s, x in segments:
+                extent[0] = s.end
+                if not (skip_silent and s.is_silent):
+                    yield s, x
+
+        todo = spoken()
         for batch, last in _batches(todo, batch_size):
             convs = [[{"role": "user", "content": [
                 {"type": "text", "text": prompt},
@@ -206,7 +215,7 @@ def transcribe_long(
             if progress is not None:  # the total is exact once the last batch is known
                 progress(len(out), len(out) if last else max(len(out) + 1, expected or 0))
     logger.info("transcribed %d segments", len(out))
-    return Transcript(tuple(out), " ".join(s.text for s in out if s.text))
+    return Transcript(tuple(out), " ".join(s.text for s in out if s.text), extent[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,9 +264,11 @@ def to_vtt(transcript: Transcript, line_width: int | None = 42) -> str:
 
 
 def to_json(transcript: Transcript, indent: int | None = 2) -> str:
-    """``{"text": ..., "segments": [{"id", "start", "end", "text"}]}`` with times in seconds (3 decimals)."""
+    """``{"text": ..., "duration": ..., "segments": [{"id", "start", "end", "text"}]}``, times in seconds (3
+    decimals)."""
     return json.dumps({
         "text": transcript.text,
+        "duration": round(transcript.duration, 3),
         "segments": [{"id": i, "start": round(s.start, 3), "end": round(s.end, 3), "text": s.text}
                      for i, s in enumerate(transcript.segments)],
     }, ensure_ascii=False, indent=indent)

@@ -73,6 +73,7 @@ class EngineCore:
             if entry is not None:
                 self.runner.write_row(row, entry.kv, start)
                 req.cached_prompt_tokens = start
+                self.runner.stats["prefix_cached_tokens"] += start
         logits = self.runner.prefill(row, req, start)
         req.length = req.prompt_tokens
         self._choose(req, logits)

@@ -24,7 +24,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -122,8 +122,10 @@ class Engine:
 
     # ------------------------------------------------------------------ submitting
     def submit(self, conversation: Sequence[dict], options: GenerationOptions | None = None, *,
-               stream: bool = False, **kwargs: Any) -> Request:
-        """Queue one conversation; returns a handle to wait on (``handle.done``) or read (``handle.output``)."""
+               stream: bool = False, on_update: Callable[[], None] | None = None, **kwargs: Any) -> Request:
+        """Queue one conversation; returns a handle to wait on (``handle.done``) or read (``handle.output``).
+        ``on_update()`` is called from the loop's thread after each streamed piece and when the request ends (an
+        asyncio server sets an event with it instead of holding a thread per request)."""
         options = options or GenerationOptions()
         if not isinstance(options, GenerationOptions):
             raise InputError(f"options must be a GenerationOptions, not {type(options).__name__}")
@@ -159,7 +161,8 @@ class Engine:
         hashes = [] if features is None else [hash_window(f, m) for f, m in zip(features, mask, strict=True)]
         req = Request(next(self._ids), ids, options, key=self._prompt_key(ids, hashes, mask), features=features,
                       features_mask=mask, window_hashes=hashes, generator=generator, constraint=constraint,
-                      chain=build_chain(options, constraint), stream=queue.Queue() if stream else None)
+                      chain=build_chain(options, constraint), stream=queue.Queue() if stream else None,
+                      on_update=on_update)
         req.audio_tokens = int((ids == self.audio_token_id).sum())
         self.core.add(req)
         with self._wake:
@@ -206,6 +209,10 @@ class Engine:
         if codes:
             key[slots] = torch.tensor(codes, dtype=torch.long)
         return key
+
+    def token_text(self, token_id: int) -> str:
+        """One token as text (for logprobs); a token that is part of a multi-byte character may show as U+FFFD."""
+        return self.processor.tokenizer.decode([token_id])
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.processor.decode(ids, skip_special_tokens=True)

@@ -8,6 +8,7 @@ stream never emits an incomplete UTF-8 character or the start of a possible stop
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -107,6 +108,7 @@ class OutputProcessor:
         if safe > req.emitted_chars:
             req.stream.put(Delta(req.id, text[req.emitted_chars:safe], [req.tokens[-1]]))
             req.emitted_chars = safe
+            _notify(req)
 
     def finish(self, req: Request) -> None:
         """Build the request's :class:`Output`, end its stream and wake whoever waits on it."""
@@ -116,6 +118,7 @@ class OutputProcessor:
         if req.stream is not None:
             req.stream.put(Delta(req.id, req.text[req.emitted_chars:], [], True, req.output))
         req.done.set()
+        _notify(req)
 
     def fail(self, req: Request, error: BaseException) -> None:
         """End a request that cannot go on (``error`` is re-raised to whoever waits on it)."""
@@ -125,3 +128,13 @@ class OutputProcessor:
         if req.stream is not None:
             req.stream.put(Delta(req.id, "", [], True, req.output))
         req.done.set()
+        _notify(req)
+
+
+def _notify(req: Request) -> None:
+    """Tell the request's waiter (an asyncio loop, say) that there is something to read; its errors stay its own."""
+    if req.on_update is not None:
+        try:
+            req.on_update()
+        except Exception:  # noqa: BLE001 (a waiter's callback must not stop the loop that serves everyone)
+            logging.getLogger("af3").exception("a request's on_update callback failed")

@@ -59,7 +59,8 @@ class ModelRunner:
         self.audio_cache = LRUBytes(audio_cache_bytes)
         self.lora = lora
         self.vocab_size = model.config.text_config.vocab_size
-        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "fused_steps": 0, "encoded_windows": 0}
+        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "fused_steps": 0, "encoded_windows": 0,
+                      "prefix_cached_tokens": 0}
         self._plan: fused_plan.Plan | None = None
         self._plan_read = False
 

@@ -56,6 +56,7 @@ class Request:
     stream: queue.Queue | None = None
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: bool = False  # set by Engine.cancel: the loop ends the request at its next step
+    on_update: Callable[[], None] | None = None  # called (from the loop's thread) after each delta and at the end
     audio_tokens: int = 0  # <sound> tokens in the prompt (usage reports them)
 
     @property
