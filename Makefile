@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch for development and CI (users get whatever torch>=2.4 fits their machine).
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-test test demo lint clean
+.PHONY: venv install install-test browser test demo lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,11 +18,24 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_PIN)" -e ".[test]"
+	@$(MAKE) --no-print-directory browser
 	touch $@
+
+# The browser the web page tests drive: Debian's chromium (never `playwright install`, which downloads browsers).
+# Installed when missing and apt-get is usable as root; never fails the set-up (the tests then skip and say why).
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		(apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+			|| echo "warning: could not install chromium; the web page tests (tests/serve/test_web.py) will skip"; \
+	else \
+		echo "note: /usr/bin/chromium is missing and apt-get is not usable as root; the web page tests will skip"; \
+	fi
 
 venv: $(BIN)/python
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test browser
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests benchmarks

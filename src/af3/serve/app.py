@@ -17,6 +17,7 @@ import contextlib
 import hmac
 import json
 import logging
+import mimetypes
 import time
 from importlib import resources
 from typing import Any
@@ -40,6 +41,7 @@ from .transcribe import TranscriptionService
 
 logger = logging.getLogger("af3.serve")
 WEB = resources.files("af3") / "serve" / "web"
+mimetypes.add_type("text/javascript", ".js")  # (some systems map .js to text/plain; browsers refuse modules then)
 
 
 class BodyTooLarge(APIError):
@@ -174,10 +176,19 @@ def create_app(engine: Any, settings: ServeSettings) -> FastAPI:
     async def page():
         return FileResponse(str(WEB / "index.html"), headers={"Cache-Control": "no-cache"})
 
-    app.mount("/web", StaticFiles(directory=str(WEB)), name="web")
+    app.mount("/web", _Uncached(directory=str(WEB)), name="web")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
     return app
+
+
+class _Uncached(StaticFiles):
+    """The page's files, revalidated on every load (a new release never pairs new HTML with an old script)."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 class CountRequests:

@@ -60,7 +60,12 @@ async def api_error_handler(_: Request, e: Exception) -> JSONResponse:
 
 
 async def validation_handler(_: Request, e: RequestValidationError) -> JSONResponse:
-    first = e.errors()[0] if e.errors() else {}
+    return _response(from_validation(e.errors()))
+
+
+def from_validation(errors: list[dict]) -> APIError:
+    """pydantic's errors (the first one) as a 400 naming the field, in OpenAI's words."""
+    first = errors[0] if errors else {}
     where = [str(p) for p in first.get("loc", ()) if p not in ("body", "form", "query")]
     param = ".".join(where) or None
     message = first.get("msg", "invalid request")
@@ -69,9 +74,11 @@ async def validation_handler(_: Request, e: RequestValidationError) -> JSONRespo
         param = None
     elif first.get("type") == "missing":
         message = f"{param} is required"
+    elif first.get("type") == "model_type":
+        message = "the body must be a JSON object"
     else:
         message = f"{param}: {message}" if param else message
-    return _response(APIError(400, message, param=param, code="invalid_value"))
+    return APIError(400, message, param=param, code="invalid_value")
 
 
 async def http_error_handler(_: Request, e: StarletteHTTPException) -> JSONResponse:

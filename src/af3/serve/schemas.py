@@ -13,7 +13,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import from_validation
 
 
 class _Strict(BaseModel):
@@ -64,9 +66,13 @@ class ChatRequest(_Strict):
 
     @classmethod
     def parse(cls, data: Any) -> ChatRequest:
+        """The request, or a 400 naming the first field that is wrong."""
         if isinstance(data, dict) and isinstance(data.get("extra_body"), dict):
             data = {**data, **data["extra_body"]}
-        return cls.model_validate(data)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e.errors()) from None
 
 
 # ------------------------------------------------------------------------------------------------ responses
