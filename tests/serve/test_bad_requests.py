@@ -329,3 +329,39 @@ def test_file_urls_only_below_the_allowed_folder(tmp_path):
 
 def test_the_rows_are_many():
     assert len(ROWS) + len(TRANSCRIPTION_ROWS) >= 55 and json.dumps(GOOD)
+
+
+def test_ctrl_c_lets_the_requests_in_flight_finish_then_exits_cleanly():
+    import signal
+    import subprocess
+    import sys
+
+    from server_helpers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "af3.cli", "serve", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        lines = []
+        body = chat(messages=ask(audio_part(noise(LONG))), max_tokens=300, min_tokens=300, stream=True)
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if '"content"' in line and not lines:
+                    proc.send_signal(signal.SIGINT)  # mid-answer
+                if line:
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]" and '"finish_reason": "length"' in lines[-2]
+        assert proc.wait(timeout=60) == 0
+        log = proc.stdout.read()
+        assert f"http://127.0.0.1:{port}" in log and "Traceback" not in log  # the URL was logged at start-up
+    finally:
+        if proc.poll() is None:
+            proc.kill()

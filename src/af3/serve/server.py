@@ -43,7 +43,11 @@ def serve(engine: Any, settings: ServeSettings, host: str = "127.0.0.1", port: i
     shown = f"[{host}]" if ":" in host else host
     logger.warning("af3 %s serving %s at http://%s:%d (page: /, API: /v1)%s", _version(), settings.model_name, shown,
                    port, "" if settings.api_key is None else " — API key required")
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the drain is done, this is a clean stop
+        pass
+    logger.warning("af3 serve stopped")
 
 
 def model_name_for(model: str) -> str:
