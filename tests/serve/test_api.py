@@ -179,3 +179,37 @@ def test_metrics_count_requests_and_tokens(url, client):
     assert metric(url, "af3_completion_tokens_total") == before + 5
     assert metric(url, 'af3_http_requests_total{route="/v1/chat/completions",status="200"}') >= 1
     assert metric(url, "af3_requests_in_progress") == 0
+
+
+def test_a_checkpoint_with_a_think_adapter_serves_model_colon_think(tmp_path):
+    """The think adapter as a second model id: its answers are the Engine's think=True answers."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+    from test_think import write_adapter
+
+    from af3 import AF3Model
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(embedded_model_path(), folder)
+    model = AF3Model.from_pretrained(folder)
+    write_adapter(folder / "think", model)
+    local_engine = Engine.from_pretrained(str(folder), max_batch_size=1)
+    assert local_engine.lora is not None
+    with open(CLIP, "rb") as f:
+        clip = f.read()
+    with running_server("--model", str(folder)) as base:
+        c = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in c.models.list()] == ["ckpt", "ckpt:think"]
+        plain = c.chat.completions.create(model="ckpt", messages=ask(audio_part(b64(clip))), temperature=0,
+                                          max_tokens=12).choices[0].message.content
+        think = c.chat.completions.create(model="ckpt:think", messages=ask(audio_part(b64(clip))), temperature=0,
+                                          max_tokens=12).choices[0].message.content
+        extra = c.chat.completions.create(model="ckpt", messages=ask(audio_part(b64(clip))), temperature=0,
+                                          max_tokens=12, extra_body={"think": True}).choices[0].message.content
+    assert plain == local(local_engine, [clip], "How many beeps do you hear?", max_new_tokens=12)
+    assert think == extra == local(local_engine, [clip], "How many beeps do you hear?", max_new_tokens=12, think=True)
+    assert think != plain
+
