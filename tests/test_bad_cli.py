@@ -37,6 +37,10 @@ ROWS: list[tuple[str, list[str], str]] = [
     ("demo with unknown option", ["demo", "--bogus"], r"No such option: --bogus"),
     ("merge-lora without arguments", ["train", "merge-lora"], r"merge-lora: the following arguments are required"),
     ("train tiny unknown option", ["train", "tiny", "--bogus"], r"train tiny: unrecognized arguments: --bogus"),
+    ("serve port out of range", ["serve", "--port", "70000"], r"--port must be between 1 and 65535"),
+    ("serve negative prefix cache", ["serve", "--prefix-cache-mb", "-1"], r"--prefix-cache-mb must be between 0"),
+    ("serve nan audio cache", ["serve", "--audio-cache-mb", "nan"], r"--audio-cache-mb must be between 0"),
+    ("serve zero uuid cache", ["serve", "--uuid-cache-mb", "0"], r"uuid_cache_mb must be a positive number"),
     # values: checked by the generation options' rules before a model is loaded
     ("zero tokens", ["ask", "{clip}", "q", "--max-new-tokens", "0"], r"max_new_tokens must be between 1 and"),
     ("negative tokens", ["ask", "{clip}", "q", "--max-new-tokens", "-5"], r"max_new_tokens must be between 1 and"),

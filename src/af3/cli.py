@@ -217,6 +217,9 @@ def serve(
     max_upload_mb: float = typer.Option(25.0, help="Audio bytes per request (chat parts together, or one upload)."),
     max_transcription_hours: float = typer.Option(3.0, help="Longest recording /v1/audio/transcriptions takes."),
     request_timeout: float = typer.Option(600.0, help="Seconds before a request is cancelled (504)."),
+    prefix_cache_mb: float = typer.Option(1024.0, help="Keys/values of finished conversations kept for follow-ups."),
+    audio_cache_mb: float = typer.Option(512.0, help="Encoded audio windows kept for requests that repeat them."),
+    uuid_cache_mb: float = typer.Option(512.0, help="Decoded audio kept by uuid for later requests that omit it."),
     allow_url_fetch: bool = typer.Option(False, "--allow-url-fetch", help="Fetch http(s) audio URLs (public "
                                          "addresses only)."),
     allow_private_urls: bool = typer.Option(False, "--allow-private-urls", help="Let fetched URLs reach private "
@@ -244,7 +247,11 @@ def serve(
         max_queue=max_queue, max_audios=max_audios, max_upload_mb=max_upload_mb,
         max_transcription_s=max_transcription_hours * 3600, allow_url_fetch=allow_url_fetch,
         allow_private_urls=allow_private_urls, allowed_url_origins=tuple(allow_url_origin or ()),
-        allowed_local_media_path=allowed_local_media_path, request_timeout_s=request_timeout)
+        allowed_local_media_path=allowed_local_media_path, request_timeout_s=request_timeout,
+        uuid_cache_mb=uuid_cache_mb)
+    for flag, mb in (("--prefix-cache-mb", prefix_cache_mb), ("--audio-cache-mb", audio_cache_mb)):
+        if not 0 <= mb <= 1024**2:
+            raise AF3Error(f"{flag} must be between 0 and {1024**2}, got {mb}")
     if not 0 < port < 65536:
         raise AF3Error(f"--port must be between 1 and 65535, got {port}")
     path = model
@@ -253,7 +260,9 @@ def serve(
             raise AF3Error("this build has no embedded model; pass --model FOLDER")
         path = str(embedded_model_path())
     engine = build_engine(path, dtype=_dtype(dtype), device=device, quantize=quantize, think=think,
-                          max_batch_size=max_batch_size, max_audios=max_audios)
+                          max_batch_size=max_batch_size, max_audios=max_audios,
+                          prefix_cache_bytes=int(prefix_cache_mb * 1024**2),
+                          audio_cache_bytes=int(audio_cache_mb * 1024**2))
     logging.getLogger("af3.serve").setLevel(logging.INFO)
     run_server(engine, settings, host=host, port=port)
 

@@ -6,6 +6,7 @@ Ctrl-C (SIGINT) or SIGTERM stops accepting connections, lets the requests in fli
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -17,7 +18,8 @@ logger = logging.getLogger("af3.serve")
 
 
 def build_engine(model_path: str, *, dtype: Any = None, device: str = "cpu", quantize: str | None = None,
-                 think: str = "auto", max_batch_size: int = 8, max_audios: int = 8, audio_policy: Any = None) -> Any:
+                 think: str = "auto", max_batch_size: int = 8, max_audios: int = 8, audio_policy: Any = None,
+                 prefix_cache_bytes: int = 1024**3, audio_cache_bytes: int = 512 * 1024**2) -> Any:
     """The Engine a server runs (the think adapter loaded when the checkpoint has one and ``think`` is "auto")."""
     from ..generation.engine import Engine
     from ..system import check_device
@@ -26,7 +28,8 @@ def build_engine(model_path: str, *, dtype: Any = None, device: str = "cpu", qua
         raise InputError(f"--think must be auto or off, got {think!r}")
     return Engine.from_pretrained(model_path, dtype=dtype, device=check_device(device), quantize=quantize,
                                   think="auto" if think == "auto" else False, max_batch_size=max_batch_size,
-                                  max_audios=max_audios, audio_policy=audio_policy)
+                                  max_audios=max_audios, audio_policy=audio_policy,
+                                  prefix_cache_bytes=prefix_cache_bytes, audio_cache_bytes=audio_cache_bytes)
 
 
 def serve(engine: Any, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, drain_s: float = 30.0,
@@ -43,10 +46,8 @@ def serve(engine: Any, settings: ServeSettings, host: str = "127.0.0.1", port: i
     shown = f"[{host}]" if ":" in host else host
     logger.warning("af3 %s serving %s at http://%s:%d (page: /, API: /v1)%s", _version(), settings.model_name, shown,
                    port, "" if settings.api_key is None else " — API key required")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises the Ctrl-C it handled once drained: clean
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the drain is done, this is a clean stop
-        pass
     logger.warning("af3 serve stopped")
 
 
