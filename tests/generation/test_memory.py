@@ -61,7 +61,8 @@ def test_growth_keeps_the_contents_and_stops_at_max_len():
 def test_a_growth_that_does_not_fit_in_memory_is_refused_before_allocating(monkeypatch):
     cache = KVCache(4, 8, 1 << 20, 8, 128, dtype=torch.bfloat16, device="cpu", capacity=16)
     monkeypatch.setattr(kv_cache, "available_memory", lambda device: 1 << 30)  # 1 GB left
-    need = r"8 rows × 65536 tokens need 8\.59 GB"  # keys and values: 2·4 layers·8 rows·8 heads·65536·128·2 bytes
+    # 65536 slots asked, a quarter more kept as headroom: 81920; keys and values: 2·4 layers·8 rows·8 heads·81920·128·2
+    need = r"8 rows × 81920 tokens need 10\.74 GB"
     with pytest.raises(InputError, match="not enough memory for the KV cache: " + need):
         cache.reserve(65536)
     assert cache.capacity == 16  # unchanged, still usable

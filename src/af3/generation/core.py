@@ -20,6 +20,15 @@ from .sampling import pick, process
 from .scheduler import PrefixCache, Request, Scheduler
 
 
+#: Prompt tokens per forward while other requests are decoding (chunked prefill): each chunk also carries one
+#: token of every running row, so decoding goes on while new requests are prefilled and the weights are read once
+#: for both. A prompt admitted while nothing else runs is prefilled whole.
+PREFILL_CHUNK = 256
+#: A prefix-cache match shorter than this is not used: recomputing a few tokens (a system prompt) costs less than
+#: attending with an explicit mask instead of the causal kernel.
+MIN_PREFIX_REUSE = 64
+
+
 class EngineCore:
     """Scheduler + runner + sampling + output processing, stepped by one owner."""
 
@@ -45,14 +54,15 @@ class EngineCore:
             self.output.finish(req)
         self._retire()  # cancelled running requests leave their rows now
         admitted = self.scheduler.admit()
+        rode = False
         if admitted:
             self.runner.check_backend()
             self.runner.encode_audio([r for _, r in admitted])
-            for row, req in admitted:
-                self._prefill(row, req)
+            for row, req in admitted:  # rows before ``row`` are prefilled: they decode along with its chunks
+                rode |= self._prefill(row, req)
             self._retire()  # requests done after their first token (max_new_tokens=1, an immediate end token)
         running = list(self.scheduler.running)
-        if running:
+        if running and not rode:  # (rows that rode along with a prefill have their token for this step)
             logits = self.runner.decode([r.tokens[-1] for r in running], [r.length for r in running],
                                         [r.options.think for r in running])
             for i, r in enumerate(running):
@@ -66,17 +76,51 @@ class EngineCore:
             self.output.fail(r, error)
 
     # ------------------------------------------------------------------
-    def _prefill(self, row: int, req: Request) -> None:
+    def _prefill(self, row: int, req: Request) -> bool:
+        """Prefill ``req`` into ``row``; while rows ``0 .. row-1`` are decoding, in chunks that each carry one of
+        their tokens. Returns whether any row decoded along."""
         start = 0
         if self.prefix_cache is not None and req.key is not None:
             entry, start = self.prefix_cache.match(req.key, req.options.think)
-            if entry is not None:
+            if entry is not None and start >= min(MIN_PREFIX_REUSE, req.prompt_tokens - 1):
                 self.runner.write_row(row, entry.kv, start)
                 req.cached_prompt_tokens = start
                 self.runner.stats["prefix_cached_tokens"] += start
-        logits = self.runner.prefill(row, req, start)
+            else:
+                start = 0
+        rode = False
+        embeds = None
+        while True:
+            riders = self._riders(row, req)
+            if not riders:  # the rest of the prompt in one forward
+                logits = self.runner.prefill(row, req, start)
+                break
+            embeds = self.runner.prompt_embeds(req) if embeds is None else embeds
+            stop = min(req.prompt_tokens, start + PREFILL_CHUNK)
+            logits, decoded = self.runner.prefill_mixed(row, req, embeds, start, stop, [r.tokens[-1] for r in riders],
+                                                        [r.length for r in riders])
+            for i, r in enumerate(riders):
+                if r.finish_reason is None:  # (a row that finished meanwhile only fills its place; nothing kept)
+                    r.length += 1
+                    self._choose(r, decoded[i : i + 1])
+            rode, start = True, stop
+            if start == req.prompt_tokens:
+                break
         req.length = req.prompt_tokens
         self._choose(req, logits)
+        return rode
+
+    def _riders(self, row: int, req: Request) -> list[Request]:
+        """The rows that decode along with ``req``'s next prefill chunk: rows ``0 .. row-1`` (prefilled), as one
+        contiguous block. A row that finished during this step stays in the block: its token is written past its
+        last kept slot and dropped. None when no row is still going, with the think adapter (its switch is per
+        batch row), or when a row's next slot would not fit the cache."""
+        riders = self.scheduler.running[:row]
+        if req.options.think or not any(r.finish_reason is None for r in riders):
+            return []
+        if any(r.options.think for r in riders) or max(r.length for r in riders) >= self.runner.max_len:
+            return []
+        return riders
 
     def _choose(self, req: Request, logits: torch.Tensor) -> None:
         """Process ``logits`` [1, V] with the request's chain, pick its next token, hand it to the output."""

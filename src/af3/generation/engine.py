@@ -36,6 +36,7 @@ from ..errors import InputError
 from ..features import conv_output_lengths
 from ..fetch import DEFAULT_POLICY, FetchPolicy
 from ..model.kv_cache import GROW_STEP
+from ..system import release_free_memory
 from .core import EngineCore
 from .options import GenerationOptions, check_option_names
 from .output import Delta, Output, OutputProcessor, TokenLogprob
@@ -310,12 +311,19 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
+        busy = False
         while True:
             with self._wake:
+                if busy and not self.core.has_work:
+                    # Idle again: give the pages freed by the finished requests (audio, features, activations)
+                    # back to the OS, so that a server's memory returns to its size between bursts.
+                    release_free_memory()
+                    busy = False
                 while not self._stop and not self.core.has_work:
                     self._wake.wait()
                 if self._stop:
                     return
+            busy = True
             self.step()
 
     # ------------------------------------------------------------------ introspection

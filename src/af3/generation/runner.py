@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..features import conv_output_lengths
-from ..model.decoder import attention_mask_4d
+from ..model.decoder import MixedBatch, additive_mask, attention_mask_4d
 from ..model.kv_cache import KVCache
 from . import fused_plan
 from .scheduler import LRUBytes, Request
@@ -60,7 +60,7 @@ class ModelRunner:
         self.lora = lora
         self.vocab_size = model.config.text_config.vocab_size
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "fused_steps": 0, "encoded_windows": 0,
-                      "prefix_cached_tokens": 0}
+                      "prefix_cached_tokens": 0, "mixed_steps": 0}
         self._plan: fused_plan.Plan | None = None
         self._plan_read = False
 
@@ -148,6 +148,32 @@ class ModelRunner:
             self._think_rows([])  # the adapter's hooks are on the shared model: off between forwards
         self.stats["prefill_tokens"] += t
         return self.head(hidden[:, -1]).float()[:, : self.vocab_size]  # [1, V]
+
+    def prefill_mixed(self, row: int, req: Request, embeds: Tensor, start: int, stop: int, tokens: list[int],
+                      lengths: list[int]) -> tuple[Tensor, Tensor]:
+        """Slots ``start .. stop-1`` of ``req``'s prompt (``embeds`` [1, T, D]: its fused embeddings) into row
+        ``row`` and, in the same forward, one decoding token per row ``0 .. n-1`` (``tokens[i]`` at slot
+        ``lengths[i]``), so the weights are read once for both → (the chunk's last logits [1, V], the decoding
+        rows' logits [n, V]), fp32. Not with the think adapter (its rows are per batch row)."""
+        t = stop - start
+        self.cache.reserve(max(stop, max(lengths) + 1))
+        slots = torch.tensor(lengths, device=self.device)  # [n]
+        last = self.model.embed(torch.tensor(tokens, device=self.device)[None])  # [1, n, D]
+        x = torch.cat([embeds[:, start:stop], last], dim=1)  # [1, t+n, D]
+        pos = torch.cat([torch.arange(start, stop, device=self.device), slots])[None]  # [1, t+n]
+        pmask = None if start == 0 else additive_mask(attention_mask_4d(
+            torch.ones(1, stop, dtype=torch.bool, device=self.device), start, t), self.dtype)
+        valid = torch.arange(max(lengths) + 1, device=self.device)[None, :] <= slots[:, None]  # [n, S]
+        mixed = MixedBatch(row, start, t, pmask, slots, valid[:, None, None, :])
+        hidden = self.decoder(x, pos, mixed, self.cache)[0]  # [t+n, D]
+        self.stats["prefill_tokens"] += t
+        self.stats["mixed_steps"] += 1
+        logits = self.head(hidden[t - 1:]).float()[:, : self.vocab_size]  # [1+n, V]
+        return logits[:1], logits[1:]
+
+    def prompt_embeds(self, req: Request) -> Tensor:
+        """``req``'s prompt embeddings with its audio fused in: [1, T, D]."""
+        return self.model.embed(req.input_ids.to(self.device)[None], req.audio_embeds)
 
     def decode(self, tokens: list[int], lengths: list[int], think: list[bool]) -> Tensor:
         """One token per row for rows ``0 .. n-1``: ``tokens[i]`` goes into slot ``lengths[i]`` of row ``i`` (at

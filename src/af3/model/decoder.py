@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,6 +97,28 @@ def attention_mask_4d(key_valid: Tensor, start: int, num_queries: int) -> Tensor
     return mask[:, None]  # [B, 1, T, S]
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean SDPA mask (True = attend) as the additive one CPU SDPA runs ~2x faster (0 / dtype's minimum)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+@dataclass
+class MixedBatch:
+    """One forward over a prefill chunk and one decoding token per running row (passed as ``mask``).
+
+    The input is ``[1, t + n, D]``: the ``t`` prompt tokens of cache row ``row`` (slots ``start ..
+    start+t-1``), then one token for each of rows ``0 .. n-1`` at slot ``slots[i]``. The linear layers see all
+    ``t + n`` positions at once (the weights are read once for both); attention runs per part.
+    """
+
+    row: int
+    start: int
+    t: int
+    prefill_mask: Tensor | None  # [1, 1, t, start+t] additive, or None for a causal chunk from slot 0
+    slots: Tensor  # [n] int64: each decoding row's new slot
+    decode_mask: Tensor  # [n, 1, 1, S] bool: slots each decoding row reads
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings; q/k/v with bias, o_proj without.
 
@@ -121,7 +145,7 @@ class Attention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor],
-        mask: Tensor | None,
+        mask: Tensor | MixedBatch | None,
         cache: KVCache | None = None,
         slots: int | Tensor = 0,
     ) -> Tensor:
@@ -130,6 +154,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if isinstance(mask, MixedBatch):
+            out = self._mixed(q, k, v, mask, cache)  # [1, H, T, Dh]
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
         if cache is not None:
             # The mask's width says how many cache slots this step reads; without a mask (a causal prefill
@@ -151,6 +178,31 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+
+    def _mixed(self, q: Tensor, k: Tensor, v: Tensor, m: MixedBatch, cache: KVCache) -> Tensor:
+        """Attention of a :class:`MixedBatch`: the chunk over its own row, each decoding token over its row; the
+        same math as a separate prefill and decoding step."""
+        rep = self.num_heads // self.num_kv_heads
+        row = cache.rows(m.row, m.row + 1)
+        row.update(self.layer_idx, k[:, :, : m.t], v[:, :, : m.t], m.start)
+        kp, vp = row.keys_values(self.layer_idx, m.start + m.t)  # [1, Hkv, start+t, Dh]
+        qp = q[:, :, : m.t]
+        if SDPA_GQA or rep == 1:
+            out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m.prefill_mask,
+                                                   is_causal=m.prefill_mask is None, **({"enable_gqa": True}
+                                                                                        if rep > 1 else {}))
+        else:
+            out_p = F.scaled_dot_product_attention(qp, kp.repeat_interleave(rep, 1), vp.repeat_interleave(rep, 1),
+                                                   attn_mask=m.prefill_mask, is_causal=m.prefill_mask is None)
+        n = m.slots.shape[0]
+        rows = cache.rows(0, n)
+        kd, vd = k[0, :, m.t:].transpose(0, 1)[:, :, None], v[0, :, m.t:].transpose(0, 1)[:, :, None]  # [n,Hkv,1,Dh]
+        rows.update(self.layer_idx, kd, vd, m.slots[:, None])
+        kc, vc = rows.keys_values(self.layer_idx, m.decode_mask.shape[-1])  # [n, Hkv, S, Dh]
+        qd = q[0, :, m.t:].transpose(0, 1).reshape(n, self.num_kv_heads, rep, self.head_dim)  # [n, Hkv, rep, Dh]
+        out_d = F.scaled_dot_product_attention(qd, kc, vc, m.decode_mask)  # [n, Hkv, rep, Dh]
+        out_d = out_d.reshape(n, self.num_heads, self.head_dim).transpose(0, 1)[None]  # [1, H, n, Dh]
+        return torch.cat([out_p, out_d], dim=2)  # [1, H, t+n, Dh]
 
 
 #: Without autograd, long inputs go through the MLP this many positions (batch × time) at a time.
@@ -216,7 +268,7 @@ class Qwen2Model(nn.Module):
         self,
         inputs_embeds: Tensor,
         position_ids: Tensor,
-        mask: Tensor | None = None,
+        mask: Tensor | MixedBatch | None = None,
         cache: KVCache | None = None,
         slots: int | Tensor = 0,
     ) -> Tensor:
@@ -225,11 +277,10 @@ class Qwen2Model(nn.Module):
         if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
             raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
-        if mask is not None and mask.dtype == torch.bool and inputs_embeds.shape[1] > 1:
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and inputs_embeds.shape[1] > 1:
             # Several queries: CPU SDPA runs an additive mask ~2x faster than a boolean one (converted once here,
             # not per layer). Every query sees at least itself, so no row is all -inf.
-            mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(inputs_embeds.dtype).min)
+            mask = additive_mask(mask, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)

@@ -4,8 +4,9 @@ Slot ``s`` of row ``r`` holds the keys/values of the ``s``-th token fed for that
 is the caller's attention mask, and a token's rotary position is the caller's position id. Every step writes into
 the same tensors (slice assignment for a shared slot, ``index_put`` for per-row slots). The memory follows what the
 work needs, not the longest sequence allowed: ``capacity`` slots are allocated (all of ``max_len`` unless a smaller
-start is asked for) and :meth:`reserve` grows them, doubling, up to ``max_len``, after checking that the device has
-the memory (an :class:`~af3.errors.InputError` that says how much, instead of an allocator failure). :meth:`rows`
+start is asked for) and :meth:`reserve` grows them (geometrically, with headroom), up to ``max_len``, after checking
+that the device has the memory (an :class:`~af3.errors.InputError` that says how much, instead of an allocator
+failure). :meth:`rows`
 gives a view of some rows (the generation runner prefills one request into its own row and decodes the first ``n``
 rows together); :meth:`read` / :meth:`write` / :meth:`copy_row` move a row's prefix (the runner's prefix cache, and
 closing gaps when a request leaves).
@@ -52,9 +53,11 @@ class KVCache:
                              "max_seq_len or the request's length")
         for kind in (self.k, self.v):
             for i, old in enumerate(kind):
-                new = torch.zeros((rows, heads, slots, dim), dtype=self.dtype, device=self.device)
+                # Zeros, not garbage, in the unused slots: a masked-out NaN would still poison attention (0 * NaN).
+                new = torch.empty((rows, heads, slots, dim), dtype=self.dtype, device=self.device)
                 if keep:
                     new[:, :, :keep] = old[:, :, :keep]
+                new[:, :, keep:].zero_()
                 kind[i] = new
 
     @property
@@ -71,7 +74,10 @@ class KVCache:
             raise InputError(f"KV cache is full: {slots} tokens > {self.max_len} slots")
         if self._view:
             raise ValueError("reserve on the whole cache, not on a view of some rows")
-        grown = max(slots, 2 * self.capacity)
+        # Headroom for the answer and a follow-up turn (a quarter more than asked), and geometric growth: a
+        # growing conversation re-allocates a few times, not at every turn. Doubling only while small: every row
+        # gets the new capacity, so doubling a long cache would double memory that mostly sits unused.
+        grown = max(slots + slots // 4, 2 * self.capacity if self.capacity < 4096 else self.capacity * 5 // 4)
         self._allocate(min(self.max_len, -(-grown // GROW_STEP) * GROW_STEP), keep=self.capacity)
 
     @classmethod
