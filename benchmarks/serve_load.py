@@ -170,9 +170,9 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
-def group_rss_mb(pgid: int) -> float:
-    """VmRSS summed over the processes of one process group (vLLM: API server, engine core, ...)."""
-    total = 0.0
+def _group_stats(pgid: int) -> list[tuple[int, list[str]]]:
+    """(pid, /proc/PID/stat fields after the command name) of every live process of one process group."""
+    out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -180,10 +180,15 @@ def group_rss_mb(pgid: int) -> float:
             with open(f"/proc/{d}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[2]) == pgid:
-                total += rss_mb(int(d)) or 0.0
+                out.append((int(d), fields))
         except (OSError, ValueError, IndexError):
             continue
-    return total
+    return out
+
+
+def group_rss_mb(pgid: int) -> float:
+    """VmRSS summed over the processes of one process group (vLLM: API server, engine core, ...)."""
+    return sum(rss_mb(pid) or 0.0 for pid, _ in _group_stats(pgid))
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -197,18 +202,8 @@ def cpu_seconds() -> tuple[float, float]:
 
 def group_cpu_seconds(pgid: int) -> float:
     """CPU seconds (user + system) used so far by the live processes of one process group."""
-    total = 0
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                total += int(fields[11]) + int(fields[12])
-        except (OSError, ValueError, IndexError):
-            continue
-    return total / os.sysconf("SC_CLK_TCK")
+    ticks = sum(int(fields[11]) + int(fields[12]) for _, fields in _group_stats(pgid))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class CpuShare:

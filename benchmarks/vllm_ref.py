@@ -32,11 +32,11 @@ def available(python: str | os.PathLike | None = None) -> bool:
 
 
 def run(model_dir: str | os.PathLike, scenario: str, tokens: int, runs: int, audio_seconds: float,
-        python: str | os.PathLike | None = None, timeout: float = 3600) -> dict | None:
+        python: str | os.PathLike | None = None, timeout: float = 3600, extra: tuple[str, ...] = ()) -> dict | None:
     """One ``vllm_runner.py`` scenario (decode1, decode8, prefill, startup) on ``model_dir``; its JSON result, or
     None on failure (the last lines of its stderr are logged)."""
     cmd = [str(python or DEFAULT_PYTHON), str(RUNNER), "--model", str(model_dir), "--scenario", scenario,
-           "--tokens", str(tokens), "--runs", str(runs), "--audio-seconds", str(audio_seconds)]
+           "--tokens", str(tokens), "--runs", str(runs), "--audio-seconds", str(audio_seconds), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:  # own session: on a timeout the runner's engine-core and worker processes are killed with it
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -17,6 +17,9 @@ a full-size warm-up would add minutes to the 5-minute and 8-prompt scenarios on 
   ``scheduled_ts`` -> ``first_token_ts``, no frontend feature extraction) and wall time of the call.
 - ``startup``: process start -> first finished answer (16 tokens, 30 s of audio). ``startup_s`` counts from the
   top of this script, ``startup_from_exec_s`` from the kernel's process start time (adds interpreter start-up).
+- ``batch``: every wav of ``--clips`` (a JSON list of 16-bit mono 16 kHz files, read here) in one
+  ``LLM.generate`` call, as an offline batch job runs; ``wall_s`` includes reading the files and vLLM's feature
+  extraction, ``items_per_s`` = clips / wall.
 
 Time to first token is ``ttft_s`` (engine-core ``scheduled_ts`` -> ``first_token_ts``, the notes' prefill) and
 ``ttft_frontend_s`` (vLLM's ``first_token_latency``: from the request's arrival, so with audio feature extraction).
@@ -51,7 +54,19 @@ SR = 16000
 FALLBACK_PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                    "<|im_start|>user\n<sound>Describe the recording in detail.<|im_end|>\n<|im_start|>assistant\n")
 QUESTION = "Describe the recording in detail."
-DEFAULT_AUDIO_SECONDS = {"decode1": 30.0, "decode8": 30.0, "prefill": 300.0, "startup": 30.0}
+DEFAULT_AUDIO_SECONDS = {"decode1": 30.0, "decode8": 30.0, "prefill": 300.0, "startup": 30.0, "batch": 0.0}
+
+
+def read_wav(path: str):
+    """A 16-bit mono wav → float32 array (stdlib ``wave``: the vLLM venv needs no audio library for this)."""
+    import wave
+
+    import numpy as np
+
+    with wave.open(path, "rb") as w:
+        if w.getsampwidth() != 2 or w.getnchannels() != 1 or w.getframerate() != SR:
+            raise ValueError(f"{path}: expected 16-bit mono {SR} Hz")
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32) / 32768.0
 
 
 def process_age() -> float | None:
@@ -100,6 +115,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (startup: always 1)")
     parser.add_argument("--audio-seconds", type=float, default=None, help="default: 30, prefill 300")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clips", default=None, help="batch: a JSON file listing the wav files")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="batch: vLLM's --max-num-seqs")
     args = parser.parse_args()
     scenario = args.scenario
     seconds = args.audio_seconds or DEFAULT_AUDIO_SECONDS[scenario]
@@ -113,8 +130,9 @@ def main() -> None:
 
     # max_num_batched_tokens >= max_model_len: a whole prompt (even 5 min of audio, ~7600 tokens) in one step.
     llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=8192,
-              max_num_batched_tokens=8192, max_num_seqs=max(8, n_prompts), limit_mm_per_prompt={"audio": 1},
-              seed=args.seed, disable_log_stats=False)
+              max_num_batched_tokens=8192,
+              max_num_seqs=args.max_num_seqs if scenario == "batch" else max(8, n_prompts),
+              limit_mm_per_prompt={"audio": 1}, seed=args.seed, disable_log_stats=False)
     init_s = time.perf_counter() - T0
     prompt, prompt_source = render_prompt(llm)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
@@ -133,7 +151,20 @@ def main() -> None:
               "prompt": prompt, "init_s": init_s,
               "env": {k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
                                                  "VLLM_CPU_NUM_OF_RESERVED_CPU")}}
-    if scenario == "startup":
+    if scenario == "batch":
+        with open(args.clips) as f:
+            paths = json.load(f)
+        generate(1, 30.0)  # warm-up
+        t = time.perf_counter()
+        requests = [{"prompt": prompt, "multi_modal_data": {"audio": (read_wav(p), SR)}} for p in paths]
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        wall = time.perf_counter() - t
+        count = [len(o.outputs[0].token_ids) for o in outputs]
+        if any(c != tokens for c in count):
+            raise RuntimeError(f"expected {tokens} tokens per prompt, got {count}")
+        result.update(runs=1, prompts=len(paths), wall_s=wall, items_per_s=len(paths) / wall,
+                      max_num_seqs=args.max_num_seqs)
+    elif scenario == "startup":
         outputs, _ = generate()
         startup = time.perf_counter() - T0
         result.update(startup_s=startup, runs=1, startup_from_exec_s=None if AGE_AT_T0 is None else startup + AGE_AT_T0)

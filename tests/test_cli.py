@@ -123,3 +123,28 @@ def test_demo_without_the_embedded_model_says_how_to_make_it(monkeypatch, capsys
     assert cli_main(["demo"]) == 2
     err = capsys.readouterr().err.strip()
     assert "af3 train tiny --install" in err and "\n" not in err
+
+
+def test_ask_takes_several_audios_in_one_turn(tiny_ckpt, tmp_path, capsys):
+    folder, _, _ = tiny_ckpt
+    a, b = tmp_path / "a.wav", tmp_path / "b.flac"
+    sf.write(a, synth_audio(1.0, seed=1), 16000)
+    sf.write(b, synth_audio(2.0, seed=2), 16000)
+    assert cli_main(["ask", str(a), str(b), "Which is longer?", "--model", folder, "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out
+    model, proc = AF3Model.from_pretrained(folder), AF3Processor.from_pretrained(folder)
+    conv = [{"role": "user", "content": [{"type": "audio", "path": str(a)}, {"type": "audio", "path": str(b)},
+                                         {"type": "text", "text": "Which is longer?"}]}]
+    inputs = proc.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+    assert int((inputs["input_ids"] == model.config.audio_token_id).sum()) == 25 + 50  # both clips in the prompt
+    ids = model.generate(**inputs, max_new_tokens=8)
+    assert printed == proc.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_debug_adds_the_traceback_to_the_one_line_error(tmp_path, capsys):
+    assert cli_main(["ask", str(bundled_clip()), "q", "--model", str(tmp_path / "nope")]) == 2
+    quiet = capsys.readouterr().err
+    assert "Traceback" not in quiet and quiet.count("\n") == 1
+    assert cli_main(["--debug", "ask", str(bundled_clip()), "q", "--model", str(tmp_path / "nope")]) == 2
+    loud = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in loud and loud.rstrip().endswith(quiet.rstrip())

@@ -8,15 +8,29 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 
 import typer
 
+from .commands.common import (
+    DEVICE_OPT,
+    DTYPE_OPT,
+    EXIT_INCOMPLETE,  # noqa: F401 (part of the CLI's documented behaviour)
+    MODEL_OPT,
+    PRIVATE_OPT,
+    QUANT_OPT,
+    _answer,
+    _audio_policy,
+    _dtype,
+    _engine,
+    _options,
+    _resolve_model,
+    bundled_clip,
+    embedded_model_path,
+)
 from .errors import AF3Error
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Audio Flamingo 3: ask about audio, transcribe, convert checkpoints.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:
@@ -27,134 +41,32 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+#: Set by ``af3 --debug``: errors print their traceback too.
+_DEBUG = {"on": False}
+
+
 @app.callback()
 def _main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                                help="Print af3's version and exit.")) -> None:
-    """Audio Flamingo 3: ask about audio, transcribe, convert checkpoints."""
+                                                help="Print af3's version and exit."),
+                  debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (for a bug "
+                                             "report) besides its one-line message.")) -> None:
+    """Audio Flamingo 3: ask about audio, chat, transcribe, caption, evaluate, run batches, serve, fine-tune.
 
-
-def _dtype(name: str | None):
-    from .config import torch_dtype
-
-    try:
-        return torch_dtype(name)
-    except ValueError as e:
-        raise AF3Error(str(e)) from None
-
-
-def embedded_model_path() -> Path | None:
-    """The tiny model shipped inside the package, if this build has one."""
-    path = Path(str(resources.files("af3") / "assets" / "tiny"))
-    return path if (path / "config.json").is_file() else None
-
-
-def bundled_clip() -> Path:
-    return Path(str(resources.files("af3") / "assets" / "clips" / "three_beeps.wav"))
-
-
-def _resolve_model(model: str | None) -> str:
-    if model:
-        return model
-    env = os.environ.get("AF3_MODEL")
-    if env:
-        return env
-    embedded = embedded_model_path()
-    if embedded is None:
-        raise AF3Error("no model given: pass --model PATH (a local AF3 checkpoint folder) or set AF3_MODEL")
-    return str(embedded)
-
-
-def _audio_policy(allow_private_urls: bool):
-    """The CLI's audio limits: the library's defaults, with private-network URLs when the user asks for them.
-    Local files are the user's own (no byte cap, as in the library)."""
-    import dataclasses
-
-    from .fetch import DEFAULT_POLICY
-
-    return dataclasses.replace(DEFAULT_POLICY, allow_private_network=allow_private_urls)
-
-
-def _engine(model_path: str, dtype: str, device: str, quantize: str | None = None, think: bool = False,
-            max_batch_size: int = 1, allow_private_urls: bool = False):
-    """An Engine for one command: no audio or prefix cache (one process, one conversation: nothing follows up)."""
-    from .generation.engine import Engine
-    from .system import check_device
-
-    return Engine.from_pretrained(model_path, dtype=_dtype(dtype), device=check_device(device), quantize=quantize,
-                                  think=True if think else "auto", max_batch_size=max_batch_size,
-                                  prefix_cache_bytes=0, audio_cache_bytes=0,
-                                  audio_policy=_audio_policy(allow_private_urls))
-
-
-def _json_schema(value: str | None):
-    """--json: 'any' (any JSON object), a JSON schema file, or the schema inline."""
-    import json
-
-    if value is None:
-        return None
-    if value == "any":
-        return True
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            value = f.read()
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as e:
-        raise AF3Error(f"--json: not a JSON schema file or inline JSON ({e.msg} at char {e.pos})") from None
-
-
-#: Exit status when the answer was printed but is incomplete (JSON cut off by --max-new-tokens).
-EXIT_INCOMPLETE = 3
-
-
-def _answer(model_path: str, conversation: list[dict], options, dtype: str, device: str, quantize: str | None = None,
-            stream: bool = True, strip_prefix: bool = False, allow_private_urls: bool = False) -> int:
-    """Run one request through the Engine and print the answer (token by token when streaming); returns the exit
-    status: 0, or :data:`EXIT_INCOMPLETE` when a JSON answer was cut off by the token limit (said on stderr)."""
-    engine = _engine(model_path, dtype, device, quantize, think=options.think, allow_private_urls=allow_private_urls)
-    if stream and not strip_prefix:
-        out = None
-        for delta in engine.stream(conversation, options):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-            out = delta.output if delta.finished else out
-        sys.stdout.write("\n")
-    else:
-        out = engine.generate(conversation, options)
-        typer.echo(engine.processor.decode(out.token_ids, skip_special_tokens=True, strip_prefix=strip_prefix))
-    if options.json_schema is not None and out is not None and out.finish_reason == "length":
-        typer.echo(f"error: the JSON answer is incomplete: it was cut off after {len(out.token_ids)} tokens "
-                   "(--max-new-tokens); raise --max-new-tokens", err=True)
-        return EXIT_INCOMPLETE
-    return 0
-
-
-MODEL_OPT = typer.Option(None, "--model", "-m", help="Checkpoint folder (HF or NVIDIA layout). Default: $AF3_MODEL "
-                         "or the embedded tiny model.")
-DTYPE_OPT = typer.Option("auto", help="auto (the checkpoint's), float32, bfloat16 or float16.")
-DEVICE_OPT = typer.Option("cpu", help="cpu, cuda, cuda:1, ...")
-QUANT_OPT = typer.Option(None, "--quantize", help="int8: weight-only int8 decoder (about half the memory).")
-PRIVATE_OPT = typer.Option(False, "--allow-private-urls", help="Let audio URLs reach loopback and private-network "
-                           "addresses (refused by default).")
-
-
-def _options(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
-             think: bool, json_schema: str | None):
-    """The request's options, checked now (before a model is loaded) by the same rules the Engine applies."""
-    from .config import GenerationConfig
-    from .generation.options import GenerationOptions
-
-    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=temperature > 0,
-                                top_p=top_p, top_k=top_k, seed=seed, think=think,
-                                json_schema=_json_schema(json_schema))
-    options.resolved(GenerationConfig())
-    return options
+    \b
+    Examples:
+      af3 ask clip.wav "How many beeps do you hear?"
+      af3 chat meeting.wav --model nvidia/audio-flamingo-3-hf
+      af3 --debug transcribe talk.mp3
+    """
+    _DEBUG["on"] = debug
+    if debug:
+        logging.getLogger("af3").setLevel(logging.DEBUG)
 
 
 @app.command()
 def ask(
-    audio: str = typer.Argument(..., help="Audio file path or http(s) URL."),
-    question: str = typer.Argument(..., help="What to ask about the audio."),
+    audio_and_question: list[str] = typer.Argument(..., metavar="AUDIO... QUESTION",
+                                                   help="One or more audio files or http(s) URLs, then the question."),
     model: str = MODEL_OPT,
     max_new_tokens: int = typer.Option(256, help="Upper bound on the answer's length in tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples."),
@@ -169,8 +81,19 @@ def ask(
     device: str = DEVICE_OPT,
     allow_private_urls: bool = PRIVATE_OPT,
 ) -> None:
-    """Answer one question about one audio clip."""
-    conv = [{"role": "user", "content": [{"type": "audio", "path": audio}, {"type": "text", "text": question}]}]
+    """Answer one question about one or more audio clips (all in one user turn, in the order given).
+
+    \b
+    Examples:
+      af3 ask clip.wav "How many beeps do you hear?"
+      af3 ask before.wav after.wav "What changed between the two recordings?" --model nvidia/audio-flamingo-3-hf
+      af3 ask talk.mp3 "List the speakers." --json '{"type": "array", "items": {"type": "string"}}'
+    """
+    if len(audio_and_question) < 2:
+        raise AF3Error("Missing argument 'question': af3 ask AUDIO... QUESTION (the question comes last)")
+    *audios, question = audio_and_question
+    conv = [{"role": "user", "content": [*({"type": "audio", "path": a} for a in audios),
+                                         {"type": "text", "text": question}]}]
     options = _options(max_new_tokens, temperature, top_p, top_k, seed, think, json_schema)
     code = _answer(_resolve_model(model), conv, options, dtype, device, quantize, stream=stream,
                    allow_private_urls=allow_private_urls)
@@ -254,11 +177,7 @@ def serve(
             raise AF3Error(f"{flag} must be between 0 and {1024**2}, got {mb}")
     if not 0 < port < 65536:
         raise AF3Error(f"--port must be between 1 and 65535, got {port}")
-    path = model
-    if model == "tiny":
-        if embedded_model_path() is None:
-            raise AF3Error("this build has no embedded model; pass --model FOLDER")
-        path = str(embedded_model_path())
+    path = _resolve_model(model)
     engine = build_engine(path, dtype=_dtype(dtype), device=device, quantize=quantize, think=think,
                           max_batch_size=max_batch_size, max_audios=max_audios,
                           prefix_cache_bytes=int(prefix_cache_mb * 1024**2),
@@ -369,6 +288,22 @@ def demo(
     typer.echo(f"answer: {answer}")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Commands whose code lives in af3.commands (this file stays the command table).
+from .commands import chat_repl, tools  # noqa: E402
+
+app.command("chat")(chat_repl.chat)
+app.command("info")(tools.info)
+app.command("download")(tools.download)
+app.command("caption")(tools.caption)
+app.command("bench")(tools.bench)
+
+from .commands import batch_cmd, evaluate  # noqa: E402
+
+app.command("eval")(evaluate.evaluate)
+app.command("batch")(batch_cmd.batch)
+
+
 #: What typer raises for a usage error (unknown option or command, missing or unparsable argument). typer bundles
 #: its own click from 0.29 on (whose exceptions are not ``click.ClickException``); this finds the class either way.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -387,11 +322,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the typer app. A user's mistake (AF3Error, or a usage error) prints one line on stderr and
     exits with status 2; Ctrl-C exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _DEBUG["on"] = False
     try:
         code = app(args=argv, standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(code) comes back as a return value here
             return code
     except AF3Error as e:
+        if _DEBUG["on"]:
+            import traceback
+
+            traceback.print_exc()
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)
         return 2
     except KeyboardInterrupt:

@@ -56,6 +56,8 @@ def check_device(device: torch.device | str) -> torch.device:
     (an unknown name, CUDA absent from this torch build or machine, a GPU index that does not exist)."""
     from .errors import InputError
 
+    if device == "auto":  # the best this machine has
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
