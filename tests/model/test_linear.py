@@ -25,7 +25,7 @@ def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch, kernel_policy):
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or mv(*a))
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
     # The path runs on every CPU here, not only AVX-512 (on AVX2 few rows would take af3's kernel instead).
-    kernel_policy(gemv_rows=SMALL_ROWS, native_half=HALF_DTYPES)
+    kernel_policy(gemv_rows=SMALL_ROWS, native_half=HALF_DTYPES, packed_weights=False)
     with torch.inference_mode():
         out = layer(x)
     assert calls == ([] if rows > SMALL_ROWS else ["mv"] if rows == 1 else ["mm"])
@@ -92,3 +92,31 @@ def test_long_inputs_take_the_chunked_mlp_with_the_same_result(monkeypatch):
         chunked = mlp(x)
     assert calls == [(3, 13)] * 3 + [(3, 11)]  # 40 // 3 = 13 time steps per chunk, all rows together
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not policy._has_packed_linear(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_packed_weights_match_f_linear_and_follow_weight_changes(rows, monkeypatch, kernel_policy):
+    from af3.model import linear as L
+
+    torch.manual_seed(rows)
+    layer = Linear(96, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(rows, 96, dtype=torch.bfloat16)
+    kernel_policy(native_half=HALF_DTYPES, packed_weights=True)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    with torch.inference_mode():
+        out = layer(x)
+    assert L._PACKED[layer][1] is not None  # the packed copy served the product
+    assert torch.allclose(out.double(), exact, rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # an in-place change (a loaded checkpoint, a merged adapter): packed again
+    with torch.inference_mode():
+        flipped = layer(x)
+    assert torch.allclose(flipped.double(), F.linear(x.double(), layer.weight.double(), layer.bias.double()),
+                          rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(L, "available_memory", lambda device: 1 << 20)  # no room for a copy: the plain product
+    other = Linear(96, 40, bias=False).to(torch.bfloat16)
+    with torch.inference_mode():
+        plain = other(x)
+    assert L._PACKED[other][1] is None
+    assert torch.allclose(plain.double(), F.linear(x.double(), other.weight.double()), rtol=1e-2, atol=1e-2)

@@ -16,6 +16,11 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   linearly with the rows, so it serves few rows; elsewhere the weight is dequantized in chunks and multiplied.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway;
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
+* Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
+  layout at every call, which costs more than the product itself for few rows: a copy packed once
+  (``torch.ops.mkldnn._reorder_linear_weight``) is 1.2-1.8x faster at 1-64 rows and no slower at 770
+  (``$AF3_PACKED_WEIGHTS=0`` turns it off). The copy costs the weight's bytes again, so it is made only while the
+  machine has room for it.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ def _has_int8pack_cpu_kernel() -> bool:
         return False
 
 
+def _has_packed_linear() -> bool:
+    """torch has oneDNN and its packed linear ops (the ones Inductor's CPU weight freezing uses)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def _native_half_dtypes() -> frozenset[torch.dtype]:
     """Half dtypes whose CPU matrix products oneDNN runs natively here (bf16/fp16 on AVX-512-BF16/AMX CPUs)."""
     native = set()
@@ -82,6 +93,8 @@ class KernelPolicy:
     #: Up to this many rows, int8 weights with bf16 activations use torch's fused ``_weight_int8pack_mm`` on the
     #: CPU (its cost grows with the rows; beyond ~8 dequantize + GEMM wins); 0 = never (no such kernel here).
     int8pack_rows: int = 0
+    #: Half weights with native GEMMs are multiplied through a oneDNN-packed copy (``$AF3_PACKED_WEIGHTS=0``: no).
+    packed_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -98,7 +111,8 @@ class KernelPolicy:
         gemv = SMALL_ROWS if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
         return cls(cpu_kernels=env.get("AF3_CPU_KERNELS", "1") != "0", fused_decode=fused,
                    native_half=_native_half_dtypes(), gemv_rows=gemv,
-                   int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0)
+                   int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0,
+                   packed_weights=env.get("AF3_PACKED_WEIGHTS", "1") != "0" and _has_packed_linear())
 
     # ------------------------------------------------------------------ the rules
     def kernels_usable(self) -> bool:
@@ -122,6 +136,10 @@ class KernelPolicy:
     def gemv(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A half-precision product of ``rows`` rows runs as ``W @ x.T`` (after the two rules above declined)."""
         return device.type == "cpu" and rows <= self.gemv_rows and dtype in HALF_DTYPES
+
+    def packed(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """A product with ``dtype`` weights runs through their oneDNN-packed copy (when there is room for it)."""
+        return self.packed_weights and device.type == "cpu" and dtype in HALF_DTYPES and dtype in self.native_half
 
     def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
         """An int8 weight-only product (``k`` inputs, ``dtype`` activations) runs in torch's fused kernel."""

@@ -6,13 +6,18 @@ the measurements are in ``benchmarks/README.md`` from ``benchmarks/gemv_bench.py
 * many rows of a half weight on a CPU without native half GEMMs (AVX2): :func:`linear_via_fp32`, the weight widened
   to fp32 a chunk at a time (torch's bf16 GEMM is several times slower there than its fp32 one);
 * few rows on such a CPU: af3's own C kernel (``af3.kernels``), which widens the weight in registers;
-* few rows on AVX-512 CPUs: ``W @ x.T`` (``torch.mv`` for one row), which reads the weight faster than ``F.linear``;
+* CPUs with native half GEMMs (AVX-512-BF16/AMX): a copy of the weight packed once in oneDNN's layout
+  (:func:`packed_weight`), where ``F.linear`` would reorder it at every call;
+* few rows on other AVX-512 CPUs: ``W @ x.T`` (``torch.mv`` for one row), which reads the weight faster than
+  ``F.linear``;
 * everything else, training (autograd), fp32 weights and CUDA: plain ``F.linear``.
 
 The products of bf16 values are exact in fp32, and every path accumulates in fp32 and rounds the result once.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +26,35 @@ from torch import Tensor, nn
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
 from ..kernels.policy import HALF_DTYPES
+from ..system import available_memory
 
 #: Largest fp32 piece (elements) of a converted weight, and of a block of its output.
 CONVERT_CHUNK = 1 << 22
+#: The row count oneDNN is told to pack a weight for (decode batches); the packed copy serves every row count.
+PACK_ROWS = 16
+#: Packed copies by module: (the weight's storage, version) they were made from, and the copy (None: no room).
+#: Outside the modules, so that deepcopy, pickling and ``state_dict`` never see them.
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def packed_weight(module: nn.Linear) -> Tensor | None:
+    """``module``'s weight packed for oneDNN (made on first use, again after the weight changes), or None when the
+    machine has no room for a second copy of it."""
+    w = module.weight
+    key = (w.data_ptr(), w._version)
+    got = _PACKED.get(module)
+    if got is not None and got[0] == key:
+        return got[1]
+    free = available_memory(w.device)
+    size = w.numel() * w.element_size()
+    packed = None
+    if free is None or free > 2 * size + (1 << 30):  # keep a GiB and the product's room
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+        except RuntimeError:  # (a dtype this oneDNN build cannot pack after all: the plain product serves)
+            packed = None
+    _PACKED[module] = (key, packed)
+    return packed
 
 
 def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -54,6 +85,8 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
         policy = kernel_policy.current()
+        if policy.packed(w.dtype, x.device) and (packed := packed_weight(self)) is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         if policy.converts_to_fp32(rows, w.dtype, x.device):
             return linear_via_fp32(x, w, self.bias)
         if policy.own_gemm(rows, w.dtype, x.device):
