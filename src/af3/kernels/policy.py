@@ -17,10 +17,10 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway;
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
-  layout at every call, which costs more than the product itself for few rows: a copy packed once
-  (``torch.ops.mkldnn._reorder_linear_weight``) is 1.2-1.8x faster at 1-64 rows and no slower at 770
-  (``$AF3_PACKED_WEIGHTS=0`` turns it off). The copy costs the weight's bytes again, so it is made only while the
-  machine has room for it.
+  layout at every call, which costs more than the product itself for a batch of rows: a copy packed once
+  (``torch.ops.mkldnn._reorder_linear_weight``) is 1.5-1.8x faster at 16-64 rows and no slower at 770; up to
+  ``gemv_rows`` rows ``W @ x.T`` is kept (in the whole model it was as fast). ``$AF3_PACKED_WEIGHTS=0`` turns it
+  off. The copy costs the weight's bytes again, so it is made only while the machine has room for it.
 """
 
 from __future__ import annotations
@@ -137,9 +137,11 @@ class KernelPolicy:
         """A half-precision product of ``rows`` rows runs as ``W @ x.T`` (after the two rules above declined)."""
         return device.type == "cpu" and rows <= self.gemv_rows and dtype in HALF_DTYPES
 
-    def packed(self, dtype: torch.dtype, device: torch.device) -> bool:
-        """A product with ``dtype`` weights runs through their oneDNN-packed copy (when there is room for it)."""
-        return self.packed_weights and device.type == "cpu" and dtype in HALF_DTYPES and dtype in self.native_half
+    def packed(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A product of ``rows`` rows with ``dtype`` weights runs through their oneDNN-packed copy (when there is
+        room for it); up to ``gemv_rows`` rows ``W @ x.T`` stays (as fast there in the model, without a copy)."""
+        return (self.packed_weights and device.type == "cpu" and rows > self.gemv_rows and dtype in HALF_DTYPES
+                and dtype in self.native_half)
 
     def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
         """An int8 weight-only product (``k`` inputs, ``dtype`` activations) runs in torch's fused kernel."""

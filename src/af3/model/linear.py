@@ -85,7 +85,7 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
         policy = kernel_policy.current()
-        if policy.packed(w.dtype, x.device) and (packed := packed_weight(self)) is not None:
+        if policy.packed(rows, w.dtype, x.device) and (packed := packed_weight(self)) is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         if policy.converts_to_fp32(rows, w.dtype, x.device):
             return linear_via_fp32(x, w, self.bias)
