@@ -826,8 +826,9 @@ def report(r: dict) -> str:
                       f"{so['tok_s']:.2f} | {_f(so['latency_p50'])} / {_f(so['latency_p95'])} s | "
                       f"{so['rss_after_warmup_mb']:.0f} → {so['rss_end_mb']:.0f} MB ({so['rss_change']:+.1%}; max "
                       f"{_f(so['rss_max_mb'], '.0f')}) | {so['after_status']}, {_f(so['after_latency'])} s |",
-                      "", f"The soak's answered requests leave an estimated {so['cache_growth_estimate_mb']:.0f} MB "
-                      "in af3's prefix and audio caches (bounded: 1 GiB and 512 MiB)."]
+                      "", f"The soak's warm-up ({so.get('warmup_requests')} requests) filled af3's prefix and audio "
+                      f"caches ({so.get('cache_mb')} MB); the requests answered in the soak would have added "
+                      f"{so['cache_growth_estimate_mb']:.0f} MB to unbounded caches."]
     return "\n".join(lines)
 
 
