@@ -114,14 +114,7 @@ def _probe_riff(f: BinaryIO, size: int, head: bytes, what: str) -> Probe:
     block_align = 0
     data_offset = None
     declared = 0
-    off = 12
-    for _ in range(4096):
-        if off + 8 > size:
-            break
-        header = _read_at(f, off, 8)
-        if len(header) < 8:
-            break
-        cid, csize = header[:4], struct.unpack(end + "I", header[4:])[0]
+    for off, cid, csize in _walk_chunks(f, 12, size, end):
         if cid == b"ds64":
             body = _read_at(f, off + 8, 28)
             riff_size = struct.unpack("<Q", body[0:8])[0]
@@ -137,7 +130,6 @@ def _probe_riff(f: BinaryIO, size: int, head: bytes, what: str) -> Probe:
             data_offset = off + 8
             declared = ds64_data if (csize == 0xFFFFFFFF and ds64_data is not None) else csize
             break
-        off += 8 + csize + (csize & 1)
     if data_offset is None:
         return info
     available = max(0, size - data_offset)
@@ -191,14 +183,7 @@ def _chunks_follow(f: BinaryIO, off: int, size: int, end: str) -> bool:
 
 def _probe_aiff(f: BinaryIO, size: int, what: str) -> Probe:
     info = Probe(kind="aiff")
-    off = 12
-    for _ in range(4096):
-        if off + 8 > size:
-            break
-        header = _read_at(f, off, 8)
-        if len(header) < 8:
-            break
-        cid, csize = header[:4], struct.unpack(">I", header[4:])[0]
+    for off, cid, csize in _walk_chunks(f, 12, size, ">"):
         if cid == b"COMM":
             body = _read_at(f, off + 8, 18)
             channels, frames, _bits = struct.unpack(">hIh", body[:8])
@@ -208,8 +193,21 @@ def _probe_aiff(f: BinaryIO, size: int, what: str) -> Probe:
             info.data_available = max(0, size - off - 16)
             info.data_declared = max(0, csize - 8)
             break
-        off += 8 + csize + (csize & 1)
     return info
+
+
+def _walk_chunks(f: BinaryIO, off: int, size: int, end: str):
+    """(offset, id, size) of the chunks of a RIFF/AIFF body from ``off`` (at most 4096, padded to even sizes),
+    until the file or a chunk header runs out."""
+    for _ in range(4096):
+        if off + 8 > size:
+            return
+        header = _read_at(f, off, 8)
+        if len(header) < 8:
+            return
+        cid, csize = header[:4], struct.unpack(end + "I", header[4:])[0]
+        yield off, cid, csize
+        off += 8 + csize + (csize & 1)
 
 
 def _extended_to_float(b: bytes) -> float:

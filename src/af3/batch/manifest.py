@@ -23,6 +23,7 @@ from typing import Any
 
 from ..chat import is_audio_part
 from ..errors import InputError
+from ..training.manifest import resolve_audio_path as resolve_path  # one rule for relative paths, file:// and URLs
 
 #: Lines of a manifest kept in memory at most (a 10-million-line manifest is refused, not read into memory).
 MAX_ITEMS = 5_000_000
@@ -36,14 +37,6 @@ class BatchItem:
     index: int
     messages: list[dict]
     extra: dict[str, Any] = field(default_factory=dict)  # what a task reader keeps for scoring (answer, choices)
-
-
-def resolve_path(value: str, folder: str) -> str:
-    """A manifest's audio reference → an absolute path (relative to ``folder``); URLs and data: URIs are kept."""
-    if "://" in value or value[:5].lower() == "data:":
-        return value
-    value = os.path.expanduser(value)
-    return os.path.normpath(value if os.path.isabs(value) else os.path.join(folder, value))
 
 
 def user_turn(audios: list[str], text: str) -> list[dict]:

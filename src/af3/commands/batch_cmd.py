@@ -101,12 +101,7 @@ def batch(
         raise AF3Error("--output is required: where the results go (JSONL)")
     if batch_size < 1 or batch_size > 1024:
         raise AF3Error(f"--batch-size must be between 1 and 1024, got {batch_size}")
-    options = _options(max_new_tokens, temperature, top_p, top_k, seed, think, None)
-    if min_new_tokens:
-        import dataclasses
-
-        options = dataclasses.replace(options, min_new_tokens=min_new_tokens)
-        options.resolved(engine_free_config())
+    options = _options(max_new_tokens, temperature, top_p, top_k, seed, think, None, min_new_tokens)
     rank, size = parse_shard(shard)
     items = read_manifest(manifest)
     mine = [it for it in items if it.index % size == rank]
@@ -126,13 +121,6 @@ def batch(
     _say(report, output_format, stats.summary(path))
     if stats.interrupted:
         raise typer.Exit(130)
-
-
-def engine_free_config():
-    """The generation config the options are checked against before a model is loaded."""
-    from ..config import GenerationConfig
-
-    return GenerationConfig()
 
 
 def _say(report: dict, output_format: str, line: str) -> None:

@@ -138,13 +138,13 @@ PRIVATE_OPT = typer.Option(False, "--allow-private-urls", help="Let audio URLs r
 
 
 def _options(max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None, seed: int | None,
-             think: bool, json_schema: str | None):
+             think: bool, json_schema: str | None, min_new_tokens: int = 0):
     """The request's options, checked now (before a model is loaded) by the same rules the Engine applies."""
     from ..config import GenerationConfig
     from ..generation.options import GenerationOptions
 
-    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=temperature > 0,
-                                top_p=top_p, top_k=top_k, seed=seed, think=think,
-                                json_schema=_json_schema(json_schema))
+    options = GenerationOptions(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                temperature=temperature, do_sample=temperature > 0, top_p=top_p, top_k=top_k,
+                                seed=seed, think=think, json_schema=_json_schema(json_schema))
     options.resolved(GenerationConfig())
     return options
