@@ -79,24 +79,7 @@ def serving_checkpoint(src: Path | None = None, dst: Path = CACHE / "bench-mid-s
     if done.is_file() and done.read_text() == str(src):
         return dst
     vocab_size = json.loads((src / "config.json").read_text())["text_config"]["vocab_size"]
-    tok = json.loads((src / "tokenizer.json").read_text())
-    vocab: dict[str, int] = tok["model"]["vocab"]
-    taken = set(vocab) | {t["content"] for t in tok.get("added_tokens", [])}
-    used = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", [])}
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    for i in range(vocab_size):
-        if i in used:
-            continue
-        n, word = i, ""
-        while True:  # "Ġq" + the id in base 26: a space and a lowercase word, which ByteLevel decodes as such
-            n, r = divmod(n, 26)
-            word = letters[r] + word
-            if n == 0:
-                break
-        name = "\u0120q" + word
-        assert name not in taken, name
-        vocab[name] = i
-        taken.add(name)
+    tok = decodable_everywhere(json.loads((src / "tokenizer.json").read_text()), vocab_size)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         target = dst / f.name
@@ -110,6 +93,30 @@ def serving_checkpoint(src: Path | None = None, dst: Path = CACHE / "bench-mid-s
     tmp.replace(dst / "tokenizer.json")
     done.write_text(str(src))
     return dst
+
+
+def decodable_everywhere(tok: dict, vocab_size: int) -> dict:
+    """A ``tokenizer.json`` (as a dict, changed in place) given one ordinary token for every id below
+    ``vocab_size`` that it lacks: "Ġq" + the id in base 26, a space and a lowercase word, which ByteLevel decodes as
+    such. A random model emits any id; with this its text can be decoded (and streamed) like a real model's."""
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    taken = set(vocab) | {t["content"] for t in tok.get("added_tokens", [])}
+    used = set(vocab.values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for i in range(vocab_size):
+        if i in used:
+            continue
+        n, word = i, ""
+        while True:
+            n, r = divmod(n, 26)
+            word = letters[r] + word
+            if n == 0:
+                break
+        name = "\u0120q" + word
+        assert name not in taken, name
+        vocab[name] = i
+        taken.add(name)
+    return tok
 
 
 # ------------------------------------------------------------------------------------------ audio

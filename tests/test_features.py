@@ -145,6 +145,7 @@ def test_dither_adds_noise_only_when_configured():
     assert not torch.equal(dithered, plain)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_extract_features_on_cuda_matches_cpu():
     clip = synth_audio(40.0)

@@ -51,6 +51,14 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
         return None
 
 
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has (None where it cannot be told)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_device(device: torch.device | str) -> torch.device:
     """``device`` as a ``torch.device`` this process can use, or an :class:`~af3.errors.InputError` that says why not
     (an unknown name, CUDA absent from this torch build or machine, a GPU index that does not exist)."""

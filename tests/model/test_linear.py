@@ -120,3 +120,22 @@ def test_packed_weights_match_f_linear_and_follow_weight_changes(rows, monkeypat
         plain = other(x)
     assert L._PACKED[other][1] is None
     assert torch.allclose(plain.double(), F.linear(x.double(), other.weight.double()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not policy._has_packed_linear(), reason="this torch has no oneDNN packed linear")
+def test_packed_copies_leave_an_eighth_of_the_ram_free(monkeypatch, kernel_policy):
+    from af3.model import linear as L
+
+    kernel_policy(native_half=HALF_DTYPES, packed_weights=True, gemv_rows=SMALL_ROWS)
+    monkeypatch.setattr(L, "physical_memory", lambda: 64 << 30)  # 64 GiB of RAM: 8 GiB stay free
+    assert L.pack_reserve() == 8 << 30
+    monkeypatch.setattr(L, "physical_memory", lambda: 4 << 30)  # a small machine: at least 2 GiB
+    assert L.pack_reserve() == 2 << 30
+    x = torch.randn(32, 96, dtype=torch.bfloat16)
+    size = 40 * 96 * 2
+    for free, made in ((L.pack_reserve() + size - 1, False), (L.pack_reserve() + size + 1, True)):
+        monkeypatch.setattr(L, "available_memory", lambda device, free=free: free)
+        layer = Linear(96, 40, bias=False).to(torch.bfloat16)
+        with torch.inference_mode():
+            layer(x)
+        assert (L._PACKED[layer][1] is not None) == made, free

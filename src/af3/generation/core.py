@@ -67,9 +67,9 @@ class EngineCore:
         if running and not rode:  # (rows that rode along with a prefill have their token for this step)
             logits = self.runner.decode([r.tokens[-1] for r in running], [r.length for r in running],
                                         [r.options.think for r in running])
-            for i, r in enumerate(running):
+            for r in running:
                 r.length += 1
-                self._choose(r, logits[i:i + 1])
+            self._choose_rows(running, logits)
             self._retire()
 
     def fail_all(self, error: BaseException) -> None:
@@ -101,10 +101,10 @@ class EngineCore:
             stop = min(req.prompt_tokens, start + PREFILL_CHUNK)
             logits, decoded = self.runner.prefill_mixed(row, req, embeds, start, stop, [r.tokens[-1] for r in riders],
                                                         [r.length for r in riders])
-            for i, r in enumerate(riders):
-                if r.finish_reason is None:  # (a row that finished meanwhile only fills its place; nothing kept)
-                    r.length += 1
-                    self._choose(r, decoded[i : i + 1])
+            live = [i for i, r in enumerate(riders) if r.finish_reason is None]  # (a finished row only fills its place)
+            for i in live:
+                riders[i].length += 1
+            self._choose_rows([riders[i] for i in live], decoded[live] if len(live) < len(riders) else decoded)
             rode, start = True, stop
             if start == req.prompt_tokens:
                 break
@@ -123,6 +123,17 @@ class EngineCore:
         if any(r.options.think for r in riders) or max(r.length for r in riders) >= self.runner.max_len:
             return []
         return riders
+
+    def _choose_rows(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """:meth:`_choose` for each request and its row of ``logits`` [n, V]. Rows that only take the argmax (greedy,
+        no processor, no logprobs) share one argmax and one copy to the host: no device sync per row."""
+        plain = [not r.chain and not r.options.do_sample and not r.options.logprobs for r in reqs]
+        tokens = logits.argmax(dim=-1).tolist() if sum(plain) > 1 else None
+        for i, r in enumerate(reqs):
+            if tokens is not None and plain[i]:
+                self.output.accept(r, tokens[i], None)
+            else:
+                self._choose(r, logits[i : i + 1])
 
     def _choose(self, req: Request, logits: torch.Tensor) -> None:
         """Process ``logits`` [1, V] with the request's chain, pick its next token, hand it to the output."""

@@ -116,8 +116,8 @@ class ModelRunner:
         group = ENCODER_WINDOWS.get(self.device.type) or len(todo)
         for a in range(0, len(todo), group):
             part = todo[a : a + group]
-            feats = torch.stack([r.features[w] for r, w, _ in part]).to(self.device, self.dtype)
-            masks = torch.stack([r.features_mask[w] for r, w, _ in part]).to(self.device)
+            feats = self._to_device(torch.stack([r.features[w] for r, w, _ in part])).to(self.dtype)
+            masks = self._to_device(torch.stack([r.features_mask[w] for r, w, _ in part]))
             self.stats["encoded_windows"] += len(part)
             emb = self.model.get_audio_features(feats, masks)  # [sum tokens, D], window-major
             lengths = conv_output_lengths(masks.sum(-1).long())[1].tolist()
@@ -129,6 +129,13 @@ class ModelRunner:
             if r.id in parts:
                 pieces = [fresh[p] if isinstance(p, int) else p for p in parts[r.id]]
                 r.audio_embeds = torch.cat(pieces) if pieces else None
+
+    def _to_device(self, host: Tensor) -> Tensor:
+        """A host tensor on the model's device; to a GPU through pinned memory, without waiting for the copy
+        (the stream orders it before the kernels that read it)."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ prefill / decode
     def prefill(self, row: int, req: Request, start: int = 0) -> Tensor:

@@ -22,7 +22,7 @@ from .decoder import Qwen2ForCausalLM, attention_mask_4d
 from .encoder import AudioEncoder
 from .kv_cache import KVCache
 from .projector import Projector
-from .quantize import check_mode, check_not_quantized, quantize_model
+from .quantize import check_mode, check_not_quantized, int8_module, is_quantized, quantize_model
 
 
 @dataclass
@@ -91,10 +91,15 @@ class AF3Model(nn.Module):
             raise InputError(f"allow_pickle must be True or False, got {allow_pickle!r}")
         if quantize is None:
             return load_pretrained(cls, path, dtype=dtype, device=device, allow_pickle=allow_pickle)
-        # Quantized on the CPU, then moved: an accelerator only ever holds the int8 model.
+        # Quantized on the CPU while loading, module by module (the float decoder is never whole in memory), then
+        # moved: an accelerator only ever holds the int8 model. Tied embeddings share one int8 table, so such a
+        # model is loaded whole and quantized after.
         check_mode(quantize)
-        model = load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device="cpu", allow_pickle=allow_pickle)
-        return quantize_model(model, quantize).to(device)
+        model = load_pretrained(cls, path, dtype=dtype or torch.bfloat16, device="cpu", allow_pickle=allow_pickle,
+                                transform=int8_module, itemsize=1.1)
+        if not is_quantized(model):
+            model = quantize_model(model, quantize)
+        return model.to(device)
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Write the HF layout (config, generation config, safetensors) through :func:`af3.files.atomic_folder`:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
 from ..kernels.policy import HALF_DTYPES
-from ..system import available_memory
+from ..system import available_memory, physical_memory
 
 #: Largest fp32 piece (elements) of a converted weight, and of a block of its output.
 CONVERT_CHUNK = 1 << 22
@@ -35,6 +35,13 @@ PACK_ROWS = 16
 #: Packed copies by module: (the weight's storage, version) they were made from, and the copy (None: no room).
 #: Outside the modules, so that deepcopy, pickling and ``state_dict`` never see them.
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def pack_reserve() -> int:
+    """Memory that packed copies must leave free: an eighth of the RAM, at least 2 GiB (the KV cache, activations
+    and the rest of the machine need it more than a faster prefill: a model that fills most of the RAM, such as
+    AF3-8B in bf16 on 24 GB, gets copies of only some of its weights, or none)."""
+    return max(2 << 30, (physical_memory() or 0) // 8)
 
 
 def packed_weight(module: nn.Linear) -> Tensor | None:
@@ -48,7 +55,7 @@ def packed_weight(module: nn.Linear) -> Tensor | None:
     free = available_memory(w.device)
     size = w.numel() * w.element_size()
     packed = None
-    if free is None or free > 2 * size + (1 << 30):  # keep a GiB and the product's room
+    if free is None or free - size > pack_reserve():
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
         except RuntimeError:  # (a dtype this oneDNN build cannot pack after all: the plain product serves)

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 MODES = ("int8",)
 #: Largest float weight chunk (elements) materialised by the fallback and by quantization.
 CHUNK_ELEMENTS = 1 << 24
+#: Elements of a weight quantized at a time (its fp32 temporaries, a few of them at once, stay near 16 MB each:
+#: loading quantizes module by module, and these are its transient memory).
+QUANT_CHUNK = 1 << 22
 
 
 def _fused_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
@@ -107,7 +110,7 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype | None = None) -> t
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
-    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    rows = max(1, QUANT_CHUNK // max(k, 1))
     info = torch.finfo(scale_dtype)
     for a in range(0, n, rows):
         w = weight[a : a + rows].float()  # [r, K]
@@ -230,6 +233,18 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True, include_embedd
         log.info("lm_head is tied to the embeddings: its int8 copy adds memory (the embedding table stays)")
     model.eval()
     return model
+
+
+def int8_module(name: str, module: nn.Module) -> nn.Module:
+    """The load-time form of :func:`quantize_int8` (a ``load_pretrained`` transform, for untied embeddings): a
+    module of the decoder as it will be kept, given its loaded float module and its name in the AF3 model."""
+    if not name.startswith("language_model."):
+        return module
+    if isinstance(module, nn.Linear):
+        return Int8Linear.from_linear(module)
+    if isinstance(module, nn.Embedding) and name == "language_model.model.embed_tokens":
+        return Int8Embedding.from_embedding(module)
+    return module
 
 
 def check_mode(mode: str) -> None:

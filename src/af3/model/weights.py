@@ -103,6 +103,42 @@ def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: boo
                 raise _non_finite(source, key, targets[name])
 
 
+#: ``transform(name, module)`` → the module to keep in its place (the same one, or a replacement such as an int8
+#: copy), called by :func:`load_state_by_module` as soon as a module's own tensors are loaded.
+ModuleTransform = Callable[[str, torch.nn.Module], torch.nn.Module]
+
+
+def load_state_by_module(model: torch.nn.Module, source: TensorSource, device: torch.device,
+                         transform: ModuleTransform) -> None:
+    """:func:`load_state` for a ``model`` still on the meta device, one module at a time: each module's storage is
+    allocated, filled, and handed to ``transform``, whose replacement takes its place at once (the float weights of
+    a module that ``transform`` quantizes are freed before the next module is read: peak memory is the transformed
+    model plus one module). Modules that the checkpoint has no tensors for are allocated first (then
+    ``init_buffers`` fills their non-persistent buffers). Not for tied embeddings (one tensor, two modules)."""
+    names = check_match(model, source)
+    owners: dict[str, list[str]] = {}
+    for name in names:
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    for mod_name, module in model.named_modules():
+        if mod_name not in owners:
+            module.to_empty(device=device, recurse=False)
+    if hasattr(model, "init_buffers"):
+        model.init_buffers()
+    with torch.no_grad():
+        for mod_name, tensors in owners.items():
+            module = model.get_submodule(mod_name)
+            module.to_empty(device=device, recurse=False)
+            for name in tensors:
+                target = getattr(module, name.rpartition(".")[2])
+                source.copy_into(name, target)
+                if source.check_finite and target.is_floating_point() and not all_finite(target):
+                    raise _non_finite(source, name, target)
+            new = transform(mod_name, module)
+            if new is not module:
+                parent, _, child = mod_name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 # ---------------------------------------------------------------------- configs of the two layouts
 def read_hf_config(folder: str) -> tuple[AF3Config, GenerationConfig]:
     path = os.path.join(folder, "config.json")
@@ -218,8 +254,11 @@ def check_device(device: Any) -> torch.device:
 
 
 def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu", allow_pickle: bool = False):
-    """Build ``cls(config, generation_config)`` with empty storage on ``device`` and fill it from ``path``."""
+                    device: str | torch.device = "cpu", allow_pickle: bool = False,
+                    transform: ModuleTransform | None = None, itemsize: float | None = None):
+    """Build ``cls(config, generation_config)`` with empty storage on ``device`` and fill it from ``path``; with
+    ``transform``, module by module (:func:`load_state_by_module`; ``itemsize``: the bytes per weight it leaves,
+    for the memory check), except with tied embeddings: that model is loaded whole and returned untransformed."""
     dtype, dev = check_dtype(dtype), check_device(device)
     folder = folder_path(path)
     if not os.path.exists(folder):
@@ -235,10 +274,14 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
     with source:
         if dtype is None:
             dtype = _checkpoint_dtype(source)
-        checks.check_memory(config, dtype.itemsize, str(dtype).removeprefix("torch."), dev, f"the config {config_path}")
+        checks.check_memory(config, itemsize or dtype.itemsize, str(dtype).removeprefix("torch."), dev,
+                            f"the config {config_path}")
         with torch.device("meta"):
             model = cls(config, gen).to(dtype)
         check_match(model, source, tie_embeddings=config.text_config.tie_word_embeddings)  # before allocating
+        if transform is not None and not config.text_config.tie_word_embeddings:
+            load_state_by_module(model, source, dev, transform)
+            return model.eval()
         try:
             model = model.to_empty(device=dev)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError) as e:
