@@ -38,6 +38,7 @@ from ..config import (DTYPE_NAMES, NVIDIA_FOLDERS, AF3Config, EncoderConfig, Gen
                       folder_path, is_nvidia_layout, read_json, write_json)
 from ..errors import CheckpointError, InputError
 from ..files import atomic_folder
+from ..system import release_free_memory
 from .tensor_files import (INDEX, SafetensorsFile, StateSource, TensorSource, _names_list, all_finite,  # noqa: F401
                            read_index, weight_files)
 
@@ -137,6 +138,8 @@ def load_state_by_module(model: torch.nn.Module, source: TensorSource, device: t
             if new is not module:
                 parent, _, child = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, child, new)
+                del module, target
+                release_free_memory()  # the float module's pages back to the system, not left in malloc's heap
 
 
 # ---------------------------------------------------------------------- configs of the two layouts
