@@ -92,6 +92,12 @@ def test_long_inputs_take_the_chunked_mlp_with_the_same_result(monkeypatch):
         chunked = mlp(x)
     assert calls == [(3, 13)] * 3 + [(3, 11)]  # 40 // 3 = 13 time steps per chunk, all rows together
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+    calls.clear()
+    y = torch.randn(1, 61, 32)
+    with torch.inference_mode():
+        got = mlp(y)
+    assert calls == [(1, 31), (1, 30)]  # two chunks of equal size, not 40 + 21
+    assert torch.allclose(got, mlp.down_proj(F.silu(mlp.gate_proj(y)) * mlp.up_proj(y)), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.skipif(not policy._has_packed_linear(), reason="this torch has no oneDNN packed linear")
