@@ -145,3 +145,23 @@ def test_packed_copies_leave_an_eighth_of_the_ram_free(monkeypatch, kernel_polic
         with torch.inference_mode():
             layer(x)
         assert (L._PACKED[layer][1] is not None) == made, free
+
+
+@pytest.mark.skipif(not policy._has_packed_linear(), reason="this torch has no oneDNN packed linear")
+def test_native_half_rows_above_packed_rows_take_the_packed_copy_and_fewer_w_at_x(monkeypatch, kernel_policy):
+    from af3.kernels.policy import NATIVE_FUSED_ROWS
+    from af3.model import linear as L
+
+    chosen = kernel_policy(native_half=HALF_DTYPES, packed_weights=True, gemv_rows=SMALL_ROWS)
+    assert chosen.packed_rows == NATIVE_FUSED_ROWS < SMALL_ROWS
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
+    layer = Linear(96, 40, bias=False).to(torch.bfloat16)
+    for rows, via_mm in ((NATIVE_FUSED_ROWS, True), (NATIVE_FUSED_ROWS + 1, False), (SMALL_ROWS, False)):
+        calls.clear()
+        L._PACKED.pop(layer, None)
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        with torch.inference_mode():
+            out = layer(x)
+        assert (calls == ["mm"]) == via_mm and (layer in L._PACKED) == (not via_mm), rows
+        assert torch.allclose(out.double(), F.linear(x.double(), layer.weight.double()), rtol=1e-2, atol=1e-2)

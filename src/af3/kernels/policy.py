@@ -21,9 +21,11 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
   layout at every call, which costs more than the product itself for a batch of rows: a copy packed once
-  (``torch.ops.mkldnn._reorder_linear_weight``) is 1.5-1.8x faster at 16-64 rows and no slower at 770; up to
-  ``gemv_rows`` rows ``W @ x.T`` is kept (in the whole model it was as fast). ``$AF3_PACKED_WEIGHTS=0`` turns it
-  off. The copy costs the weight's bytes again, so it is made only while the machine has room for it.
+  (``torch.ops.mkldnn._reorder_linear_weight``) is 1.5-1.8x faster at 16-64 rows and no slower at 770. It serves
+  from :attr:`KernelPolicy.packed_rows` + 1 rows: a whole decoding step of 6 or 8 rows ran 5-9% faster through it
+  than through ``W @ x.T`` (2026-12-06, interleaved), and up to 4 rows the fused step runs anyway (below them, when
+  it does not, ``W @ x.T``). ``$AF3_PACKED_WEIGHTS=0`` turns it off. The copy costs the weight's bytes again, so it
+  is made only while the machine has room for it.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class KernelPolicy:
     packed_weights: bool = False
     #: ``fused_decode="auto"`` with a native-GEMM dtype: the fused step up to this many rows (0 = never).
     native_fused_rows: int = NATIVE_FUSED_ROWS
+    #: Products of more rows than this use the packed copy (where ``packed_weights`` and the dtype is native).
+    packed_rows: int = NATIVE_FUSED_ROWS
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -147,8 +151,8 @@ class KernelPolicy:
 
     def packed(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` weights runs through their oneDNN-packed copy (when there is
-        room for it); up to ``gemv_rows`` rows ``W @ x.T`` stays (as fast there in the model, without a copy)."""
-        return (self.packed_weights and device.type == "cpu" and rows > self.gemv_rows and dtype in HALF_DTYPES
+        room for it); up to ``packed_rows`` rows ``W @ x.T`` stays (as fast there in the model, without a copy)."""
+        return (self.packed_weights and device.type == "cpu" and rows > self.packed_rows and dtype in HALF_DTYPES
                 and dtype in self.native_half)
 
     def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
