@@ -45,6 +45,28 @@ def test_greedy_batch_equals_model_generate(pair):
         assert out.finish_reason == "length"
 
 
+def test_plain_greedy_rows_share_one_argmax_and_answer_as_each_alone(pair, monkeypatch):
+    from af3.generation.core import EngineCore
+
+    model, proc = pair
+    convs = [conv(2.0, 11), conv(4.0, 12, "And this one?"), conv(1.0, 13), conv(3.0, 14)]
+    alone = [Engine(model, proc, max_batch_size=1).generate(c, max_new_tokens=12).token_ids for c in convs]
+    per_row, original = [], EngineCore._choose
+    monkeypatch.setattr(EngineCore, "_choose", lambda self, r, lg: per_row.append(r.id) or original(self, r, lg))
+    engine = Engine(model, proc, max_batch_size=4)
+    handles = [engine.submit(c, max_new_tokens=12) for c in convs]
+    sampled = engine.submit(conv(2.0, 15), max_new_tokens=5, temperature=0.8, seed=3)  # a row with a chain
+    while not all(h.done.is_set() for h in [*handles, sampled]):
+        engine.step()
+    assert [h.output.token_ids for h in handles] == alone
+    greedy_ids = {h.id for h in handles}
+    # A greedy request goes through the per-row path for its first token (chosen alone after its prefill) and in
+    # steps where it is the only plain row; its other tokens come from the shared argmax.
+    greedy_tokens = sum(len(h.output.token_ids) for h in handles)
+    assert sum(1 for i in per_row if i in greedy_ids) < greedy_tokens / 2, (per_row, greedy_tokens)
+    assert sum(1 for i in per_row if i == sampled.id) == len(sampled.output.token_ids)
+
+
 def test_early_end_tokens_stop_rows_like_model_generate(pair):
     model, proc = pair
     convs = [conv(1.0, s) for s in range(6)]
