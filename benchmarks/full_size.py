@@ -62,8 +62,7 @@ def build_checkpoint(folder: Path = CACHE) -> Path:
     from af3.model import AF3Model
     from af3.model.tensor_files import TensorSource
     from af3.model.weights import write_checkpoint
-    from af3.tiny import train_tokenizer, write_tokenizer_files
-    from benchmarks.serve_load import decodable_everywhere
+    from benchmarks.serve_load import write_decodable_tokenizer
 
     config, gen = full_config()
     with torch.device("meta"):
@@ -92,11 +91,7 @@ def build_checkpoint(folder: Path = CACHE) -> Path:
             return shapes[name], torch.bfloat16
 
     write_checkpoint(folder, RandomSource(), skeleton, max_shard_bytes=SHARD_BYTES)
-    tok = train_tokenizer(vocab_size=512)
-    write_tokenizer_files(str(folder), tok)
-    path = folder / "tokenizer.json"
-    path.write_text(json.dumps(decodable_everywhere(json.loads(path.read_text()), config.text_config.vocab_size),
-                               ensure_ascii=False))
+    write_decodable_tokenizer(folder, config.text_config.vocab_size)
     (folder / ".complete").write_text("done")
     return folder
 

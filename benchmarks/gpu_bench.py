@@ -57,8 +57,7 @@ def build(shape: str, device: torch.device, folder: Path):
     """(af3 model, processor) with random weights on ``device``; the processor's files and config.json in
     ``folder``."""
     from af3 import AF3Model, AF3Processor
-    from af3.tiny import train_tokenizer, write_tokenizer_files
-    from benchmarks.serve_load import decodable_everywhere
+    from benchmarks.serve_load import write_decodable_tokenizer
 
     config, gen = configs(shape)
     with torch.device("meta"):
@@ -74,11 +73,7 @@ def build(shape: str, device: torch.device, folder: Path):
             else:
                 p.normal_(0.0, 0.02, generator=g)
     model.eval()
-    tok = train_tokenizer(vocab_size=512)
-    write_tokenizer_files(str(folder), tok)
-    path = folder / "tokenizer.json"
-    path.write_text(json.dumps(decodable_everywhere(json.loads(path.read_text()), config.text_config.vocab_size),
-                               ensure_ascii=False))
+    write_decodable_tokenizer(folder, config.text_config.vocab_size)
     config.save(folder / "config.json")
     return model, AF3Processor.from_pretrained(folder)
 

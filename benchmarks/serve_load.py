@@ -119,6 +119,16 @@ def decodable_everywhere(tok: dict, vocab_size: int) -> dict:
     return tok
 
 
+def write_decodable_tokenizer(folder: Path, vocab_size: int) -> None:
+    """The small benchmark BPE and its processor files in ``folder``, its tokenizer.json given a token for every id
+    below ``vocab_size`` (:func:`decodable_everywhere`): for random checkpoints built without a real tokenizer."""
+    from af3.tiny import train_tokenizer, write_tokenizer_files
+
+    write_tokenizer_files(str(folder), train_tokenizer(vocab_size=512))
+    path = folder / "tokenizer.json"
+    path.write_text(json.dumps(decodable_everywhere(json.loads(path.read_text()), vocab_size), ensure_ascii=False))
+
+
 # ------------------------------------------------------------------------------------------ audio
 class Clips:
     """Distinct clips: slices of one long seeded noise (16-bit, 16 kHz) at offsets never used twice."""

@@ -299,10 +299,12 @@ def test_quantization_releases_the_float_weights(ckpt_factory):
 
 
 # ---------------------------------------------------------------------- a bigger random model
-def bigger_config() -> AF3Config:
+def bigger_config(vocab: int = 2000, width: int = 256, ffn: int = 704, layers: int = 4,
+                  audio_layers: int = 2) -> AF3Config:
     return AF3Config(
-        audio_config=EncoderConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
-        text_config=TextConfig(vocab_size=2000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+        audio_config=EncoderConfig(hidden_size=64, num_hidden_layers=audio_layers, num_attention_heads=4,
+                                   intermediate_size=128),
+        text_config=TextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                bos_token_id=0, eos_token_id=2, pad_token_id=0),
@@ -385,14 +387,7 @@ def test_loading_with_int8_never_holds_the_whole_float_decoder(tmp_path):
     """Peak memory of a load, each in a fresh process: with int8, the int8 model plus about one float module, so
     well under a bf16 load of the same checkpoint (before, it peaked above it: the float model, then the int8 one).
     The decoder: 16 layers 1024 wide, 0.43 GB in bf16."""
-    cfg = AF3Config(
-        audio_config=EncoderConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128),
-        text_config=TextConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                               bos_token_id=0, eos_token_id=2, pad_token_id=0),
-        audio_token_id=AUDIO_ID,
-    )
+    cfg = bigger_config(vocab=16000, width=1024, ffn=2816, layers=16, audio_layers=1)
     with torch.device("meta"):
         skeleton = AF3Model(cfg)
     model = skeleton.to_empty(device="cpu").to(torch.bfloat16)

@@ -109,14 +109,14 @@ def load_state(model: torch.nn.Module, source: TensorSource, tie_embeddings: boo
 ModuleTransform = Callable[[str, torch.nn.Module], torch.nn.Module]
 
 
-def load_state_by_module(model: torch.nn.Module, source: TensorSource, device: torch.device,
+def load_state_by_module(model: torch.nn.Module, source: TensorSource, names: list[str], device: torch.device,
                          transform: ModuleTransform) -> None:
     """:func:`load_state` for a ``model`` still on the meta device, one module at a time: each module's storage is
     allocated, filled, and handed to ``transform``, whose replacement takes its place at once (the float weights of
     a module that ``transform`` quantizes are freed before the next module is read: peak memory is the transformed
     model plus one module). Modules that the checkpoint has no tensors for are allocated first (then
-    ``init_buffers`` fills their non-persistent buffers). Not for tied embeddings (one tensor, two modules)."""
-    names = check_match(model, source)
+    ``init_buffers`` fills their non-persistent buffers). ``names``: what :func:`check_match` returned for this
+    model and source. Not for tied embeddings (one tensor, two modules)."""
     owners: dict[str, list[str]] = {}
     for name in names:
         owners.setdefault(name.rpartition(".")[0], []).append(name)
@@ -281,9 +281,9 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
                             f"the config {config_path}")
         with torch.device("meta"):
             model = cls(config, gen).to(dtype)
-        check_match(model, source, tie_embeddings=config.text_config.tie_word_embeddings)  # before allocating
+        names = check_match(model, source, tie_embeddings=config.text_config.tie_word_embeddings)  # before allocating
         if transform is not None and not config.text_config.tie_word_embeddings:
-            load_state_by_module(model, source, dev, transform)
+            load_state_by_module(model, source, names, dev, transform)
             return model.eval()
         try:
             model = model.to_empty(device=dev)
