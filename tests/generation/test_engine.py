@@ -67,6 +67,35 @@ def test_plain_greedy_rows_share_one_argmax_and_answer_as_each_alone(pair, monke
     assert sum(1 for i in per_row if i == sampled.id) == len(sampled.output.token_ids)
 
 
+def test_greedy_rows_under_min_new_tokens_share_the_argmax_and_keep_the_ban(pair, monkeypatch):
+    from af3.generation import core
+    from af3.generation.core import EngineCore
+
+    model, proc = pair
+    convs = [conv(2.0, 21), conv(3.0, 22, "And this one?"), conv(1.5, 23)]
+    free = [Engine(model, proc, max_batch_size=1).generate(c, max_new_tokens=10).token_ids for c in convs]
+    # End tokens the rows would choose early on: banned until min_new_tokens, so the answers must change.
+    stops = sorted({row[2] for row in free} | {row[4] for row in free})
+    kw = dict(max_new_tokens=10, min_new_tokens=8, stop_token_ids=stops)
+
+    def run(shared: bool) -> tuple[list[list[int]], int]:
+        per_row, original = [], EngineCore._choose
+        with monkeypatch.context() as m:
+            m.setattr(EngineCore, "_choose", lambda self, r, lg: per_row.append(r.id) or original(self, r, lg))
+            if not shared:  # the reference: every row through its own processor chain
+                m.setattr(core, "_argmax_only", lambda r: False)
+            outs = Engine(model, proc, max_batch_size=3).generate(convs, **kw)
+        return [o.token_ids for o in outs], len(per_row)
+
+    want, all_rows = run(shared=False)
+    got, few_rows = run(shared=True)
+    assert got == want
+    assert want != [row[: len(w)] for row, w in zip(free, want, strict=True)]  # the ban changed the answers
+    for row in got:
+        assert not set(row[:7]) & set(stops)  # no end token before min_new_tokens
+    assert few_rows < all_rows / 2
+
+
 def test_early_end_tokens_stop_rows_like_model_generate(pair):
     model, proc = pair
     convs = [conv(1.0, s) for s in range(6)]

@@ -12,6 +12,8 @@ owner (the Engine's loop owner, or ``generate``'s own call) calls :meth:`step`; 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .output import OutputProcessor
@@ -126,9 +128,17 @@ class EngineCore:
 
     def _choose_rows(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """:meth:`_choose` for each request and its row of ``logits`` [n, V]. Rows that only take the argmax (greedy,
-        no processor, no logprobs) share one argmax and one copy to the host: no device sync per row."""
-        plain = [not r.chain and not r.options.do_sample and not r.options.logprobs for r in reqs]
-        tokens = logits.argmax(dim=-1).tolist() if sum(plain) > 1 else None
+        no logprobs, no processor but ``min_new_tokens``' end-token ban) share one argmax and one copy to the host:
+        no device sync per row. The ban is written into those rows of ``logits`` first (nothing else reads them)."""
+        plain = [_argmax_only(r) for r in reqs]
+        tokens = None
+        if sum(plain) > 1:
+            short = [i for i, r in enumerate(reqs) if plain[i] and r.chain and len(r.tokens) < r.options.min_new_tokens]
+            banned = [(i, t) for i in short for t in reqs[i].options.stop_token_ids if t < logits.shape[-1]]
+            if banned:  # rows still short of min_new_tokens: their end tokens cannot be chosen yet
+                rows, ids = zip(*banned, strict=True)
+                logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = -math.inf
+            tokens = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(reqs):
             if tokens is not None and plain[i]:
                 self.output.accept(r, tokens[i], None)
@@ -158,3 +168,14 @@ class EngineCore:
         reply = torch.tensor(req.tokens[: length - req.prompt_tokens], dtype=torch.long)
         key = torch.cat([req.key, reply])[:length]
         self.prefix_cache.put(key, self.runner.read_row(row, length), req.options.think)
+
+
+def _argmax_only(req: Request) -> bool:
+    """``req``'s next token is the argmax of its logits, after at most ``min_new_tokens``' ban of its end tokens:
+    ``sampling.build_chain`` builds nothing else for greedy options without a penalty or a JSON constraint, so a
+    chain is then that ban alone (applied by the caller while ``len(tokens) < min_new_tokens``)."""
+    o = req.options
+    if o.do_sample or o.logprobs:
+        return False
+    return not req.chain or (req.constraint is None and o.repetition_penalty == 1.0 and len(req.chain) == 1
+                             and bool(o.min_new_tokens and o.stop_token_ids))

@@ -36,8 +36,8 @@ from ..system import cpuinfo
 log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("csrc")
-#: Compiled together into one library; the header is shared by both.
-SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c")
+#: Compiled together into one library; the header is shared by all.
+SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c")
 HEADERS = (KERNELS / "gemm.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
@@ -99,6 +99,10 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_decode_scratch.argtypes = [ctypes.POINTER(_Step)]
     lib.af3_decode_struct_size.restype = ctypes.c_int64
     lib.af3_decode_struct_size.argtypes = [i]
+    for name, args in (("af3_rms_norm", [p, p, p, p, p, n, n, n, i, i, ctypes.c_float, i]),
+                       ("af3_silu_mul", [p, p, n, i, i]), ("af3_rotary", [p, n, p, p, p, n, n, n, i, i])):
+        getattr(lib, name).restype = ctypes.c_int
+        getattr(lib, name).argtypes = args
     mismatch = abi_mismatch(lib)
     if mismatch:  # a bug in af3, not in the user's setup: say so, and keep working with torch's kernels
         log.error("af3's CPU kernels are off: their C structs do not match binding.py's (%s)", mismatch)
@@ -336,3 +340,77 @@ class FusedDecoder:
              values: list[Tensor]) -> Tensor:
         """One token per row through every layer and the final norm (arguments as :func:`decode_step`)."""
         return decode_step(self.weights, x, positions, slots, mask, keys, values, self.scratch)
+
+
+# ------------------------------------------------------------------------------------------------ row-wise steps
+#: Activation dtypes of the row-wise steps (``kernels/csrc/rowwise.c``).
+ROWWISE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _rowwise(status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"af3's {what} kernel failed (status {status})")
+
+
+def _rowwise_lib(*tensors: Tensor) -> ctypes.CDLL:
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("af3's CPU kernels are not available on this machine")
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in ROWWISE_DTYPES:
+            raise ValueError(f"af3's row-wise kernels take bf16/fp16/fp32 CPU tensors, got {t.dtype} on {t.device}")
+    return lib
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``decoder.RMSNorm`` of x [..., D] with ``weight`` [D] → y [..., D]; with ``residual``, first s = x +
+    residual (rounded to x's dtype) → (s, y), in one pass over each row."""
+    lib = _rowwise_lib(x, weight, *(() if residual is None else (residual,)))
+    d = x.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"rms_norm: weight {list(weight.shape)} for {d} features")
+    x2 = x.detach().reshape(-1, d).contiguous()  # [M, D]
+    y = torch.empty_like(x2)
+    s = r2 = None
+    if residual is not None:
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"rms_norm: residual {residual.dtype} {list(residual.shape)} for x {x.dtype} "
+                             f"{list(x.shape)}")
+        r2 = residual.detach().reshape(-1, d).contiguous()
+        s = torch.empty_like(x2)
+    w = weight.detach().contiguous()
+    _rowwise(lib.af3_rms_norm(x2.data_ptr(), None if r2 is None else r2.data_ptr(),
+                              None if s is None else s.data_ptr(), y.data_ptr(), w.data_ptr(), x2.shape[0], d, d,
+                              KINDS[x2.dtype], KINDS[w.dtype], eps, torch.get_num_threads()), "rms_norm")
+    y = y.reshape(x.shape)
+    return y if s is None else (s.reshape(x.shape), y)
+
+
+def silu_mul_(gate: Tensor, up: Tensor) -> Tensor:
+    """gate = silu(gate) * up in place (each result rounded as torch's two ops round it); returns gate."""
+    lib = _rowwise_lib(gate, up)
+    if gate.shape != up.shape or gate.dtype != up.dtype or not gate.is_contiguous():
+        raise ValueError(f"silu_mul_: gate {gate.dtype} {list(gate.shape)} (contiguous) and up "
+                         f"{up.dtype} {list(up.shape)} must match")
+    u = up.contiguous()
+    _rowwise(lib.af3_silu_mul(gate.data_ptr(), u.data_ptr(), gate.numel(), KINDS[gate.dtype],
+                              torch.get_num_threads()), "silu_mul")
+    return gate
+
+
+def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``decoder.apply_rotary`` for x [B, T, H, Dh] (heads contiguous; rows may be strided), cos/sin [B, T, Dh]
+    → a new contiguous [B, T, H, Dh]. Dh must be a multiple of 16."""
+    lib = _rowwise_lib(x, cos, sin)
+    b, t, h, dh = x.shape
+    if cos.shape != (b, t, dh) or sin.shape != cos.shape or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise ValueError(f"rotary: cos/sin {cos.dtype} {list(cos.shape)} for x {x.dtype} {list(x.shape)}")
+    if dh % 16:
+        raise ValueError(f"rotary: head size {dh} is not a multiple of 16")
+    if x.stride(3) != 1 or x.stride(2) != dh or x.stride(0) != t * x.stride(1):
+        x = x.contiguous()
+    c, s = cos.contiguous(), sin.contiguous()
+    y = torch.empty(b, t, h, dh, dtype=x.dtype)
+    _rowwise(lib.af3_rotary(x.data_ptr(), x.stride(1), y.data_ptr(), c.data_ptr(), s.data_ptr(), b * t, h, dh,
+                            KINDS[x.dtype], torch.get_num_threads()), "rotary")
+    return y

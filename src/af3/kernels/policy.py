@@ -155,6 +155,13 @@ class KernelPolicy:
         return (self.packed_weights and device.type == "cpu" and rows > self.packed_rows and dtype in HALF_DTYPES
                 and dtype in self.native_half)
 
+    def rowwise(self, x: torch.Tensor) -> bool:
+        """The decoder's row-wise steps on ``x`` (RMSNorm, SiLU * up, rotary) run as af3's one-pass C kernels
+        (``kernels/csrc/rowwise.c``): half-precision CPU inference, where torch's several ops per step each write and
+        read back a tensor (a 30 s prefill's norms, activations and rotations: ~100 ms of ~550 on a 2-vCPU Xeon)."""
+        return (x.device.type == "cpu" and x.dtype in HALF_DTYPES and not torch.is_grad_enabled()
+                and self.kernels_usable())
+
     def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
         """An int8 weight-only product (``k`` inputs, ``dtype`` activations) runs in torch's fused kernel."""
         return (device.type == "cpu" and rows <= self.int8pack_rows and dtype in INT8PACK_DTYPES

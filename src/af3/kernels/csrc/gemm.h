@@ -103,6 +103,26 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* exp(x) for 8 lanes: 2^n * p(r) with n = round(x / ln 2), |r| <= ln 2 / 2 and p the Taylor polynomial of degree
+ * 7 (relative error about 2e-7). Inputs are clamped to [-87, 88], so -inf gives about 1.6e-38, not 0. */
+INLINE __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x); /* ln 2 in two parts: exact n * hi */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 /* Software prefetch distance (elements) along a weight row, for one-row products (row1; tiles prefetch the next
  * tile instead, see NEXT_TILE): the hardware prefetchers alone leave a DRAM-bound one-row product well below the
  * bandwidth it can reach. int8 weights look 4x as many elements (the same 2 KB) ahead. The measurements that chose

@@ -1,0 +1,223 @@
+/* Row-wise steps of the Qwen2 decoder for many rows (a prefill, a decoding step of many rows), each one pass over
+ * memory instead of the 4-8 tensors torch writes and reads back for the same expression:
+ *
+ *   af3_rms_norm:  y = T(w * T(s * rsqrt(mean(s^2) + eps))) with s = x, or s = T(x + r) (the residual add fused
+ *                  in front of the norm; s is written out too);
+ *   af3_silu_mul:  g = T(T(silu(g)) * u), in place;
+ *   af3_rotary:    y = T(T(x * cos) + T(rotate_half(x) * sin)) for every head of every row.
+ *
+ * T() rounds an fp32 value to the activations' type (bf16 or fp16; F32: no rounding), at the same points where
+ * torch's bf16/fp16 ops round, so the results are those of decoder.py's torch expressions (sums of squares may be
+ * added in another order: the norm can differ from torch's in the last bit of the rounded result, as the fused
+ * decoding step's can). Rows are split across `threads` OpenMP threads (torch's count, from the caller).
+ *
+ * Built with small_gemm.c and decode_step.c by af3/kernels/binding.py (-O3 -march=native).
+ */
+#include "gemm.h"
+
+#ifdef AF3_HAVE_KERNELS
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <math.h>
+
+/* Work (elements) below which a call stays on one thread: waking the others costs more. */
+#define PARALLEL_MIN 32768
+
+/* 8 activations at p + i, widened to fp32. */
+INLINE __m256 get8(const void *p, ptrdiff_t i, int kind) {
+    if (kind == F32) return _mm256_loadu_ps((const float *)p + i);
+    return load8(p, i, kind);
+}
+
+/* 8 fp32 lanes rounded to `kind` and stored at p + i. */
+INLINE void put8(void *p, ptrdiff_t i, int kind, __m256 v) {
+    if (kind == F32) {
+        _mm256_storeu_ps((float *)p + i, v);
+    } else if (kind == F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else { /* bf16, nearest even; NaN stays a quiet NaN (as to_bf16) */
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+        __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        r = _mm256_blendv_epi8(r, q, nan);
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(packed));
+    }
+}
+
+/* The value an fp32 lane takes when stored as `kind` and read back. */
+INLINE __m256 round8(__m256 v, int kind) {
+    if (kind == F32) return v;
+    if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    __m256i u = _mm256_castps_si256(v); /* bf16 rounding as put8's, kept in the high half of each lane */
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* x, r, s, y: [rows, dim] of `kind` (rows `stride` elements apart in x, r and s; y is contiguous); w: [dim] of
+ * w_kind. r == NULL: s = x (s unused). Returns 0, or -1 for a kind it does not take. */
+int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, ptrdiff_t rows, ptrdiff_t dim,
+                 ptrdiff_t stride, int kind, int w_kind, float eps, int threads) {
+    if (kind < BF16 || kind > F32 || kind == I8 || w_kind < BF16 || w_kind > F32 || w_kind == I8) return -1;
+    const size_t size = kind == F32 ? 4 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * dim >= PARALLEL_MIN)
+    for (ptrdiff_t m = 0; m < rows; m++) {
+        const char *xr = (const char *)x + m * stride * size;
+        float buf[dim];  /* the row's s, fp32 */
+        __m256 acc = _mm256_setzero_ps();
+        ptrdiff_t i = 0;
+        for (; i + 8 <= dim; i += 8) {
+            __m256 v = get8(xr, i, kind);
+            if (r) {
+                v = round8(_mm256_add_ps(v, get8((const char *)r + m * stride * size, i, kind)), kind);
+                put8((char *)s + m * stride * size, i, kind, v);
+            }
+            _mm256_storeu_ps(buf + i, v);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum(acc);
+        for (; i < dim; i++) {
+            float v = load1(xr, i, kind);
+            if (r) {
+                v = round_to(v + load1((const char *)r + m * stride * size, i, kind), kind);
+                store1((char *)s + m * stride * size, i, kind, v);
+            }
+            buf[i] = v;
+            ss += v * v;
+        }
+        const __m256 inv = _mm256_set1_ps(1.0f / sqrtf(ss / (float)dim + eps));
+        char *yr = (char *)y + m * dim * size;
+        for (i = 0; i + 8 <= dim; i += 8) {
+            __m256 h = round8(_mm256_mul_ps(_mm256_loadu_ps(buf + i), inv), kind);
+            put8(yr, i, kind, _mm256_mul_ps(get8(w, i, w_kind), h));
+        }
+        for (; i < dim; i++)
+            store1(yr, i, kind, load1(w, i, w_kind) * round_to(buf[i] * _mm256_cvtss_f32(inv), kind));
+    }
+    return 0;
+}
+
+#ifdef __AVX512F__
+/* exp8's polynomial for 16 lanes. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* 16 bf16 values widened to fp32. */
+INLINE __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* fp32 lanes -> their bf16 bits in the low 16 bits of each lane, nearest even; NaN stays a quiet NaN. */
+INLINE __m512i bf16_bits16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+/* silu_mul for bf16, 16 lanes at a time from element i0 up to a multiple of 16; returns where it stopped. */
+static ptrdiff_t silu_mul_bf16_wide(uint16_t *g, const uint16_t *u, ptrdiff_t n, int threads) {
+    const ptrdiff_t blocks = n / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_MIN)
+    for (ptrdiff_t b = 0; b < blocks; b++) {
+        __m512 v = bf16x16(g + b * 16);
+        v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+        v = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); /* T(silu(g)) */
+        __m512i r = bf16_bits16(_mm512_mul_ps(v, bf16x16(u + b * 16)));
+        _mm256_storeu_si256((__m256i *)(g + b * 16), _mm512_cvtepi32_epi16(r));
+    }
+    return blocks * 16;
+}
+#endif
+
+/* g, u: n values of `kind`; g = T(T(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in fp32. */
+int af3_silu_mul(void *g, const void *u, ptrdiff_t n, int kind, int threads) {
+    if (kind < BF16 || kind > F32 || kind == I8) return -1;
+    ptrdiff_t done = 0;
+#ifdef __AVX512F__
+    if (kind == BF16) done = silu_mul_bf16_wide((uint16_t *)g, (const uint16_t *)u, n, threads);
+#endif
+    const ptrdiff_t blocks = (n - done) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n - done >= PARALLEL_MIN)
+    for (ptrdiff_t b = 0; b < blocks; b++) {
+        const ptrdiff_t i = done + b * 8;
+        __m256 v = get8(g, i, kind);
+        v = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+        put8(g, i, kind, _mm256_mul_ps(round8(v, kind), get8(u, i, kind)));
+    }
+    for (ptrdiff_t i = done + blocks * 8; i < n; i++) {
+        float v = load1(g, i, kind);
+        store1(g, i, kind, round_to(v / (1.0f + expf(-v)), kind) * load1(u, i, kind));
+    }
+    return 0;
+}
+
+/* x: [rows, heads, dh] of `kind` (rows `x_stride` elements apart, heads contiguous), y: the same shape,
+ * contiguous; cos, sin: [rows, dh] of `kind` (the halves equal, as RotaryEmbedding makes them). dh % 16 == 0. */
+int af3_rotary(const void *x, ptrdiff_t x_stride, void *y, const void *cos, const void *sin, ptrdiff_t rows,
+               ptrdiff_t heads, ptrdiff_t dh, int kind, int threads) {
+    if (kind < BF16 || kind > F32 || kind == I8 || dh % 16) return -1;
+    const ptrdiff_t half = dh / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * dh >= PARALLEL_MIN)
+    for (ptrdiff_t m = 0; m < rows; m++) {
+        for (ptrdiff_t h = 0; h < heads; h++) {
+            const ptrdiff_t src = m * x_stride + h * dh, dst = (m * heads + h) * dh;
+            for (ptrdiff_t j = 0; j < half; j += 8) {
+                __m256 a = get8(x, src + j, kind), b = get8(x, src + half + j, kind);
+                __m256 c1 = get8(cos, m * dh + j, kind), c2 = get8(cos, m * dh + half + j, kind);
+                __m256 s1 = get8(sin, m * dh + j, kind), s2 = get8(sin, m * dh + half + j, kind);
+                /* first half: x1 * cos - x2 * sin; second half: x2 * cos + x1 * sin (each product rounded) */
+                __m256 lo = _mm256_sub_ps(round8(_mm256_mul_ps(a, c1), kind), round8(_mm256_mul_ps(b, s1), kind));
+                __m256 hi = _mm256_add_ps(round8(_mm256_mul_ps(b, c2), kind), round8(_mm256_mul_ps(a, s2), kind));
+                put8(y, dst + j, kind, lo);
+                put8(y, dst + half + j, kind, hi);
+            }
+        }
+    }
+    return 0;
+}
+
+#else
+
+int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, ptrdiff_t rows, ptrdiff_t dim,
+                 ptrdiff_t stride, int kind, int w_kind, float eps, int threads) {
+    (void)threads; (void)x; (void)r; (void)s; (void)y; (void)w; (void)rows; (void)dim; (void)stride; (void)kind; (void)w_kind;
+    (void)eps;
+    return -1;
+}
+int af3_silu_mul(void *g, const void *u, ptrdiff_t n, int kind, int threads) {
+    (void)threads; (void)g; (void)u; (void)n; (void)kind;
+    return -1;
+}
+int af3_rotary(const void *x, ptrdiff_t x_stride, void *y, const void *cos, const void *sin, ptrdiff_t rows,
+               ptrdiff_t heads, ptrdiff_t dh, int kind, int threads) {
+    (void)threads; (void)x; (void)x_stride; (void)y; (void)cos; (void)sin; (void)rows; (void)heads; (void)dh; (void)kind;
+    return -1;
+}
+
+#endif
