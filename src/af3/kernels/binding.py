@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by all.
-SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c")
+SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c", KERNELS / "attention.c")
 HEADERS = (KERNELS / "gemm.h",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
@@ -103,6 +103,10 @@ def _library() -> ctypes.CDLL | None:
                        ("af3_silu_mul", [p, p, n, i, i]), ("af3_rotary", [p, n, p, p, p, n, n, n, i, i])):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = args
+    lib.af3_attention_level.restype = ctypes.c_int
+    lib.af3_attention.restype = ctypes.c_int
+    i64 = ctypes.c_int64
+    lib.af3_attention.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, i, i64, ctypes.c_float, i]
     mismatch = abi_mismatch(lib)
     if mismatch:  # a bug in af3, not in the user's setup: say so, and keep working with torch's kernels
         log.error("af3's CPU kernels are off: their C structs do not match binding.py's (%s)", mismatch)
@@ -414,3 +418,45 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     _rowwise(lib.af3_rotary(x.data_ptr(), x.stride(1), y.data_ptr(), c.data_ptr(), s.data_ptr(), b * t, h, dh,
                             KINDS[x.dtype], torch.get_num_threads()), "rotary")
     return y
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def amx_attention_available() -> bool:
+    """af3's AMX attention (``kernels/csrc/attention.c``) is built: a CPU with AMX-BF16 and AVX-512."""
+    lib = _library()
+    return lib is not None and lib.af3_attention_level() > 0
+
+
+def _strides(t: Tensor) -> ctypes.Array:
+    return (ctypes.c_int64 * 3)(t.stride(0), t.stride(1), t.stride(2))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = False, q_start: int = 0,
+              kv_len: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``softmax(scale * q k^T + mask) v`` with AMX tiles: q [B, H, T, Dh], k and v [B, G, S, Dh] bf16 (any batch,
+    head and position strides; Dh contiguous, a multiple of 64 up to 256; head h reads kv head h // (H / G));
+    ``causal``: query i sits at position ``q_start + i`` and sees keys up to it; ``kv_len`` [B] int64: valid keys
+    per batch row (the rest is padding). Returns [B, H, T, Dh] (``out`` if given: a view with Dh contiguous).
+    Requires :func:`amx_attention_available`."""
+    lib = _library()
+    if lib is None or lib.af3_attention_level() < 1:
+        raise RuntimeError("af3's AMX attention is not available on this machine")
+    b, h, t, dh = q.shape
+    g, s = k.shape[1], k.shape[2]
+    if (any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(3) != 1 for x in (q, k, v))
+            or k.shape != (b, g, s, dh) or v.shape != k.shape or h % g or dh % 64 or dh > 256):
+        raise ValueError(f"attention: q {q.dtype} {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not fit "
+                         "(bf16 on the CPU, Dh contiguous and a multiple of 64 up to 256, H a multiple of G)")
+    if out is None:
+        out = torch.empty(b, t, h, dh, dtype=q.dtype).transpose(1, 2)  # [B, H, T, Dh] over a [B, T, H, Dh] buffer
+    lengths = None
+    if kv_len is not None:
+        lengths = kv_len.to(torch.int64).contiguous()
+        if lengths.shape != (b,):
+            raise ValueError(f"attention: kv_len {list(lengths.shape)} for batch {b}")
+    status = lib.af3_attention(q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+                               out.data_ptr(), _strides(out), b, h, g, t, s, dh,
+                               None if lengths is None else lengths.data_ptr(), int(causal), q_start,
+                               dh**-0.5 if scale is None else scale, torch.get_num_threads())
+    _rowwise(status, "attention")
+    return out

@@ -50,6 +50,8 @@ SMALL_ROWS = 8
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
 #: crossover, module docstring).
 NATIVE_FUSED_ROWS = 4
+#: Fewest queries for af3's AMX attention (it packs every key and value first; decoding keeps SDPA).
+AMX_ATTENTION_QUERIES = 32
 #: torch's fused int8 weight-only product: its name, and the only activation dtype it vectorises on CPU.
 INT8PACK_OP = "aten::_weight_int8pack_mm"
 INT8PACK_DTYPES = frozenset({torch.bfloat16})
@@ -161,6 +163,19 @@ class KernelPolicy:
         read back a tensor (a 30 s prefill's norms, activations and rotations: ~100 ms of ~550 on a 2-vCPU Xeon)."""
         return (x.device.type == "cpu" and x.dtype in HALF_DTYPES and not torch.is_grad_enabled()
                 and self.kernels_usable())
+
+    def amx_attention(self, q: torch.Tensor) -> bool:
+        """Attention of the queries q [B, H, T, Dh] runs in af3's AMX kernel (``kernels/csrc/attention.c``): bf16 CPU
+        inference with at least :data:`AMX_ATTENTION_QUERIES` queries and Dh a multiple of 64, on a CPU with AMX-BF16
+        (a 30 s encoder window's attention 6.9 against SDPA's 8.3 ms, an 800-token causal prefill's 1.8 against 3.1
+        ms per layer on a 2-vCPU Xeon; ``benchmarks/README.md``)."""
+        if (q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled() or q.dim() != 4
+                or q.shape[2] < AMX_ATTENTION_QUERIES or q.shape[3] % 64 or q.shape[3] > 256
+                or not self.kernels_usable()):
+            return False
+        from .binding import amx_attention_available
+
+        return amx_attention_available()
 
     def int8pack(self, rows: int, dtype: torch.dtype, k: int, device: torch.device) -> bool:
         """An int8 weight-only product (``k`` inputs, ``dtype`` activations) runs in torch's fused kernel."""

@@ -178,7 +178,9 @@ class Attention(nn.Module):
             k, v = cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else t)  # [B, Hkv, S, Dh]
 
         rep = self.num_heads // self.num_kv_heads
-        if rep > 1 and t == 1 and mask is not None:
+        if mask is None and kernel_policy.current().amx_attention(q):  # causal from slot 0: af3's AMX kernel
+            out = cpu_kernels.attention(q, k, v, causal=True)
+        elif rep > 1 and t == 1 and mask is not None:
             # One query per row (decoding): fold each head group into the query axis so the kv heads are not
             # copied; the [B, 1, 1, S] mask broadcasts over the group.
             out = F.scaled_dot_product_attention(q.view(b, self.num_kv_heads, rep, self.head_dim), k, v, mask)
@@ -200,7 +202,9 @@ class Attention(nn.Module):
         row.update(self.layer_idx, k[:, :, : m.t], v[:, :, : m.t], m.start)
         kp, vp = row.keys_values(self.layer_idx, m.start + m.t)  # [1, Hkv, start+t, Dh]
         qp = q[:, :, : m.t]
-        if SDPA_GQA or rep == 1:
+        if kernel_policy.current().amx_attention(qp):  # the chunk is causal from slot m.start over valid keys
+            out_p = cpu_kernels.attention(qp, kp, vp, causal=True, q_start=m.start)
+        elif SDPA_GQA or rep == 1:
             out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m.prefill_mask,
                                                    is_causal=m.prefill_mask is None, **({"enable_gqa": True}
                                                                                         if rep > 1 else {}))

@@ -1,0 +1,298 @@
+/* Attention over many queries (a prefill, the audio encoder) with AMX tiles: out = softmax(scale * q k^T + mask) v
+ * for bf16 q, k, v, in blocks of 16 queries and KV_BLOCK keys with an online softmax (flash attention).
+ *
+ * Why: torch's CPU flash attention multiplies bf16 blocks through generic GEMM calls (AMX packing is only taken for
+ * fp16), and on a 2-vCPU Xeon a 30 s window's encoder attention (8 heads, 1500 positions) or a decoder prefill's
+ * (14 heads, 800 positions) ran at 0.3-0.5 TFLOP/s. Here q k^T and p v are AMX tile products (bf16 in, fp32
+ * accumulators), the keys and values are packed once per key/value head into the tiles' pair-interleaved layout, and
+ * the softmax runs in AVX-512 on fp32 scores. The math is torch's: scores in fp32, exp in fp32, probabilities
+ * rounded to bf16 for the product with v while their sum stays fp32, the output divided by that sum and rounded once.
+ *
+ * Masks: `causal` (query i, at position q_start + i, sees keys 0 .. q_start + i) and a per-batch count of valid keys
+ * (`kv_len`, keys beyond it are padding). Grouped-query heads: head h reads key/value head h / (H / G).
+ *
+ * Built only where the compiler targets AMX-BF16 and AVX-512 (-march=native on such a CPU); elsewhere
+ * af3_attention_level() is 0 and af3 keeps torch's SDPA.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#include <immintrin.h>
+#include <math.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define KV_BLOCK 512 /* keys per softmax block (a multiple of 64) */
+#define QB 16        /* queries per block: one tile's rows */
+#define TILE 512     /* bf16 elements in one 16 x 64-byte tile */
+
+int af3_attention_level(void) { return 1; }
+
+/* Linux gives a process AMX state only after it asks (torch's oneDNN usually has; asking again is harmless). */
+static int amx_permitted(void) {
+    static int state = 0;
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* Tiles 0-3 (fp32 accumulators), 4 (A operand), 5 and 6 (B operands): 16 rows of 64 bytes each. */
+static void tiles_on(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 7; i++) {
+        c.colsb[i] = 64;
+        c.rows[i] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* nearest even; NaN stays a quiet NaN */
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* 16 fp32 lanes -> 16 bf16 (nearest even, NaN quiet), as f32_to_bf16 (AVX512-BF16's conversion also takes
+ * denormal inputs as 0: probabilities below 1e-38, which add nothing). */
+static inline __m256i bf16x16_from(__m512 v) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* exp(x), 16 lanes, for x <= 0 (scores minus their maximum): 2^n * p(r) with p of degree 6 (relative error ~2e-7,
+ * far below the bf16 rounding of the probabilities); scalef takes exponents below the fp32 range to 0. Lanes that
+ * are -inf come out NaN: callers mask them. */
+static inline __m512 exp16(__m512 x) {
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* The first min(count, 16) lanes. */
+static inline __mmask16 lanes(ptrdiff_t count) {
+    return count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << count) - 1);
+}
+
+/* Keys of one head [S, Dh] (rows ks apart) into B tiles of q k^T: tile (dc, kc) holds, for the 16 dimension pairs
+ * p of dimension chunk dc (32 dims) and the 16 keys n of key chunk kc, k[n][2p], k[n][2p + 1] side by side. Keys
+ * past S are zero. `chunks` = key chunks of 16 (padded S / 16). */
+static void pack_keys(const uint16_t *k, ptrdiff_t ks, ptrdiff_t S, ptrdiff_t Dh, ptrdiff_t chunks, uint16_t *dst) {
+    for (ptrdiff_t dc = 0; dc < Dh / 32; dc++)
+        for (ptrdiff_t kc = 0; kc < chunks; kc++) {
+            uint16_t *t = dst + (dc * chunks + kc) * TILE;
+            for (ptrdiff_t n = 0; n < 16; n++) {
+                const ptrdiff_t key = kc * 16 + n;
+                for (ptrdiff_t p = 0; p < 16; p++) {
+                    t[p * 32 + n * 2] = key < S ? k[key * ks + dc * 32 + 2 * p] : 0;
+                    t[p * 32 + n * 2 + 1] = key < S ? k[key * ks + dc * 32 + 2 * p + 1] : 0;
+                }
+            }
+        }
+}
+
+/* Values of one head [S, Dh] into B tiles of p v: tile (kc, dc) holds, for the 16 key pairs p of key chunk kc (32
+ * keys) and the 16 dimensions d of dimension chunk dc, v[2p][d], v[2p + 1][d] side by side. Keys past S are zero.
+ * `chunks` = key chunks of 32. */
+static void pack_values(const uint16_t *v, ptrdiff_t vs, ptrdiff_t S, ptrdiff_t Dh, ptrdiff_t chunks, uint16_t *dst) {
+    for (ptrdiff_t kc = 0; kc < chunks; kc++)
+        for (ptrdiff_t dc = 0; dc < Dh / 16; dc++) {
+            uint16_t *t = dst + (kc * (Dh / 16) + dc) * TILE;
+            for (ptrdiff_t p = 0; p < 16; p++)
+                for (int e = 0; e < 2; e++) {
+                    const ptrdiff_t key = kc * 32 + 2 * p + e;
+                    for (ptrdiff_t d = 0; d < 16; d++) t[p * 32 + d * 2 + e] = key < S ? v[key * vs + dc * 16 + d] : 0;
+                }
+        }
+}
+
+/* q [B, H, T, Dh], k and v [B, G, S, Dh], out [B, H, T, Dh]: bf16, any strides (in elements, `*_strides` = b, head,
+ * position) with Dh contiguous. kv_len [B] (NULL: S for every row). Dh a multiple of 64 (at most 256); H a multiple
+ * of G. Returns 0; -1 for shapes it does not take; -2 when work memory could not be allocated; -3 when the OS
+ * refuses AMX. */
+int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
+                  const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides, int64_t B,
+                  int64_t H, int64_t G, int64_t T, int64_t S, int64_t Dh, const int64_t *kv_len, int causal,
+                  int64_t q_start, float scale, int threads) {
+    if (B < 1 || H < 1 || G < 1 || H % G || T < 1 || S < 1 || Dh % 64 || Dh > 256 || q_start < 0) return -1;
+    if (!amx_permitted()) return -3;
+    if (threads < 1) threads = 1;
+    const ptrdiff_t rep = H / G, padded = (S + 63) & ~(ptrdiff_t)63, k16 = padded / 16, k32 = padded / 32;
+    const ptrdiff_t per_head = padded * Dh; /* packed elements of one head's keys (and of its values) */
+    uint16_t *packed = (uint16_t *)malloc((size_t)(2 * B * G * per_head) * sizeof(uint16_t));
+    if (!packed) return -2;
+    uint16_t *kp = packed, *vp = packed + B * G * per_head;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (ptrdiff_t t = 0; t < 2 * B * G; t++) {
+        const ptrdiff_t bg = t / 2, b = bg / G, g = bg % G;
+        if (t % 2 == 0)
+            pack_keys(k + b * k_strides[0] + g * k_strides[1], k_strides[2], S, Dh, k16, kp + bg * per_head);
+        else
+            pack_values(v + b * v_strides[0] + g * v_strides[1], v_strides[2], S, Dh, k32, vp + bg * per_head);
+    }
+    const ptrdiff_t qblocks = (T + QB - 1) / QB;
+#pragma omp parallel num_threads(threads)
+    {
+        tiles_on();
+        uint16_t qbuf[QB * 256], pbuf[QB * KV_BLOCK];
+        float sbuf[QB * KV_BLOCK], o[QB * 256], top[QB], sum[QB];
+#pragma omp for schedule(dynamic, 1)
+        for (ptrdiff_t task = 0; task < B * H * qblocks; task++) {
+            const ptrdiff_t b = task / (H * qblocks), h = task / qblocks % H, qb = task % qblocks;
+            const ptrdiff_t g = h / rep, q0 = qb * QB, rows = T - q0 < QB ? T - q0 : QB;
+            const uint16_t *kt = kp + (b * G + g) * per_head, *vt = vp + (b * G + g) * per_head;
+            for (ptrdiff_t r = 0; r < QB; r++) { /* the block's queries, zero rows past T */
+                const uint16_t *src = q + b * q_strides[0] + h * q_strides[1] + (q0 + r) * q_strides[2];
+                if (r < rows) memcpy(qbuf + r * Dh, src, (size_t)Dh * 2);
+                else memset(qbuf + r * Dh, 0, (size_t)Dh * 2);
+                top[r] = -INFINITY;
+                sum[r] = 0.0f;
+            }
+            memset(o, 0, sizeof(float) * (size_t)(QB * Dh));
+            ptrdiff_t end = kv_len ? (kv_len[b] < S ? kv_len[b] : S) : S;
+            if (causal && q_start + q0 + rows < end) end = q_start + q0 + rows;
+            for (ptrdiff_t s0 = 0; s0 < end; s0 += KV_BLOCK) {
+                const ptrdiff_t n = end - s0 < KV_BLOCK ? end - s0 : KV_BLOCK;
+                const ptrdiff_t n64 = (n + 63) / 64; /* key chunks of 64 (the pack is padded to 64) */
+                for (ptrdiff_t kc = 0; kc < n64 * 4; kc += 4) { /* raw scores of 64 keys: 4 tiles side by side */
+                    const uint16_t *kb = kt + (s0 / 16 + kc) * TILE;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                    for (ptrdiff_t dc = 0; dc < Dh / 32; dc++) {
+                        const uint16_t *kd = kb + dc * k16 * TILE;
+                        _tile_loadd(4, qbuf + dc * 32, Dh * 2);
+                        _tile_loadd(5, kd, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, kd + TILE, 64);
+                        _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(5, kd + 2 * TILE, 64);
+                        _tile_dpbf16ps(2, 4, 5);
+                        _tile_loadd(6, kd + 3 * TILE, 64);
+                        _tile_dpbf16ps(3, 4, 6);
+                    }
+                    _tile_stored(0, sbuf + kc * 16, KV_BLOCK * 4);
+                    _tile_stored(1, sbuf + kc * 16 + 16, KV_BLOCK * 4);
+                    _tile_stored(2, sbuf + kc * 16 + 32, KV_BLOCK * 4);
+                    _tile_stored(3, sbuf + kc * 16 + 48, KV_BLOCK * 4);
+                }
+                for (ptrdiff_t r = 0; r < QB; r++) { /* online softmax of each query's scores */
+                    float *sr = sbuf + r * KV_BLOCK;
+                    uint16_t *pr = pbuf + r * KV_BLOCK;
+                    ptrdiff_t limit = r < rows ? n : 0; /* keys s0 + c with c < limit are seen */
+                    if (causal && q_start + q0 + r + 1 - s0 < limit) limit = q_start + q0 + r + 1 - s0;
+                    if (limit < 0) limit = 0;
+                    __m512 vmax = _mm512_set1_ps(-INFINITY);
+                    for (ptrdiff_t c = 0; c < limit; c += 16)
+                        vmax = _mm512_mask_max_ps(vmax, lanes(limit - c), vmax, _mm512_loadu_ps(sr + c));
+                    /* the block's largest scaled score (scale > 0: the scaled maximum is the maximum scaled) */
+                    const float block_top = limit > 0 ? _mm512_reduce_max_ps(vmax) * scale : -INFINITY;
+                    const float new_top = block_top > top[r] ? block_top : top[r];
+                    if (new_top == -INFINITY) { /* nothing seen yet: probabilities 0, nothing to rescale */
+                        memset(pr, 0, (size_t)(n64 * 64) * 2);
+                        continue;
+                    }
+                    const float alpha = top[r] == -INFINITY ? 0.0f : expf(top[r] - new_top);
+                    __m512 total = _mm512_setzero_ps();
+                    const __m512 vscale = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-new_top);
+                    for (ptrdiff_t c = 0; c < n64 * 64; c += 16) { /* p = exp(scale * s - top), 0 where unseen */
+                        const __mmask16 on = c < limit ? lanes(limit - c) : 0;
+                        const __m512 p = _mm512_maskz_mov_ps(on, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + c),
+                                                                                       vscale, shift)));
+                        total = _mm512_add_ps(total, p);
+                        _mm256_storeu_si256((__m256i *)(pr + c), bf16x16_from(p));
+                    }
+                    sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(total);
+                    top[r] = new_top;
+                    if (alpha != 1.0f)
+                        for (ptrdiff_t d = 0; d < Dh; d += 16)
+                            _mm512_storeu_ps(o + r * Dh + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * Dh + d),
+                                                                           _mm512_set1_ps(alpha)));
+                }
+                for (ptrdiff_t dc = 0; dc < Dh / 16; dc += 4) { /* o += p v, 64 dimensions at a time */
+                    float *od = o + dc * 16;
+                    _tile_loadd(0, od, Dh * 4);
+                    _tile_loadd(1, od + 16, Dh * 4);
+                    _tile_loadd(2, od + 32, Dh * 4);
+                    _tile_loadd(3, od + 48, Dh * 4);
+                    for (ptrdiff_t kc = 0; kc < n64 * 2; kc++) {
+                        const uint16_t *vb = vt + ((s0 / 32 + kc) * (Dh / 16) + dc) * TILE;
+                        _tile_loadd(4, pbuf + kc * 32, KV_BLOCK * 2);
+                        _tile_loadd(5, vb, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                        _tile_loadd(6, vb + TILE, 64);
+                        _tile_dpbf16ps(1, 4, 6);
+                        _tile_loadd(5, vb + 2 * TILE, 64);
+                        _tile_dpbf16ps(2, 4, 5);
+                        _tile_loadd(6, vb + 3 * TILE, 64);
+                        _tile_dpbf16ps(3, 4, 6);
+                    }
+                    _tile_stored(0, od, Dh * 4);
+                    _tile_stored(1, od + 16, Dh * 4);
+                    _tile_stored(2, od + 32, Dh * 4);
+                    _tile_stored(3, od + 48, Dh * 4);
+                }
+            }
+            for (ptrdiff_t r = 0; r < rows; r++) {
+                uint16_t *dst = out + b * o_strides[0] + h * o_strides[1] + (q0 + r) * o_strides[2];
+                const float inv = sum[r] > 0 ? 1.0f / sum[r] : 0.0f;
+                for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = f32_to_bf16(o[r * Dh + d] * inv);
+            }
+        }
+        _tile_release();
+    }
+    free(packed);
+    (void)bf16_to_f32;
+    return 0;
+}
+
+#else
+
+int af3_attention_level(void) { return 0; }
+
+int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
+                  const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides, int64_t B,
+                  int64_t H, int64_t G, int64_t T, int64_t S, int64_t Dh, const int64_t *kv_len, int causal,
+                  int64_t q_start, float scale, int threads) {
+    (void)q; (void)q_strides; (void)k; (void)k_strides; (void)v; (void)v_strides; (void)out; (void)o_strides;
+    (void)B; (void)H; (void)G; (void)T; (void)S; (void)Dh; (void)kv_len; (void)causal; (void)q_start; (void)scale;
+    (void)threads;
+    return -1;
+}
+
+#endif

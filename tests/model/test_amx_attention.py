@@ -1,0 +1,124 @@
+"""af3's AMX attention (``kernels/csrc/attention.c``) against torch's SDPA and an fp32 reference, and the encoder and
+decoder taking it only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from af3.kernels import binding as cpu_kernels
+from af3.kernels import policy
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_attention_available(),
+                               reason="af3's AMX attention needs a CPU with AMX-BF16 and AVX-512 (and a C compiler)")
+
+
+def _case(b, h, g, t, s, dh, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, t, h, dh, generator=gen) * 2).bfloat16().transpose(1, 2)  # strided, as the models pass it
+    k = (torch.randn(b, g, s + 5, dh, generator=gen) * 2).bfloat16()[:, :, :s]  # a view of a longer cache
+    v = torch.randn(b, g, s, dh, generator=gen).bfloat16()
+    return q, k, v
+
+
+def _check(got, q, k, v, mask, scale=None):
+    """As close to the fp32 attention of the same bf16 inputs as torch's bf16 SDPA is, and close to SDPA."""
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    exact = F.scaled_dot_product_attention(q.float(), kr.float(), vr.float(), attn_mask=mask, scale=scale)
+    sdpa = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale)
+    assert got.shape == sdpa.shape and got.dtype == torch.bfloat16
+    err, err_sdpa = (got.float() - exact).abs(), (sdpa.float() - exact).abs()
+    assert err.mean() <= 1.1 * err_sdpa.mean() + 1e-6
+    assert err.max() <= 2 * err_sdpa.max() + 1e-6
+    assert (got == sdpa).float().mean() > 0.6  # most values round to the same bf16
+
+
+@needs_amx
+@pytest.mark.parametrize(("b", "h", "g", "t", "s", "dh"), [(1, 8, 8, 1500, 1500, 64), (2, 4, 4, 37, 37, 128),
+                                                           (1, 14, 2, 799, 799, 64), (3, 2, 1, 70, 70, 256)])
+def test_full_attention_matches_sdpa(b, h, g, t, s, dh):
+    q, k, v = _case(b, h, g, t, s, dh, seed=t)
+    _check(cpu_kernels.attention(q, k, v), q, k, v, None)
+    _check(cpu_kernels.attention(q, k, v, scale=0.3), q, k, v, None, scale=0.3)
+
+
+@needs_amx
+@pytest.mark.parametrize(("t", "s", "start"), [(799, 799, 0), (100, 100, 0), (17, 17, 0), (300, 813, 513),
+                                               (64, 1000, 936), (33, 40, 7)])
+def test_causal_attention_with_an_offset_matches_sdpa(t, s, start):
+    q, k, v = _case(1, 14, 2, t, s, 64, seed=s + start)
+    mask = torch.arange(s)[None, :] <= torch.arange(start, start + t)[:, None]  # [T, S]: query i at slot start + i
+    _check(cpu_kernels.attention(q, k, v, causal=True, q_start=start), q, k, v, mask)
+
+
+@needs_amx
+def test_key_padding_per_batch_row_matches_sdpa():
+    q, k, v = _case(3, 8, 8, 300, 300, 64, seed=5)
+    lengths = torch.tensor([300, 71, 1])
+    mask = (torch.arange(300)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    _check(cpu_kernels.attention(q, k, v, kv_len=lengths), q, k, v, mask)
+
+
+@needs_amx
+def test_bad_operands_are_refused():
+    q, k, v = _case(1, 4, 4, 40, 40, 64, seed=1)
+    with pytest.raises(ValueError):
+        cpu_kernels.attention(q.float(), k, v)
+    with pytest.raises(ValueError):
+        cpu_kernels.attention(q[..., :32], k[..., :32], v[..., :32])  # Dh 32: not a multiple of 64
+    with pytest.raises(ValueError):
+        cpu_kernels.attention(q, k[:, :3], v[:, :3])  # 4 heads over 3 kv heads
+    with pytest.raises(ValueError):
+        cpu_kernels.attention(q, k, v, kv_len=torch.tensor([3, 4]))
+
+
+def test_the_policy_takes_it_only_for_many_bf16_queries_without_autograd():
+    p = policy.KernelPolicy(cpu_kernels=True)
+    q = torch.zeros(1, 4, policy.AMX_ATTENTION_QUERIES, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert p.amx_attention(q) == cpu_kernels.amx_attention_available()  # False where there is no AMX
+        assert not p.amx_attention(q[:, :, :-1])  # too few queries: SDPA
+        assert not p.amx_attention(q.half())
+        assert not p.amx_attention(q[..., :32])
+        assert not policy.KernelPolicy(cpu_kernels=False).amx_attention(q)
+    with torch.enable_grad():
+        assert not p.amx_attention(q)
+
+
+@needs_amx
+def test_the_models_take_it_and_stay_as_accurate(monkeypatch):
+    """The encoder (bidirectional, padded windows) and the decoder's prefill (causal GQA) run through the kernel and
+    end as close to their fp32 selves as with torch's SDPA."""
+    from af3.config import EncoderConfig, TextConfig
+    from af3.model.decoder import Qwen2Model
+    from af3.model.encoder import AudioEncoder
+
+    calls = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    torch.manual_seed(0)
+    enc = AudioEncoder(EncoderConfig(num_mel_bins=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                                     hidden_size=128, max_source_positions=200))
+    dec = Qwen2Model(TextConfig(vocab_size=32, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2))
+    for m in (enc, dec):
+        for prm in m.parameters():
+            prm.data.normal_(0, 0.1)
+    feats = torch.randn(2, 16, 400)
+    fmask = torch.zeros(2, 400, dtype=torch.long)
+    fmask[0, :400], fmask[1, :230] = 1, 1
+    x, pos = torch.randn(1, 300, 256), torch.arange(300)[None]
+    with torch.inference_mode():
+        ref = enc(feats, fmask), dec(x, pos)
+        enc.bfloat16()
+        dec.bfloat16()
+        with policy.override(cpu_kernels=False):
+            torch_out = enc(feats.bfloat16(), fmask), dec(x.bfloat16(), pos)
+        assert not calls
+        ours = enc(feats.bfloat16(), fmask), dec(x.bfloat16(), pos)
+    assert len(calls) == 2 + 2  # every encoder and decoder layer
+    assert calls[0]["kv_len"].tolist() == [200, 115] and calls[-1]["causal"]
+    for got, want, exact in zip(ours, torch_out, ref, strict=True):
+        assert (got.float() - exact).abs().mean() <= 1.1 * (want.float() - exact).abs().mean()
