@@ -1,5 +1,6 @@
-"""af3's own CPU kernels: products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``), and a
-whole decoding step of the Qwen2 decoder (``kernels/decode_step.c``).
+"""af3's own CPU kernels: products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``), a
+whole decoding step of the Qwen2 decoder (``kernels/decode_step.c``), the decoder's row-wise steps
+(``kernels/rowwise.c``) and AMX attention (``kernels/attention.c``).
 
 On x86 CPUs without native bf16/fp16 matrix instructions (AVX2 only; oneDNN reports no bf16 support), torch's
 half-precision ``F.linear`` with a handful of rows reads the weight at a fraction of memory bandwidth, and decoding

@@ -26,6 +26,13 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   than through ``W @ x.T`` (2026-12-06, interleaved), and up to 4 rows the fused step runs anyway (below them, when
   it does not, ``W @ x.T``). ``$AF3_PACKED_WEIGHTS=0`` turns it off. The copy costs the weight's bytes again, so it
   is made only while the machine has room for it.
+* Once the GEMMs are fast, torch's elementwise ops are a large share of a prefill: RMSNorm alone is six ops, each
+  writing and reading back a tensor. af3's row-wise kernels (RMSNorm with the residual add, SiLU * up, rotary) do
+  each in one pass, rounding where torch rounds, for any half-precision CPU inference (:meth:`KernelPolicy.rowwise`).
+* torch's CPU flash attention multiplies bf16 blocks through generic GEMM calls; on CPUs with AMX-BF16 af3's
+  attention kernel (tile products, keys packed once per head) takes prefills and the audio encoder
+  (:meth:`KernelPolicy.amx_attention`); decoding keeps SDPA (packing a cache for one query per row costs more than
+  it saves).
 """
 
 from __future__ import annotations
