@@ -102,6 +102,21 @@ def test_rotary_matches_apply_rotary_bit_for_bit(build, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [*HALVES, torch.float32])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 151936])
+def test_argmax_rows_is_torchs_argmax(build, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(7, n + 3, generator=g).to(dtype)[:, :n]  # strided rows, as logits sliced to the vocabulary
+    x[1, n // 2] = x[1, n - 1] = 100.0  # a tie: the first index
+    x[2] = float("-inf")  # nothing but -inf: index 0
+    x[3, min(2, n - 1)] = x[3, 0] = float("nan")  # a NaN is the maximum; the first one wins
+    x[4] = 0.5
+    x[5] = float("-inf")
+    x[5, n - 1] = -1e4  # the only finite value, in the tail or a vector lane
+    assert cpu_kernels.argmax_rows(x) == x.argmax(-1).tolist()
+
+
+@needs_kernel
 def test_bad_operands_are_refused():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError):

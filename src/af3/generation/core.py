@@ -16,6 +16,8 @@ import math
 
 import torch
 
+from ..kernels import binding as cpu_kernels
+from ..kernels import policy as kernel_policy
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import pick, process
@@ -138,7 +140,7 @@ class EngineCore:
             if banned:  # rows still short of min_new_tokens: their end tokens cannot be chosen yet
                 rows, ids = zip(*banned, strict=True)
                 logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = -math.inf
-            tokens = logits.argmax(dim=-1).tolist()
+            tokens = _argmax_rows(logits)
         for i, r in enumerate(reqs):
             if tokens is not None and plain[i]:
                 self.output.accept(r, tokens[i], None)
@@ -146,8 +148,10 @@ class EngineCore:
                 self._choose(r, logits[i : i + 1])
 
     def _choose(self, req: Request, logits: torch.Tensor) -> None:
-        """Process ``logits`` [1, V] with the request's chain, pick its next token, hand it to the output."""
+        """Process ``logits`` [1, V] (fp32 from here on) with the request's chain, pick its next token, hand it to the
+        output."""
         o = req.options
+        logits = logits.float()
         seen = None
         if o.repetition_penalty != 1.0:  # the only processor that reads the sequence
             context = req.input_ids if req.penalty_ids is None else req.penalty_ids
@@ -179,3 +183,11 @@ def _argmax_only(req: Request) -> bool:
         return False
     return not req.chain or (req.constraint is None and o.repetition_penalty == 1.0 and len(req.chain) == 1
                              and bool(o.min_new_tokens and o.stop_token_ids))
+
+
+def _argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The argmax of each row of ``logits`` [n, V] as host ints: af3's one-pass C kernel on the logits as computed
+    (bf16 too: widening is exact, so the argmax is the fp32 one) where it runs; else torch's, on the device."""
+    if logits.device.type == "cpu" and kernel_policy.current().kernels_usable() and logits.stride(-1) == 1:
+        return cpu_kernels.argmax_rows(logits)
+    return logits.argmax(dim=-1).tolist()

@@ -140,7 +140,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ prefill / decode
     def prefill(self, row: int, req: Request, start: int = 0) -> Tensor:
         """Run ``req``'s prompt from slot ``start`` on into cache row ``row`` (slots before ``start`` must hold
-        its first ``start`` tokens' keys/values) → the last position's logits [1, V] fp32."""
+        its first ``start`` tokens' keys/values) → the last position's logits [1, V] in the model's dtype (the core
+        widens them where a processor or log-probabilities need fp32)."""
         ids = req.input_ids.to(self.device)
         x = self.model.embed(ids[None], req.audio_embeds)[:, start:]  # [1, T', D]
         t = x.shape[1]
@@ -154,14 +155,14 @@ class ModelRunner:
         finally:
             self._think_rows([])  # the adapter's hooks are on the shared model: off between forwards
         self.stats["prefill_tokens"] += t
-        return self.head(hidden[:, -1]).float()[:, : self.vocab_size]  # [1, V]
+        return self.head(hidden[:, -1])[:, : self.vocab_size]  # [1, V]
 
     def prefill_mixed(self, row: int, req: Request, embeds: Tensor, start: int, stop: int, tokens: list[int],
                       lengths: list[int]) -> tuple[Tensor, Tensor]:
         """Slots ``start .. stop-1`` of ``req``'s prompt (``embeds`` [1, T, D]: its fused embeddings) into row
         ``row`` and, in the same forward, one decoding token per row ``0 .. n-1`` (``tokens[i]`` at slot
         ``lengths[i]``), so the weights are read once for both → (the chunk's last logits [1, V], the decoding
-        rows' logits [n, V]), fp32. Not with the think adapter (its rows are per batch row)."""
+        rows' logits [n, V]), in the model's dtype. Not with the think adapter (its rows are per batch row)."""
         t = stop - start
         self.cache.reserve(max(stop, max(lengths) + 1))
         slots = torch.tensor(lengths, device=self.device)  # [n]
@@ -175,7 +176,7 @@ class ModelRunner:
         hidden = self.decoder(x, pos, mixed, self.cache)[0]  # [t+n, D]
         self.stats["prefill_tokens"] += t
         self.stats["mixed_steps"] += 1
-        logits = self.head(hidden[t - 1:]).float()[:, : self.vocab_size]  # [1+n, V]
+        logits = self.head(hidden[t - 1:])[:, : self.vocab_size]  # [1+n, V]
         return logits[:1], logits[1:]
 
     def prompt_embeds(self, req: Request) -> Tensor:
@@ -184,7 +185,7 @@ class ModelRunner:
 
     def decode(self, tokens: list[int], lengths: list[int], think: list[bool]) -> Tensor:
         """One token per row for rows ``0 .. n-1``: ``tokens[i]`` goes into slot ``lengths[i]`` of row ``i`` (at
-        that rotary position) → logits [n, V] fp32."""
+        that rotary position) → logits [n, V] in the model's dtype."""
         n = len(tokens)
         self.cache.reserve(max(lengths) + 1)
         last = torch.tensor(tokens, device=self.device)[:, None]  # [n, 1]
@@ -203,7 +204,7 @@ class ModelRunner:
             finally:
                 self._think_rows([])
         self.stats["decode_steps"] += 1
-        return self.head(hidden[:, -1]).float()[:, : self.vocab_size]  # [n, V]
+        return self.head(hidden[:, -1])[:, : self.vocab_size]  # [n, V]
 
     # ------------------------------------------------------------------ rows
     def move_row(self, src: int, dst: int, length: int) -> None:

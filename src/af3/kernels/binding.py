@@ -101,7 +101,8 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_decode_struct_size.restype = ctypes.c_int64
     lib.af3_decode_struct_size.argtypes = [i]
     for name, args in (("af3_rms_norm", [p, p, p, p, p, n, n, n, i, i, ctypes.c_float, i]),
-                       ("af3_silu_mul", [p, p, n, i, i]), ("af3_rotary", [p, n, p, p, p, n, n, n, i, i])):
+                       ("af3_silu_mul", [p, p, n, i, i]), ("af3_rotary", [p, n, p, p, p, n, n, n, i, i]),
+                       ("af3_argmax", [p, n, n, n, i, p, i])):
         getattr(lib, name).restype = ctypes.c_int
         getattr(lib, name).argtypes = args
     lib.af3_attention_level.restype = ctypes.c_int
@@ -389,6 +390,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
                               KINDS[x2.dtype], KINDS[w.dtype], eps, torch.get_num_threads()), "rms_norm")
     y = y.reshape(x.shape)
     return y if s is None else (s.reshape(x.shape), y)
+
+
+def argmax_rows(x: Tensor) -> list[int]:
+    """``x.argmax(-1).tolist()`` for x [rows, n] (bf16, fp16 or fp32 on the CPU, rows may be strided): one pass per
+    row, without widening the values first (torch's argmax of [8, 151936] took ~1 ms, and its fp32 copy another)."""
+    lib = _rowwise_lib(x)
+    if x.dim() != 2 or x.stride(1) != 1 or x.shape[1] < 1:
+        raise ValueError(f"argmax_rows: x must be [rows, n] with contiguous rows, got {list(x.shape)} {x.stride()}")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _rowwise(lib.af3_argmax(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), KINDS[x.dtype], out.data_ptr(),
+                            torch.get_num_threads()), "argmax")
+    return out.tolist()
 
 
 def silu_mul_(gate: Tensor, up: Tensor) -> Tensor:

@@ -4,7 +4,8 @@
  *   af3_rms_norm:  y = T(w * T(s * rsqrt(mean(s^2) + eps))) with s = x, or s = T(x + r) (the residual add fused
  *                  in front of the norm; s is written out too);
  *   af3_silu_mul:  g = T(T(silu(g)) * u), in place;
- *   af3_rotary:    y = T(T(x * cos) + T(rotate_half(x) * sin)) for every head of every row.
+ *   af3_rotary:    y = T(T(x * cos) + T(rotate_half(x) * sin)) for every head of every row;
+ *   af3_argmax:    the first index of each row's maximum (greedy decoding's choice, on the logits as computed).
  *
  * T() rounds an fp32 value to the activations' type (bf16 or fp16; F32: no rounding), at the same points where
  * torch's bf16/fp16 ops round, so the results are those of decoder.py's torch expressions (sums of squares may be
@@ -202,12 +203,72 @@ int af3_rotary(const void *x, ptrdiff_t x_stride, void *y, const void *cos, cons
     return 0;
 }
 
+/* out[m] = the first index of the largest value of row m of x [rows, n] (rows `stride` elements apart), as torch's
+ * argmax: a NaN counts as the largest (the first NaN wins). Lane-wise running maxima in one pass, then the lanes
+ * compared (the smallest index among equal maxima). */
+int af3_argmax(const void *x, ptrdiff_t rows, ptrdiff_t n, ptrdiff_t stride, int kind, int64_t *out, int threads) {
+    if (kind < BF16 || kind > F32 || kind == I8 || n < 1) return -1;
+    const size_t size = kind == F32 ? 4 : 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * n >= PARALLEL_MIN)
+    for (ptrdiff_t m = 0; m < rows; m++) {
+        const char *xr = (const char *)x + m * stride * size;
+        __m256 best = _mm256_set1_ps(-INFINITY);
+        __m256i where = _mm256_set1_epi32(-1), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256 nan = _mm256_setzero_ps();
+        ptrdiff_t i = 0;
+        for (; i + 8 <= n && i + 8 < (ptrdiff_t)1 << 31; i += 8) {
+            const __m256 v = get8(xr, i, kind);
+            const __m256 gt = _mm256_cmp_ps(v, best, _CMP_GT_OQ);
+            best = _mm256_blendv_ps(best, v, gt);
+            where = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(where), _mm256_castsi256_ps(idx), gt));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            idx = _mm256_add_epi32(idx, _mm256_set1_epi32(8));
+        }
+        float top = -INFINITY;
+        int64_t at = -1;
+        float lanes_best[8];
+        int32_t lanes_where[8];
+        _mm256_storeu_ps(lanes_best, best);
+        _mm256_storeu_si256((__m256i *)lanes_where, where);
+        for (int j = 0; j < 8; j++)
+            if (lanes_where[j] >= 0 && (lanes_best[j] > top || (lanes_best[j] == top && lanes_where[j] < at))) {
+                top = lanes_best[j];
+                at = lanes_where[j];
+            }
+        int has_nan = _mm256_movemask_ps(nan) != 0;
+        if (at < 0 && i > 0) at = 0; /* the first i values all -inf (or NaN): index 0 so far */
+        for (; i < n; i++) { /* the tail (and rows past 2^31 elements) */
+            const float v = load1(xr, i, kind);
+            if (v != v) has_nan = 1;
+            else if (v > top || at < 0) {
+                top = v;
+                at = i;
+            }
+        }
+        if (at < 0) at = 0; /* every value -inf (or NaN: found below) */
+        if (has_nan)
+            for (i = 0; i < n; i++) {
+                const float v = load1(xr, i, kind);
+                if (v != v) {
+                    at = i;
+                    break;
+                }
+            }
+        out[m] = at;
+    }
+    return 0;
+}
+
 #else
 
 int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, ptrdiff_t rows, ptrdiff_t dim,
                  ptrdiff_t stride, int kind, int w_kind, float eps, int threads) {
     (void)threads; (void)x; (void)r; (void)s; (void)y; (void)w; (void)rows; (void)dim; (void)stride; (void)kind; (void)w_kind;
     (void)eps;
+    return -1;
+}
+int af3_argmax(const void *x, ptrdiff_t rows, ptrdiff_t n, ptrdiff_t stride, int kind, int64_t *out, int threads) {
+    (void)x; (void)rows; (void)n; (void)stride; (void)kind; (void)out; (void)threads;
     return -1;
 }
 int af3_silu_mul(void *g, const void *u, ptrdiff_t n, int kind, int threads) {
