@@ -19,6 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "gemm.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
 #include <immintrin.h>
 #include <math.h>
@@ -57,50 +59,6 @@ static void tiles_on(void) {
         c.rows[i] = 16;
     }
     _tile_loadconfig(&c);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
-    return v.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* nearest even; NaN stays a quiet NaN */
-    union { float f; uint32_t u; } v = {f};
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40u);
-    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
-}
-
-/* 16 fp32 lanes -> 16 bf16 (nearest even, NaN quiet), as f32_to_bf16 (AVX512-BF16's conversion also takes
- * denormal inputs as 0: probabilities below 1e-38, which add nothing). */
-static inline __m256i bf16x16_from(__m512 v) {
-#ifdef __AVX512BF16__
-    return (__m256i)_mm512_cvtneps_pbh(v);
-#endif
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(r);
-}
-
-/* exp(x), 16 lanes, for x <= 0 (scores minus their maximum): 2^n * p(r) with p of degree 6 (relative error ~2e-7,
- * far below the bf16 rounding of the probabilities); scalef takes exponents below the fp32 range to 0. Lanes that
- * are -inf come out NaN: callers mask them. */
-static inline __m512 exp16(__m512 x) {
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
 }
 
 /* The first min(count, 16) lanes. */
@@ -232,10 +190,10 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
                     const __m512 vscale = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-new_top);
                     for (ptrdiff_t c = 0; c < n64 * 64; c += 16) { /* p = exp(scale * s - top), 0 where unseen */
                         const __mmask16 on = c < limit ? lanes(limit - c) : 0;
-                        const __m512 p = _mm512_maskz_mov_ps(on, exp16(_mm512_fmadd_ps(_mm512_loadu_ps(sr + c),
-                                                                                       vscale, shift)));
+                        const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sr + c), vscale, shift);
+                        const __m512 p = _mm512_maskz_mov_ps(on, exp16_nonpositive(x));
                         total = _mm512_add_ps(total, p);
-                        _mm256_storeu_si256((__m256i *)(pr + c), bf16x16_from(p));
+                        _mm256_storeu_si256((__m256i *)(pr + c), bf16x16_from(p, 0));
                     }
                     sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(total);
                     top[r] = new_top;
@@ -271,13 +229,12 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
             for (ptrdiff_t r = 0; r < rows; r++) {
                 uint16_t *dst = out + b * o_strides[0] + h * o_strides[1] + (q0 + r) * o_strides[2];
                 const float inv = sum[r] > 0 ? 1.0f / sum[r] : 0.0f;
-                for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = f32_to_bf16(o[r * Dh + d] * inv);
+                for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = to_bf16(o[r * Dh + d] * inv);
             }
         }
         _tile_release();
     }
     free(packed);
-    (void)bf16_to_f32;
     return 0;
 }
 

@@ -123,6 +123,58 @@ INLINE __m256 exp8(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+#ifdef __AVX512F__
+/* AVX-512 forms of the helpers above, for the row-wise kernels and the attention. */
+/* exp(x) = 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2 (ln 2 in two parts: n * hi is exact), p the Taylor
+ * polynomial with `degree` 6 or 7 (relative error ~2e-7 on the reduced range); scalef takes exponents below the fp32
+ * range to 0. */
+INLINE __m512 exp16_poly(__m512 x, int degree) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = degree >= 7 ? _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 5040), r, _mm512_set1_ps(1.0f / 720))
+                           : _mm512_set1_ps(1.0f / 720);
+    const float next[] = {1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (int i = 0; i < 6; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(next[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* exp8 for 16 lanes: inputs clamped to [-87, 88], so -inf gives about 1.6e-38, not 0. */
+INLINE __m512 exp16(__m512 x) {
+    return exp16_poly(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f)), 7);
+}
+
+/* 16 bf16 values widened to fp32. */
+INLINE __m512 bf16x16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* fp32 lanes -> their bf16 bits in the low 16 bits of each lane, nearest even; NaN stays a quiet NaN. */
+INLINE __m512i bf16_bits16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+/* 16 fp32 lanes -> 16 bf16 values (nearest even, NaN quiet). With AVX512-BF16 one instruction, which also takes
+ * denormal inputs as 0: for values where that cannot matter (softmax probabilities, below 1e-38 adding nothing). */
+INLINE __m256i bf16x16_from(__m512 v, int denormals_matter) {
+#ifdef __AVX512BF16__
+    if (!denormals_matter) return (__m256i)_mm512_cvtneps_pbh(v);
+#endif
+    (void)denormals_matter;
+    return _mm512_cvtepi32_epi16(bf16_bits16(v));
+}
+
+/* exp(x) for x <= 0 only (scores minus their maximum), cheaper than exp16: no clamping and degree 6. -inf lanes
+ * come out NaN: callers mask them. */
+INLINE __m512 exp16_nonpositive(__m512 x) { return exp16_poly(x, 6); }
+#endif
+
 /* Software prefetch distance (elements) along a weight row, for one-row products (row1; tiles prefetch the next
  * tile instead, see NEXT_TILE): the hardware prefetchers alone leave a DRAM-bound one-row product well below the
  * bandwidth it can reach. int8 weights look 4x as many elements (the same 2 KB) ahead. The measurements that chose

@@ -107,40 +107,6 @@ int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, 
 }
 
 #ifdef __AVX512F__
-/* exp8's polynomial for 16 lanes. */
-INLINE __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-/* 16 bf16 values widened to fp32. */
-INLINE __m512 bf16x16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* fp32 lanes -> their bf16 bits in the low 16 bits of each lane, nearest even; NaN stays a quiet NaN. */
-INLINE __m512i bf16_bits16(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-    __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                            _mm512_set1_epi32(0x7f800000));
-    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-}
-
 /* silu_mul for bf16, 16 lanes at a time from element i0 up to a multiple of 16; returns where it stopped. */
 static ptrdiff_t silu_mul_bf16_wide(uint16_t *g, const uint16_t *u, ptrdiff_t n, int threads) {
     const ptrdiff_t blocks = n / 16;
@@ -263,8 +229,8 @@ int af3_argmax(const void *x, ptrdiff_t rows, ptrdiff_t n, ptrdiff_t stride, int
 
 int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, ptrdiff_t rows, ptrdiff_t dim,
                  ptrdiff_t stride, int kind, int w_kind, float eps, int threads) {
-    (void)threads; (void)x; (void)r; (void)s; (void)y; (void)w; (void)rows; (void)dim; (void)stride; (void)kind; (void)w_kind;
-    (void)eps;
+    (void)threads; (void)x; (void)r; (void)s; (void)y; (void)w; (void)rows; (void)dim; (void)stride; (void)kind;
+    (void)w_kind; (void)eps;
     return -1;
 }
 int af3_argmax(const void *x, ptrdiff_t rows, ptrdiff_t n, ptrdiff_t stride, int kind, int64_t *out, int threads) {
@@ -277,7 +243,8 @@ int af3_silu_mul(void *g, const void *u, ptrdiff_t n, int kind, int threads) {
 }
 int af3_rotary(const void *x, ptrdiff_t x_stride, void *y, const void *cos, const void *sin, ptrdiff_t rows,
                ptrdiff_t heads, ptrdiff_t dh, int kind, int threads) {
-    (void)threads; (void)x; (void)x_stride; (void)y; (void)cos; (void)sin; (void)rows; (void)heads; (void)dh; (void)kind;
+    (void)threads; (void)x; (void)x_stride; (void)y; (void)cos; (void)sin; (void)rows; (void)heads; (void)dh;
+    (void)kind;
     return -1;
 }
 
