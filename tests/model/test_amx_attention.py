@@ -62,6 +62,28 @@ def test_key_padding_per_batch_row_matches_sdpa():
 
 
 @needs_amx
+@pytest.mark.parametrize(("b", "g", "rep", "s", "dh"), [(8, 2, 7, 834, 64), (15, 2, 7, 100, 64), (3, 4, 7, 50, 128),
+                                                         (2, 1, 16, 33, 64), (4, 4, 1, 17, 256), (1, 2, 7, 1, 64)])
+def test_decoding_attention_over_cache_prefixes_matches_sdpa(b, g, rep, s, dh):
+    gen = torch.Generator().manual_seed(s)
+    cache_k = torch.randn(b + 1, g, s + 40, dh, generator=gen).bfloat16()  # a cache longer than the slots read
+    cache_v = torch.randn(b + 1, g, s + 40, dh, generator=gen).bfloat16()
+    cache_k[:, :, s:] = float("nan")  # slots past the view are never read
+    cache_v[:, :, s:] = float("nan")
+    k, v = cache_k[:b, :, :s], cache_v[:b, :, :s]
+    q = torch.randn(b, g * rep, 1, dh, generator=gen).bfloat16()
+    lengths = torch.randint(1, s + 1, (b,), generator=gen)
+    lengths[0] = s
+    for row in range(b):  # stale slots past a row's length are never read either
+        cache_v[row, :, int(lengths[row]):s] = float("nan")
+    mask = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    got = cpu_kernels.decode_attention(q, k, v, lengths)
+    assert not got.isnan().any()
+    v_clean = torch.where(mask.transpose(-1, -2).expand(-1, g, -1, dh), v, torch.zeros((), dtype=v.dtype))
+    _check(got, q, k, v_clean, mask)
+
+
+@needs_amx
 def test_bad_operands_are_refused():
     q, k, v = _case(1, 4, 4, 40, 40, 64, seed=1)
     with pytest.raises(ValueError):
@@ -122,3 +144,28 @@ def test_the_models_take_it_and_stay_as_accurate(monkeypatch):
     assert calls[0]["kv_len"].tolist() == [200, 115] and calls[-1]["causal"]
     for got, want, exact in zip(ours, torch_out, ref, strict=True):
         assert (got.float() - exact).abs().mean() <= 1.1 * (want.float() - exact).abs().mean()
+
+
+@needs_amx
+def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatch):
+    """An Engine decoding 6 bf16 rows through the torch modules (more than the fused step's rows) reads its cache
+    through the AMX decoding attention, riders of a mixed prefill too, and chooses the tokens SDPA's path chooses."""
+    from af3 import AF3Model, AF3Processor
+    from af3.cli import embedded_model_path
+    from af3.generation.engine import Engine
+
+    folder = str(embedded_model_path())  # the embedded model: head size 32, 4 query heads over 2 kv heads
+    model, proc = AF3Model.from_pretrained(folder, dtype=torch.bfloat16), AF3Processor.from_pretrained(folder)
+    convs = [[{"role": "user", "content": f"Say something about the number {i}."}] for i in range(6)]
+    calls = []
+    real = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a, **k: calls.append(a[3].tolist()) or real(*a, **k))
+    with policy.override(native_fused_rows=0, fused_decode="off"):
+        got = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
+        assert calls
+        with monkeypatch.context() as m:
+            m.setattr(policy.KernelPolicy, "amx_decode_attention", lambda *a, **k: False)
+            calls.clear()
+            want = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
+            assert not calls
+    assert got == want

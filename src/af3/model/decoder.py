@@ -113,6 +113,25 @@ def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @dataclass
+class PrefixMask:
+    """A decoding step's mask (one query per row) whose valid keys are a prefix of each row, as af3's KV cache
+    keeps them: the AMX decoding attention reads ``lengths`` instead of the mask."""
+
+    mask: Tensor  # [B, 1, 1, S] bool
+    lengths: Tensor  # [B] int64: valid keys per row
+
+
+def prefix_mask(mask: Tensor) -> PrefixMask | None:
+    """``mask`` [B, 1, 1, S] bool as a :class:`PrefixMask`, or None where some row's valid keys are not a prefix."""
+    b, s = mask.shape[0], mask.shape[-1]
+    flat = mask.reshape(b, s)
+    lengths = flat.sum(-1)
+    if not bool(torch.equal(torch.arange(s, device=mask.device)[None, :] < lengths[:, None], flat)):
+        return None
+    return PrefixMask(mask, lengths)
+
+
+@dataclass
 class MixedBatch:
     """One forward over a prefill chunk and one decoding token per running row (passed as ``mask``).
 
@@ -160,6 +179,9 @@ class Attention(nn.Module):
         slots: int | Tensor = 0,
     ) -> Tensor:
         b, t, _ = x.shape  # [B, T, D]
+        lengths = None
+        if isinstance(mask, PrefixMask):
+            mask, lengths = mask.mask, mask.lengths
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, Dh]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
@@ -180,6 +202,8 @@ class Attention(nn.Module):
         rep = self.num_heads // self.num_kv_heads
         if mask is None and kernel_policy.current().amx_attention(q):  # causal from slot 0: af3's AMX kernel
             out = cpu_kernels.attention(q, k, v, causal=True)
+        elif lengths is not None:  # one query per row over a prefix of its cache (Qwen2Model checked the policy)
+            out = cpu_kernels.decode_attention(q, k, v, lengths)
         elif rep > 1 and t == 1 and mask is not None:
             # One query per row (decoding): fold each head group into the query axis so the kv heads are not
             # copied; the [B, 1, 1, S] mask broadcasts over the group.
@@ -217,7 +241,12 @@ class Attention(nn.Module):
         rows.update(self.layer_idx, kd, vd, m.slots[:, None])
         kc, vc = rows.keys_values(self.layer_idx, m.decode_mask.shape[-1])  # [n, Hkv, S, Dh]
         qd = q[0, :, m.t:].transpose(0, 1).reshape(n, self.num_kv_heads, rep, self.head_dim)  # [n, Hkv, rep, Dh]
-        out_d = F.scaled_dot_product_attention(qd, kc, vc, m.decode_mask)  # [n, Hkv, rep, Dh]
+        if kernel_policy.current().amx_decode_attention(qd.dtype, qd.device, self.num_heads, self.num_kv_heads,
+                                                         self.head_dim):  # each row's valid slots: 0 .. slots[i]
+            q1 = qd.reshape(n, self.num_heads, 1, self.head_dim)
+            out_d = cpu_kernels.decode_attention(q1, kc, vc, m.slots + 1)  # [n, H, 1, Dh]
+        else:
+            out_d = F.scaled_dot_product_attention(qd, kc, vc, m.decode_mask)  # [n, Hkv, rep, Dh]
         out_d = out_d.reshape(n, self.num_heads, self.head_dim).transpose(0, 1)[None]  # [1, H, n, Dh]
         return torch.cat([out_p, out_d], dim=2)  # [1, H, t+n, Dh]
 
@@ -307,6 +336,11 @@ class Qwen2Model(nn.Module):
             # Several queries: CPU SDPA runs an additive mask ~2x faster than a boolean one (converted once here,
             # not per layer). Every query sees at least itself, so no row is all -inf.
             mask = additive_mask(mask, inputs_embeds.dtype)
+        att = self.layers[0].self_attn if len(self.layers) else None
+        if (isinstance(mask, Tensor) and mask.dtype == torch.bool and inputs_embeds.shape[1] == 1 and cache is not None
+                and att is not None and kernel_policy.current().amx_decode_attention(
+                    inputs_embeds.dtype, inputs_embeds.device, att.num_heads, att.num_kv_heads, att.head_dim)):
+            mask = prefix_mask(mask) or mask  # a cache prefix per row: the AMX decoding attention reads lengths
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)

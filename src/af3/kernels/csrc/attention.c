@@ -238,6 +238,134 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
     return 0;
 }
 
+/* Decoding attention: one query per row and head. q [B, H, Dh] and out [B, H, Dh] (strides b, head), key/value
+ * caches [B, G, S, Dh] (strides b, head, slot; Dh contiguous), kv_len [B]: the valid keys of each row, a prefix.
+ * Per row and kv head, the rep = H / G queries that share it: scores as S^T = K Q^T (the A operand is 16 cached keys
+ * read straight from the cache, B the queries packed once), softmax over the keys with one lane per query, the
+ * probabilities transposed into the A operand of O = P V, and V interleaved by key pairs into B tiles. rep <= 16, Dh
+ * a multiple of 32 up to 256. Returns 0, -1 for shapes it does not take, -2 without memory, -3 without AMX. */
+int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
+                         const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides,
+                         int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
+                         int threads) {
+    if (B < 1 || G < 1 || H % G || H / G > 16 || S < 1 || Dh % 32 || Dh > 256) return -1;
+    if (!amx_permitted()) return -3;
+    if (threads < 1) threads = 1;
+    const ptrdiff_t rep = H / G, padded = (S + 31) & ~(ptrdiff_t)31;
+    /* per thread: packed queries, scores [padded, 16], probabilities [16, padded], packed values, o [16, Dh], a
+     * zero-padded block of 16 keys */
+    const ptrdiff_t per = (Dh / 32) * TILE + padded * 16 * 2 + 16 * padded + padded * Dh + 16 * Dh * 2 + 16 * Dh;
+    uint16_t *work = (uint16_t *)aligned_alloc(64, ((size_t)(threads * per) * 2 + 63) / 64 * 64);
+    if (!work) return -2;
+    __m512i lo_idx, hi_idx; /* interleave two rows of 32 values: dims 0-15, then 16-31, as pairs */
+    {
+        uint16_t a[32], b[32];
+        for (int j = 0; j < 16; j++) {
+            a[2 * j] = (uint16_t)j, a[2 * j + 1] = (uint16_t)(32 + j);
+            b[2 * j] = (uint16_t)(16 + j), b[2 * j + 1] = (uint16_t)(48 + j);
+        }
+        lo_idx = _mm512_loadu_si512(a);
+        hi_idx = _mm512_loadu_si512(b);
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        tiles_on();
+#ifdef _OPENMP
+        uint16_t *mine = work + (ptrdiff_t)omp_get_thread_num() * per;
+#else
+        uint16_t *mine = work;
+#endif
+        uint16_t *qb = mine;
+        float *st = (float *)(qb + (Dh / 32) * TILE);
+        uint16_t *pb = (uint16_t *)(st + padded * 16), *vb = pb + 16 * padded;
+        float *o = (float *)(vb + padded * Dh);
+        uint16_t *kpad = (uint16_t *)(o + 16 * Dh);
+#pragma omp for schedule(dynamic, 1)
+        for (ptrdiff_t task = 0; task < B * G; task++) {
+            const ptrdiff_t b = task / G, g = task % G;
+            ptrdiff_t n = kv_len ? kv_len[b] : S;
+            if (n > S) n = S;
+            const uint16_t *kh = k + b * k_strides[0] + g * k_strides[1];
+            const uint16_t *vh = v + b * v_strides[0] + g * v_strides[1];
+            for (ptrdiff_t dc = 0; dc < Dh / 32; dc++) /* B tiles of the queries: pairs of dimensions x 16 queries */
+                for (ptrdiff_t p = 0; p < 16; p++)
+                    for (ptrdiff_t j = 0; j < 16; j++)
+                        for (int e = 0; e < 2; e++)
+                            qb[dc * TILE + p * 32 + j * 2 + e] =
+                                j < rep ? q[b * q_strides[0] + (g * rep + j) * q_strides[1] + dc * 32 + 2 * p + e] : 0;
+            float sum[16], top[16];
+            if (n < 1) { /* no key: zeros (the caller never asks for this) */
+                memset(o, 0, sizeof(float) * (size_t)(16 * Dh));
+                for (int j = 0; j < 16; j++) sum[j] = 1.0f;
+            } else {
+                for (ptrdiff_t s0 = 0; s0 < n; s0 += 16) { /* S^T for 16 keys */
+                    const uint16_t *a = kh + s0 * k_strides[2];
+                    ptrdiff_t lda = k_strides[2] * 2;
+                    if (s0 + 16 > S) { /* the last block would read past the cache view: a padded copy */
+                        for (ptrdiff_t r = 0; r < 16; r++)
+                            if (s0 + r < S) memcpy(kpad + r * Dh, a + r * k_strides[2], (size_t)Dh * 2);
+                            else memset(kpad + r * Dh, 0, (size_t)Dh * 2);
+                        a = kpad;
+                        lda = Dh * 2;
+                    }
+                    _tile_zero(0);
+                    for (ptrdiff_t dc = 0; dc < Dh / 32; dc++) {
+                        _tile_loadd(4, a + dc * 32, lda);
+                        _tile_loadd(5, qb + dc * TILE, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                    }
+                    _tile_stored(0, st + s0 * 16, 64);
+                }
+                __m512 vmax = _mm512_set1_ps(-INFINITY); /* lane j: query j */
+                for (ptrdiff_t s = 0; s < n; s++) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(st + s * 16));
+                const __m512 shift = _mm512_mul_ps(vmax, _mm512_set1_ps(-scale)), vscale = _mm512_set1_ps(scale);
+                __m512 total = _mm512_setzero_ps();
+                for (ptrdiff_t s = 0; s < n; s++) {
+                    const __m512 pv = exp16_nonpositive(_mm512_fmadd_ps(_mm512_loadu_ps(st + s * 16), vscale, shift));
+                    total = _mm512_add_ps(total, pv);
+                    _mm512_storeu_ps(st + s * 16, pv);
+                }
+                _mm512_storeu_ps(sum, total);
+                _mm512_storeu_ps(top, vmax);
+                const ptrdiff_t n32 = (n + 31) & ~(ptrdiff_t)31;
+                for (ptrdiff_t j = 0; j < 16; j++) /* P [16 queries, n32 keys] in bf16, zero past n */
+                    for (ptrdiff_t s = 0; s < n32; s++) pb[j * padded + s] = s < n ? to_bf16(st[s * 16 + j]) : 0;
+                for (ptrdiff_t c = 0; c < n32 / 32; c++) /* V by key pairs: B tiles (chunk c, 16 dims) */
+                    for (ptrdiff_t p = 0; p < 16; p++) {
+                        const ptrdiff_t k0 = c * 32 + 2 * p;
+                        for (ptrdiff_t h = 0; h < Dh / 32; h++) {
+                            const __m512i r0 = k0 < n ? _mm512_loadu_si512(vh + k0 * v_strides[2] + h * 32)
+                                                      : _mm512_setzero_si512();
+                            const __m512i r1 = k0 + 1 < n ? _mm512_loadu_si512(vh + (k0 + 1) * v_strides[2] + h * 32)
+                                                          : _mm512_setzero_si512();
+                            uint16_t *t = vb + (c * (Dh / 16) + 2 * h) * TILE + p * 32;
+                            _mm512_storeu_si512(t, _mm512_permutex2var_epi16(r0, lo_idx, r1));
+                            _mm512_storeu_si512(t + TILE, _mm512_permutex2var_epi16(r0, hi_idx, r1));
+                        }
+                    }
+                for (ptrdiff_t dc = 0; dc < Dh / 16; dc++) { /* o[:, 16 dims] = P V */
+                    _tile_zero(0);
+                    for (ptrdiff_t c = 0; c < n32 / 32; c++) {
+                        _tile_loadd(4, pb + c * 32, padded * 2);
+                        _tile_loadd(5, vb + (c * (Dh / 16) + dc) * TILE, 64);
+                        _tile_dpbf16ps(0, 4, 5);
+                    }
+                    _tile_stored(0, o + dc * 16, Dh * 4);
+                }
+            }
+            for (ptrdiff_t j = 0; j < rep; j++) {
+                uint16_t *dst = out + b * o_strides[0] + (g * rep + j) * o_strides[1];
+                const float inv = sum[j] > 0 ? 1.0f / sum[j] : 0.0f;
+                for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = to_bf16(o[j * Dh + d] * inv);
+            }
+            (void)top;
+        }
+        _tile_release();
+    }
+    free(work);
+    return 0;
+}
+
 #else
 
 int af3_attention_level(void) { return 0; }
@@ -249,6 +377,15 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
     (void)q; (void)q_strides; (void)k; (void)k_strides; (void)v; (void)v_strides; (void)out; (void)o_strides;
     (void)B; (void)H; (void)G; (void)T; (void)S; (void)Dh; (void)kv_len; (void)causal; (void)q_start; (void)scale;
     (void)threads;
+    return -1;
+}
+
+int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
+                         const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides,
+                         int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
+                         int threads) {
+    (void)q; (void)q_strides; (void)k; (void)k_strides; (void)v; (void)v_strides; (void)out; (void)o_strides;
+    (void)B; (void)H; (void)G; (void)S; (void)Dh; (void)kv_len; (void)scale; (void)threads;
     return -1;
 }
 
