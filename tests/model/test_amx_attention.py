@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from af3.kernels import binding as cpu_kernels
+from af3.kernels import ops as kernel_ops
 from af3.kernels import policy
 
-needs_amx = pytest.mark.skipif(not cpu_kernels.amx_attention_available(),
+needs_amx = pytest.mark.skipif(not kernel_ops.amx_attention_available(),
                                reason="af3's AMX attention needs a CPU with AMX-BF16 and AVX-512 (and a C compiler)")
 
 
@@ -40,8 +40,8 @@ def _check(got, q, k, v, mask, scale=None):
                                                            (1, 14, 2, 799, 799, 64), (3, 2, 1, 70, 70, 256)])
 def test_full_attention_matches_sdpa(b, h, g, t, s, dh):
     q, k, v = _case(b, h, g, t, s, dh, seed=t)
-    _check(cpu_kernels.attention(q, k, v), q, k, v, None)
-    _check(cpu_kernels.attention(q, k, v, scale=0.3), q, k, v, None, scale=0.3)
+    _check(kernel_ops.attention(q, k, v), q, k, v, None)
+    _check(kernel_ops.attention(q, k, v, scale=0.3), q, k, v, None, scale=0.3)
 
 
 @needs_amx
@@ -50,7 +50,7 @@ def test_full_attention_matches_sdpa(b, h, g, t, s, dh):
 def test_causal_attention_with_an_offset_matches_sdpa(t, s, start):
     q, k, v = _case(1, 14, 2, t, s, 64, seed=s + start)
     mask = torch.arange(s)[None, :] <= torch.arange(start, start + t)[:, None]  # [T, S]: query i at slot start + i
-    _check(cpu_kernels.attention(q, k, v, causal=True, q_start=start), q, k, v, mask)
+    _check(kernel_ops.attention(q, k, v, causal=True, q_start=start), q, k, v, mask)
 
 
 @needs_amx
@@ -58,7 +58,7 @@ def test_key_padding_per_batch_row_matches_sdpa():
     q, k, v = _case(3, 8, 8, 300, 300, 64, seed=5)
     lengths = torch.tensor([300, 71, 1])
     mask = (torch.arange(300)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    _check(cpu_kernels.attention(q, k, v, kv_len=lengths), q, k, v, mask)
+    _check(kernel_ops.attention(q, k, v, kv_len=lengths), q, k, v, mask)
 
 
 @needs_amx
@@ -77,7 +77,7 @@ def test_decoding_attention_over_cache_prefixes_matches_sdpa(b, g, rep, s, dh):
     for row in range(b):  # stale slots past a row's length are never read either
         cache_v[row, :, int(lengths[row]):s] = float("nan")
     mask = (torch.arange(s)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
-    got = cpu_kernels.decode_attention(q, k, v, lengths)
+    got = kernel_ops.decode_attention(q, k, v, lengths)
     assert not got.isnan().any()
     v_clean = torch.where(mask.transpose(-1, -2).expand(-1, g, -1, dh), v, torch.zeros((), dtype=v.dtype))
     _check(got, q, k, v_clean, mask)
@@ -87,20 +87,20 @@ def test_decoding_attention_over_cache_prefixes_matches_sdpa(b, g, rep, s, dh):
 def test_bad_operands_are_refused():
     q, k, v = _case(1, 4, 4, 40, 40, 64, seed=1)
     with pytest.raises(ValueError):
-        cpu_kernels.attention(q.float(), k, v)
+        kernel_ops.attention(q.float(), k, v)
     with pytest.raises(ValueError):
-        cpu_kernels.attention(q[..., :32], k[..., :32], v[..., :32])  # Dh 32: not a multiple of 64
+        kernel_ops.attention(q[..., :32], k[..., :32], v[..., :32])  # Dh 32: not a multiple of 64
     with pytest.raises(ValueError):
-        cpu_kernels.attention(q, k[:, :3], v[:, :3])  # 4 heads over 3 kv heads
+        kernel_ops.attention(q, k[:, :3], v[:, :3])  # 4 heads over 3 kv heads
     with pytest.raises(ValueError):
-        cpu_kernels.attention(q, k, v, kv_len=torch.tensor([3, 4]))
+        kernel_ops.attention(q, k, v, kv_len=torch.tensor([3, 4]))
 
 
 def test_the_policy_takes_it_only_for_many_bf16_queries_without_autograd():
     p = policy.KernelPolicy(cpu_kernels=True)
     q = torch.zeros(1, 4, policy.AMX_ATTENTION_QUERIES, 64, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert p.amx_attention(q) == cpu_kernels.amx_attention_available()  # False where there is no AMX
+        assert p.amx_attention(q) == kernel_ops.amx_attention_available()  # False where there is no AMX
         assert not p.amx_attention(q[:, :, :-1])  # too few queries: SDPA
         assert not p.amx_attention(q.half())
         assert not p.amx_attention(q[..., :32])
@@ -118,8 +118,8 @@ def test_the_models_take_it_and_stay_as_accurate(monkeypatch):
     from af3.model.encoder import AudioEncoder
 
     calls = []
-    real = cpu_kernels.attention
-    monkeypatch.setattr(cpu_kernels, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = kernel_ops.attention
+    monkeypatch.setattr(kernel_ops, "attention", lambda *a, **k: calls.append(k) or real(*a, **k))
     torch.manual_seed(0)
     enc = AudioEncoder(EncoderConfig(num_mel_bins=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
                                      hidden_size=128, max_source_positions=200))
@@ -158,8 +158,8 @@ def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatc
     model, proc = AF3Model.from_pretrained(folder, dtype=torch.bfloat16), AF3Processor.from_pretrained(folder)
     convs = [[{"role": "user", "content": f"Say something about the number {i}."}] for i in range(6)]
     calls = []
-    real = cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a, **k: calls.append(a[3].tolist()) or real(*a, **k))
+    real = kernel_ops.decode_attention
+    monkeypatch.setattr(kernel_ops, "decode_attention", lambda *a, **k: calls.append(a[3].tolist()) or real(*a, **k))
     with policy.override(native_fused_rows=0, fused_decode="off"):
         got = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
         assert calls

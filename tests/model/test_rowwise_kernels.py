@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from af3.config import TextConfig
 from af3.kernels import binding as cpu_kernels
+from af3.kernels import ops as kernel_ops
 from af3.kernels import policy
 from af3.model import decoder as D
 
@@ -52,8 +53,8 @@ def test_rms_norm_matches_the_torch_norm(build, dtype, rows, dim):
     with policy.override(cpu_kernels=False):  # the torch expression
         want, want_sum = norm(x), x + r
         want_after_add = norm(want_sum)
-    got = cpu_kernels.rms_norm(x, norm.weight, 1e-6)
-    s, got_after_add = cpu_kernels.rms_norm(x, norm.weight, 1e-6, residual=r)
+    got = kernel_ops.rms_norm(x, norm.weight, 1e-6)
+    s, got_after_add = kernel_ops.rms_norm(x, norm.weight, 1e-6, residual=r)
     assert got.dtype == dtype and got.shape == x.shape
     assert torch.equal(s, want_sum)  # the add rounds exactly as torch's
     for a, b in ((got, want), (got_after_add, want_after_add)):
@@ -71,7 +72,7 @@ def test_silu_mul_matches_torch_bit_for_bit(build, dtype, n):
     gate = (torch.randn(n, generator=g) * 5).to(dtype)
     up = torch.randn(n, generator=g).to(dtype)
     want = F.silu(gate) * up
-    got = cpu_kernels.silu_mul_(gate.clone(), up)
+    got = kernel_ops.silu_mul_(gate.clone(), up)
     assert torch.equal(got, want)
 
 
@@ -80,7 +81,7 @@ def test_silu_mul_matches_torch_bit_for_bit(build, dtype, n):
 def test_silu_mul_keeps_nan_and_signed_zero(build, dtype):
     gate = torch.tensor([float("nan"), 0.0, -0.0, 30.0, -30.0] * 4, dtype=dtype)
     up = torch.ones_like(gate)
-    got = cpu_kernels.silu_mul_(gate.clone(), up)
+    got = kernel_ops.silu_mul_(gate.clone(), up)
     want = F.silu(gate) * up
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got[~got.isnan()], want[~want.isnan()])
@@ -97,7 +98,7 @@ def test_rotary_matches_apply_rotary_bit_for_bit(build, dtype):
     for x in (wide[..., : h * dh].unflatten(-1, (h, dh)),
               torch.randn(b, t, h, dh, generator=g).to(dtype)):  # rows strided (a slice), then contiguous
         want = D.apply_rotary(x.transpose(1, 2), cos, sin)  # [B, H, T, Dh]
-        got = cpu_kernels.rotary(x, cos, sin)  # [B, T, H, Dh]
+        got = kernel_ops.rotary(x, cos, sin)  # [B, T, H, Dh]
         assert got.is_contiguous() and torch.equal(got.transpose(1, 2), want)
 
 
@@ -113,18 +114,18 @@ def test_argmax_rows_is_torchs_argmax(build, dtype, n):
     x[4] = 0.5
     x[5] = float("-inf")
     x[5, n - 1] = -1e4  # the only finite value, in the tail or a vector lane
-    assert cpu_kernels.argmax_rows(x) == x.argmax(-1).tolist()
+    assert kernel_ops.argmax_rows(x) == x.argmax(-1).tolist()
 
 
 @needs_kernel
 def test_bad_operands_are_refused():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError):
-        cpu_kernels.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+        kernel_ops.rms_norm(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
     with pytest.raises(ValueError):
-        cpu_kernels.silu_mul_(x, torch.ones(3, 8, dtype=torch.bfloat16))
+        kernel_ops.silu_mul_(x, torch.ones(3, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError):
-        cpu_kernels.rotary(torch.randn(1, 2, 3, 24, dtype=torch.bfloat16), *[torch.ones(1, 2, 24)] * 2)
+        kernel_ops.rotary(torch.randn(1, 2, 3, 24, dtype=torch.bfloat16), *[torch.ones(1, 2, 24)] * 2)
 
 
 def test_the_policy_takes_them_only_for_half_cpu_inference():
@@ -158,13 +159,13 @@ def test_decoder_with_the_kernels_is_as_accurate_as_the_torch_decoder(dtype, mon
     pos = torch.arange(600)[None].expand(2, -1)
     calls = {"rms_norm": 0, "silu_mul_": 0, "rotary": 0}
     for name in calls:
-        real = getattr(cpu_kernels, name)
+        real = getattr(kernel_ops, name)
 
         def spy(*a, _real=real, _name=name, **k):
             calls[_name] += 1
             return _real(*a, **k)
 
-        monkeypatch.setattr(cpu_kernels, name, spy)
+        monkeypatch.setattr(kernel_ops, name, spy)
     with torch.inference_mode():
         reference = exact(x.float(), pos)
         with policy.override(cpu_kernels=False):

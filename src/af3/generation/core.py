@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ..kernels import binding as cpu_kernels
+from ..kernels import ops as kernel_ops
 from ..kernels import policy as kernel_policy
 from .output import OutputProcessor
 from .runner import ModelRunner
@@ -189,5 +189,5 @@ def _argmax_rows(logits: torch.Tensor) -> list[int]:
     """The argmax of each row of ``logits`` [n, V] as host ints: af3's one-pass C kernel on the logits as computed
     (bf16 too: widening is exact, so the argmax is the fp32 one) where it runs; else torch's, on the device."""
     if logits.device.type == "cpu" and kernel_policy.current().kernels_usable() and logits.stride(-1) == 1:
-        return cpu_kernels.argmax_rows(logits)
+        return kernel_ops.argmax_rows(logits)
     return logits.argmax(dim=-1).tolist()

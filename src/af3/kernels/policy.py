@@ -180,7 +180,7 @@ class KernelPolicy:
                 or q.shape[2] < AMX_ATTENTION_QUERIES or q.shape[3] % 64 or q.shape[3] > 256
                 or not self.kernels_usable()):
             return False
-        from .binding import amx_attention_available
+        from .ops import amx_attention_available
 
         return amx_attention_available()
 
@@ -192,7 +192,7 @@ class KernelPolicy:
         if (device.type != "cpu" or dtype != torch.bfloat16 or torch.is_grad_enabled() or head_dim % 32
                 or head_dim > 256 or heads % kv_heads or heads // kv_heads > 16 or not self.kernels_usable()):
             return False
-        from .binding import amx_attention_available
+        from .ops import amx_attention_available
 
         return amx_attention_available()
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..config import TextConfig
 from ..errors import CheckpointError
-from ..kernels import binding as cpu_kernels
+from ..kernels import ops as kernel_ops
 from ..kernels import policy as kernel_policy
 from .kv_cache import KVCache
 from .linear import Linear
@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if self.weight.dtype == x.dtype and kernel_policy.current().rowwise(x):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
+            return kernel_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = x + residual
             return x, self(x)
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         if self.head_dim % 16 == 0 and kernel_policy.current().rowwise(q):  # one pass, in the [B, T, H, Dh] layout
-            q, k = (cpu_kernels.rotary(z, *rope).transpose(1, 2) for z in (q, k))
+            q, k = (kernel_ops.rotary(z, *rope).transpose(1, 2) for z in (q, k))
         else:
             q, k = apply_rotary(q.transpose(1, 2), *rope), apply_rotary(k.transpose(1, 2), *rope)
         if isinstance(mask, MixedBatch):
@@ -201,9 +201,9 @@ class Attention(nn.Module):
 
         rep = self.num_heads // self.num_kv_heads
         if mask is None and kernel_policy.current().amx_attention(q):  # causal from slot 0: af3's AMX kernel
-            out = cpu_kernels.attention(q, k, v, causal=True)
+            out = kernel_ops.attention(q, k, v, causal=True)
         elif lengths is not None:  # one query per row over a prefix of its cache (Qwen2Model checked the policy)
-            out = cpu_kernels.decode_attention(q, k, v, lengths)
+            out = kernel_ops.decode_attention(q, k, v, lengths)
         elif rep > 1 and t == 1 and mask is not None:
             # One query per row (decoding): fold each head group into the query axis so the kv heads are not
             # copied; the [B, 1, 1, S] mask broadcasts over the group.
@@ -227,7 +227,7 @@ class Attention(nn.Module):
         kp, vp = row.keys_values(self.layer_idx, m.start + m.t)  # [1, Hkv, start+t, Dh]
         qp = q[:, :, : m.t]
         if kernel_policy.current().amx_attention(qp):  # the chunk is causal from slot m.start over valid keys
-            out_p = cpu_kernels.attention(qp, kp, vp, causal=True, q_start=m.start)
+            out_p = kernel_ops.attention(qp, kp, vp, causal=True, q_start=m.start)
         elif SDPA_GQA or rep == 1:
             out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m.prefill_mask,
                                                    is_causal=m.prefill_mask is None, **({"enable_gqa": True}
@@ -244,7 +244,7 @@ class Attention(nn.Module):
         if kernel_policy.current().amx_decode_attention(qd.dtype, qd.device, self.num_heads, self.num_kv_heads,
                                                          self.head_dim):  # each row's valid slots: 0 .. slots[i]
             q1 = qd.reshape(n, self.num_heads, 1, self.head_dim)
-            out_d = cpu_kernels.decode_attention(q1, kc, vc, m.slots + 1)  # [n, H, 1, Dh]
+            out_d = kernel_ops.decode_attention(q1, kc, vc, m.slots + 1)  # [n, H, 1, Dh]
         else:
             out_d = F.scaled_dot_product_attention(qd, kc, vc, m.decode_mask)  # [n, Hkv, rep, Dh]
         out_d = out_d.reshape(n, self.num_heads, self.head_dim).transpose(0, 1)[None]  # [1, H, n, Dh]
@@ -287,7 +287,7 @@ class MLP(nn.Module):
         if torch.is_grad_enabled():
             return F.silu(gate) * up
         if kernel_policy.current().rowwise(gate) and gate.is_contiguous():
-            return cpu_kernels.silu_mul_(gate, up)
+            return kernel_ops.silu_mul_(gate, up)
         return F.silu(gate, inplace=True).mul_(up)
 
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ..config import EncoderConfig
 from ..errors import CheckpointError
 from ..features import conv_output_lengths
-from ..kernels import binding as cpu_kernels
+from ..kernels import ops as kernel_ops
 from ..kernels import policy as kernel_policy
 from .linear import Linear
 
@@ -39,7 +39,7 @@ class EncoderAttention(nn.Module):
         k = self.k_proj(x).view(shape).transpose(1, 2)  # [N, H, T, Dh]
         v = self.v_proj(x).view(shape).transpose(1, 2)  # [N, H, T, Dh]
         if kernel_policy.current().amx_attention(q):  # the key-padding mask is a prefix of valid keys per window
-            out = cpu_kernels.attention(q, k, v, scale=1.0, kv_len=None if mask is None else mask.sum(-1).view(n))
+            out = kernel_ops.attention(q, k, v, scale=1.0, kv_len=None if mask is None else mask.sum(-1).view(n))
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # [N, H, T, Dh]
         return self.out_proj(out.transpose(1, 2).reshape(n, t, d))  # [N, T, D]
