@@ -293,7 +293,7 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                         for (int e = 0; e < 2; e++)
                             qb[dc * TILE + p * 32 + j * 2 + e] =
                                 j < rep ? q[b * q_strides[0] + (g * rep + j) * q_strides[1] + dc * 32 + 2 * p + e] : 0;
-            float sum[16], top[16];
+            float sum[16];
             if (n < 1) { /* no key: zeros (the caller never asks for this) */
                 memset(o, 0, sizeof(float) * (size_t)(16 * Dh));
                 for (int j = 0; j < 16; j++) sum[j] = 1.0f;
@@ -326,7 +326,6 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                     _mm512_storeu_ps(st + s * 16, pv);
                 }
                 _mm512_storeu_ps(sum, total);
-                _mm512_storeu_ps(top, vmax);
                 const ptrdiff_t n32 = (n + 31) & ~(ptrdiff_t)31;
                 for (ptrdiff_t j = 0; j < 16; j++) /* P [16 queries, n32 keys] in bf16, zero past n */
                     for (ptrdiff_t s = 0; s < n32; s++) pb[j * padded + s] = s < n ? to_bf16(st[s * 16 + j]) : 0;
@@ -358,7 +357,6 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                 const float inv = sum[j] > 0 ? 1.0f / sum[j] : 0.0f;
                 for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = to_bf16(o[j * Dh + d] * inv);
             }
-            (void)top;
         }
         _tile_release();
     }
