@@ -135,8 +135,8 @@ class EngineCore:
         plain = [_argmax_only(r) for r in reqs]
         tokens = None
         if sum(plain) > 1:
-            short = [i for i, r in enumerate(reqs) if plain[i] and r.chain and len(r.tokens) < r.options.min_new_tokens]
-            banned = [(i, t) for i in short for t in reqs[i].options.stop_token_ids if t < logits.shape[-1]]
+            short = [i for i, r in enumerate(reqs) if plain[i] and len(r.tokens) < r.options.min_new_tokens]
+            banned = [(i, t) for i in short for t in reqs[i].chain.argmax_ban if t < logits.shape[-1]]
             if banned:  # rows still short of min_new_tokens: their end tokens cannot be chosen yet
                 rows, ids = zip(*banned, strict=True)
                 logits[torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)] = -math.inf
@@ -175,14 +175,9 @@ class EngineCore:
 
 
 def _argmax_only(req: Request) -> bool:
-    """``req``'s next token is the argmax of its logits, after at most ``min_new_tokens``' ban of its end tokens:
-    ``sampling.build_chain`` builds nothing else for greedy options without a penalty or a JSON constraint, so a
-    chain is then that ban alone (applied by the caller while ``len(tokens) < min_new_tokens``)."""
-    o = req.options
-    if o.do_sample or o.logprobs:
-        return False
-    return not req.chain or (req.constraint is None and o.repetition_penalty == 1.0 and len(req.chain) == 1
-                             and bool(o.min_new_tokens and o.stop_token_ids))
+    """``req``'s next token is the argmax of its logits after at most its chain's end-token ban (see
+    ``sampling.Chain``), and nothing but the token is wanted (no logprobs)."""
+    return not req.options.logprobs and req.chain.argmax_ban is not None
 
 
 def _argmax_rows(logits: torch.Tensor) -> list[int]:

@@ -50,10 +50,21 @@ def suppress(logits: Tensor, token_ids: Sequence[int]) -> Tensor:
     return logits.index_fill(1, torch.tensor(list(token_ids), device=logits.device), float("-inf"))
 
 
-def build_chain(options: GenerationOptions, constraint: Any = None) -> list[Processor]:
+class Chain(list):
+    """The processors of one request, in order, and what a batched caller may do instead of running them.
+
+    ``argmax_ban`` is None when the next token needs the chain (sampling, a penalty, a JSON constraint); otherwise the
+    token is the argmax of the logits after these end tokens are suppressed while fewer than ``min_new_tokens`` tokens
+    exist (``()``: a plain argmax), so that rows of many requests can share one argmax."""
+
+    argmax_ban: tuple[int, ...] | None = None
+
+
+def build_chain(options: GenerationOptions, constraint: Any = None) -> Chain:
     """The processors of one request with resolved ``options`` (see the module docstring for the order)."""
     o = options
-    chain: list[Processor] = []
+    chain = Chain()
+    stops: list[int] = []
     if constraint is not None:  # JSON output: an end token only once the JSON is complete
         chain.append(lambda lg, _t, _n: lg.masked_fill(~constraint.allowed(lg.shape[-1], lg.device), float("-inf")))
     elif o.min_new_tokens and o.stop_token_ids:
@@ -68,6 +79,8 @@ def build_chain(options: GenerationOptions, constraint: Any = None) -> list[Proc
             chain.append(lambda lg, _t, _n: apply_top_k(lg, o.top_k))
         if o.top_p < 1.0:
             chain.append(lambda lg, _t, _n: apply_top_p(lg, o.top_p))
+    if not o.do_sample and constraint is None and o.repetition_penalty == 1.0:
+        chain.argmax_ban = tuple(stops)
     return chain
 
 

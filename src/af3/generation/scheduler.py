@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .options import GenerationOptions
+from .sampling import Chain
 
 
 @dataclass(eq=False)
@@ -41,7 +42,7 @@ class Request:
     penalty_ids: Tensor | None = None  # [S] what the repetition penalty sees before the new tokens (default: prompt)
     generator: torch.Generator | None = None
     constraint: Any = None  # a JsonSchemaConstraint for JSON output
-    chain: list = field(default_factory=list)  # logits processors (sampling.build_chain)
+    chain: Chain = field(default_factory=Chain)  # logits processors (sampling.build_chain)
     submitted: float = field(default_factory=time.time)
     tokens: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)
