@@ -221,13 +221,13 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True, include_embedd
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = lm.get_submodule(parent_name) if parent_name else lm
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
+        setattr(parent, child, int8_module(f"{LM_PREFIX}{name}", getattr(parent, child)))
     if include_embeddings:
         head = lm.lm_head
         if tied and isinstance(head, Int8Linear):  # same [V, D] rows, same per-row scales: share the buffers
             emb = Int8Embedding(head.qweight, head.scales, lm.model.embed_tokens.weight.dtype)
         else:
-            emb = Int8Embedding.from_embedding(lm.model.embed_tokens)
+            emb = int8_module(EMBEDDINGS, lm.model.embed_tokens)
         lm.model.embed_tokens = emb
     elif tied and "lm_head" in names:
         log.info("lm_head is tied to the embeddings: its int8 copy adds memory (the embedding table stays)")
@@ -235,14 +235,20 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True, include_embedd
     return model
 
 
+#: Where the quantized modules live in the AF3 model: the decoder (its linears), and its token embedding table.
+LM_PREFIX = "language_model."
+EMBEDDINGS = "language_model.model.embed_tokens"
+
+
 def int8_module(name: str, module: nn.Module) -> nn.Module:
-    """The load-time form of :func:`quantize_int8` (a ``load_pretrained`` transform, for untied embeddings): a
-    module of the decoder as it will be kept, given its loaded float module and its name in the AF3 model."""
-    if not name.startswith("language_model."):
+    """The rule of which module becomes what, shared by :func:`quantize_int8` and the load-time transform of
+    ``load_pretrained`` (for untied embeddings): a module of the decoder as it will be kept, given its float module
+    and its name in the AF3 model."""
+    if not name.startswith(LM_PREFIX):
         return module
     if isinstance(module, nn.Linear):
         return Int8Linear.from_linear(module)
-    if isinstance(module, nn.Embedding) and name == "language_model.model.embed_tokens":
+    if isinstance(module, nn.Embedding) and name == EMBEDDINGS:
         return Int8Embedding.from_embedding(module)
     return module
 
