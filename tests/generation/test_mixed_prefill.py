@@ -71,6 +71,28 @@ def test_rows_decode_while_a_long_prompt_is_prefilled_and_answer_as_alone(odd_pa
     assert late.output.token_ids == alone(model, proc, conv(6.0, 6, "A question that comes later?"), 12)
 
 
+def test_a_prompt_goes_in_equal_chunks_of_at_most_the_budget(odd_pair, small_chunks):
+    model, proc = odd_pair
+    engine = Engine(model, proc, max_batch_size=2)
+    engine.submit(conv(2.0, 12), max_new_tokens=30, min_new_tokens=30)
+    engine.step()
+    spans = []
+    real = engine.runner.prefill_mixed
+
+    def spy(row, req, embeds, start, stop, tokens, lengths):
+        spans.append((start, stop))
+        return real(row, req, embeds, start, stop, tokens, lengths)
+
+    engine.runner.prefill_mixed = spy
+    late = engine.submit(conv(5.0, 13, "A longer question about the second recording?"), max_new_tokens=2)
+    engine.step()
+    t = late.prompt_tokens
+    sizes = [b - a for a, b in spans]
+    assert t > 2 * 16 and len(sizes) == -(-t // 16)  # as few chunks as the budget of 16 allows
+    assert spans[0][0] == 0 and spans[-1][1] == t and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    assert max(sizes) <= 16 and max(sizes) - min(sizes) <= 1  # of equal size, not 16, 16, ..., and a short tail
+
+
 def test_many_requests_at_once_answer_as_alone(odd_pair, small_chunks):
     model, proc = odd_pair
     convs = [conv(1.0 + s, s) for s in range(6)]

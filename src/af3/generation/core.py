@@ -24,12 +24,14 @@ from .sampling import pick, process
 from .scheduler import PrefixCache, Request, Scheduler
 
 
-#: Prompt tokens per forward while other requests are decoding: each forward also carries one token of every
+#: Most prompt tokens per forward while other requests are decoding: each forward also carries one token of every
 #: running row, so decoding goes on while new requests are prefilled and the weights are read once for both. A
-#: prompt up to this length rides in one forward (measured at 16 clients of 30 s clips: smaller chunks of 256-512
-#: tokens were slower, each chunk paying the riders' attention and lm_head again); a long recording's prompt is
-#: cut so that the running rows still advance during its prefill. Prompts admitted while nothing runs go whole.
-PREFILL_CHUNK = 2048
+#: longer prompt goes in chunks of equal size (799 tokens: 400 + 399). Smaller chunks let the running rows ride
+#: more often instead of taking decoding steps of their own: on a 2-vCPU AMX Xeon, 15 rows decoding, two mixed
+#: forwards of 400 prompt tokens cost 0.87-0.96x (median of pairs, interleaved) what one of 800 and a decoding step
+#: cost, and three of 267 0.89x what one of 800 and two steps cost (``benchmarks/README.md``). Prompts admitted
+#: while nothing runs go whole.
+PREFILL_CHUNK = 512
 #: A prefix-cache match shorter than this is not used: recomputing a few tokens (a system prompt) costs less than
 #: attending with an explicit mask instead of the causal kernel.
 MIN_PREFIX_REUSE = 64
@@ -102,7 +104,8 @@ class EngineCore:
                 logits = self.runner.prefill(row, req, start)
                 break
             embeds = self.runner.prompt_embeds(req) if embeds is None else embeds
-            stop = min(req.prompt_tokens, start + PREFILL_CHUNK)
+            left = req.prompt_tokens - start
+            stop = start + -(-left // -(-left // PREFILL_CHUNK))  # the next of equal chunks of at most PREFILL_CHUNK
             logits, decoded = self.runner.prefill_mixed(row, req, embeds, start, stop, [r.tokens[-1] for r in riders],
                                                         [r.length for r in riders])
             live = [i for i, r in enumerate(riders) if r.finish_reason is None]  # (a finished row only fills its place)
