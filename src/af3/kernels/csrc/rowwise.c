@@ -63,11 +63,49 @@ INLINE __m256 round8(__m256 v, int kind) {
     return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
 }
 
+#ifdef __AVX512F__
+/* The value of 16 fp32 lanes rounded to bf16 (bf16_bits16's rounding), as fp32. */
+INLINE __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
+
+/* 16 fp32 lanes rounded to bf16 and stored at p. */
+INLINE void put16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bf16_bits16(v))); }
+
+/* af3_rms_norm for bf16 activations and weight, dim % 16 == 0: the same roundings, 16 lanes at a time (the sum of
+ * squares in 16 partial sums instead of 8). */
+static void rms_norm_bf16_wide(const uint16_t *x, const uint16_t *r, uint16_t *s, uint16_t *y, const uint16_t *w,
+                               ptrdiff_t rows, ptrdiff_t dim, ptrdiff_t stride, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * dim >= PARALLEL_MIN)
+    for (ptrdiff_t m = 0; m < rows; m++) {
+        const uint16_t *xr = x + m * stride;
+        float buf[dim]; /* the row's s, fp32 */
+        __m512 acc = _mm512_setzero_ps();
+        for (ptrdiff_t i = 0; i < dim; i += 16) {
+            __m512 v = bf16x16(xr + i);
+            if (r) {
+                v = round16(_mm512_add_ps(v, bf16x16(r + m * stride + i)));
+                put16(s + m * stride + i, v);
+            }
+            _mm512_storeu_ps(buf + i, v);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps));
+        for (ptrdiff_t i = 0; i < dim; i += 16)
+            put16(y + m * dim + i, _mm512_mul_ps(bf16x16(w + i), round16(_mm512_mul_ps(_mm512_loadu_ps(buf + i), inv))));
+    }
+}
+#endif
+
 /* x, r, s, y: [rows, dim] of `kind` (rows `stride` elements apart in x, r and s; y is contiguous); w: [dim] of
  * w_kind. r == NULL: s = x (s unused). Returns 0, or -1 for a kind it does not take. */
 int af3_rms_norm(const void *x, const void *r, void *s, void *y, const void *w, ptrdiff_t rows, ptrdiff_t dim,
                  ptrdiff_t stride, int kind, int w_kind, float eps, int threads) {
     if (kind < BF16 || kind > F32 || kind == I8 || w_kind < BF16 || w_kind > F32 || w_kind == I8) return -1;
+#ifdef __AVX512F__
+    if (kind == BF16 && w_kind == BF16 && dim % 16 == 0) {
+        rms_norm_bf16_wide(x, r, s, y, w, rows, dim, stride, eps, threads);
+        return 0;
+    }
+#endif
     const size_t size = kind == F32 ? 4 : 2;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * dim >= PARALLEL_MIN)
     for (ptrdiff_t m = 0; m < rows; m++) {
@@ -150,6 +188,26 @@ int af3_rotary(const void *x, ptrdiff_t x_stride, void *y, const void *cos, cons
                ptrdiff_t heads, ptrdiff_t dh, int kind, int threads) {
     if (kind < BF16 || kind > F32 || kind == I8 || dh % 16) return -1;
     const ptrdiff_t half = dh / 2;
+#ifdef __AVX512F__
+    if (kind == BF16 && half % 16 == 0) { /* the same roundings, 16 lanes at a time */
+        const uint16_t *xb = x, *cb = cos, *sb = sin;
+        uint16_t *yb = y;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * dh >= PARALLEL_MIN)
+        for (ptrdiff_t m = 0; m < rows; m++)
+            for (ptrdiff_t h = 0; h < heads; h++) {
+                const uint16_t *xs = xb + m * x_stride + h * dh;
+                uint16_t *yd = yb + (m * heads + h) * dh;
+                for (ptrdiff_t j = 0; j < half; j += 16) {
+                    __m512 a = bf16x16(xs + j), b = bf16x16(xs + half + j);
+                    __m512 c1 = bf16x16(cb + m * dh + j), c2 = bf16x16(cb + m * dh + half + j);
+                    __m512 s1 = bf16x16(sb + m * dh + j), s2 = bf16x16(sb + m * dh + half + j);
+                    put16(yd + j, _mm512_sub_ps(round16(_mm512_mul_ps(a, c1)), round16(_mm512_mul_ps(b, s1))));
+                    put16(yd + half + j, _mm512_add_ps(round16(_mm512_mul_ps(b, c2)), round16(_mm512_mul_ps(a, s2))));
+                }
+            }
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * heads * dh >= PARALLEL_MIN)
     for (ptrdiff_t m = 0; m < rows; m++) {
         for (ptrdiff_t h = 0; h < heads; h++) {
