@@ -136,7 +136,7 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
     for rows in rows_list:
         convs = [conversation(AUDIO_S, 10 * rows + i) for i in range(rows)]
         engine_decode(Engine(model, proc, max_batch_size=rows), convs, 4)  # warm-up (packs, plans, caches)
-        ttft, rate = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
+        ttft, rate, _ = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
         out[f"decode{rows}"] = rate
         out[f"ttft{rows}"] = ttft
     out["peak_rss"] = vm_hwm()
