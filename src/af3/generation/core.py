@@ -27,10 +27,10 @@ from .scheduler import PrefixCache, Request, Scheduler
 #: Most prompt tokens per forward while other requests are decoding: each forward also carries one token of every
 #: running row, so decoding goes on while new requests are prefilled and the weights are read once for both. A
 #: longer prompt goes in chunks of equal size (799 tokens: 400 + 399). Smaller chunks let the running rows ride
-#: more often instead of taking decoding steps of their own: on a 2-vCPU AMX Xeon, 15 rows decoding, two mixed
-#: forwards of 400 prompt tokens cost 0.87-0.96x (median of pairs, interleaved) what one of 800 and a decoding step
-#: cost, and three of 267 0.89x what one of 800 and two steps cost (``benchmarks/README.md``). Prompts admitted
-#: while nothing runs go whole.
+#: more often instead of taking decoding steps of their own: on a 2-vCPU AMX Xeon with 15 rows decoding, two mixed
+#: forwards of 400 prompt tokens cost a median 0.93x one of 800 plus a decoding step (``benchmarks/
+#: prefill_chunk_bench.py``, interleaved pairs), and 16 clients of 30 s clips got 8-10% more tokens/s. Prompts
+#: admitted while nothing runs go whole.
 PREFILL_CHUNK = 512
 #: A prefix-cache match shorter than this is not used: recomputing a few tokens (a system prompt) costs less than
 #: attending with an explicit mask instead of the causal kernel.
