@@ -29,7 +29,8 @@ from .scheduler import PrefixCache, Request, Scheduler
 #: longer prompt goes in chunks of equal size (799 tokens: 400 + 399). Smaller chunks let the running rows ride
 #: more often instead of taking decoding steps of their own: on a 2-vCPU AMX Xeon with 15 rows decoding, two mixed
 #: forwards of 400 prompt tokens cost a median 0.93x one of 800 plus a decoding step (``benchmarks/
-#: prefill_chunk_bench.py``, interleaved pairs), and 16 clients of 30 s clips got 8-10% more tokens/s. Prompts
+#: prefill_chunk_bench.py``, interleaved pairs); 16 clients of 30 s clips got 8-10% more tokens/s (chunks of 420,
+#: adjacent runs). Prompts
 #: admitted while nothing runs go whole.
 PREFILL_CHUNK = 512
 #: A prefix-cache match shorter than this is not used: recomputing a few tokens (a system prompt) costs less than
