@@ -30,8 +30,7 @@ from .scheduler import PrefixCache, Request, Scheduler
 #: more often instead of taking decoding steps of their own: on a 2-vCPU AMX Xeon with 15 rows decoding, two mixed
 #: forwards of 400 prompt tokens cost a median 0.93x one of 800 plus a decoding step (``benchmarks/
 #: prefill_chunk_bench.py``, interleaved pairs); 16 clients of 30 s clips got 8-10% more tokens/s (chunks of 420,
-#: adjacent runs). Prompts
-#: admitted while nothing runs go whole.
+#: adjacent runs). Prompts admitted while nothing runs go whole.
 PREFILL_CHUNK = 512
 #: A prefix-cache match shorter than this is not used: recomputing a few tokens (a system prompt) costs less than
 #: attending with an explicit mask instead of the causal kernel.
