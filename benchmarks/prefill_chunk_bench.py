@@ -14,22 +14,14 @@ those forwards (``ModelRunner.prefill_mixed`` and ``decode``; the encoder is lef
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
-import numpy as np
 from af3.generation import core as core_mod
 from af3.generation.engine import Engine, GenerationOptions
 from af3.system import cpu_description
-
-CACHE = os.path.join(os.environ.get("AF3_CACHE", os.path.expanduser("~/.cache/af3")), "bench-mid-serve")
-
-
-def conversation(seed: int) -> list[dict]:
-    audio = np.random.default_rng(seed).standard_normal(480000).astype(np.float32) * 0.1
-    return [{"role": "user", "content": [{"type": "audio", "array": audio},
-                                         {"type": "text", "text": "Describe the recording in detail."}]}]
+from benchmarks.engine_bench import conversation
+from benchmarks.serve_load import serving_checkpoint
 
 
 def main() -> None:
@@ -38,13 +30,13 @@ def main() -> None:
     ap.add_argument("--chunks", default="2048,512")
     ap.add_argument("--tokens", type=int, default=2, help="tokens each riding row makes per admitted prompt")
     ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--checkpoint", default=CACHE, help="the serving checkpoint of benchmarks/serve_load.py")
+    ap.add_argument("--checkpoint", default=None, help="default: the serving checkpoint of serve_load (built once)")
     args = ap.parse_args()
     chunks = [int(c) for c in args.chunks.split(",")]
-    engine = Engine.from_pretrained(args.checkpoint, max_batch_size=args.riders + 1)
+    engine = Engine.from_pretrained(str(args.checkpoint or serving_checkpoint()), max_batch_size=args.riders + 1)
     long = GenerationOptions(max_new_tokens=4000, min_new_tokens=4000, temperature=0.0)
     for i in range(args.riders):
-        engine.submit(conversation(i), long)
+        engine.submit(conversation(30.0, i), long)
     for _ in range(args.riders + 2):
         engine.step()
     runner = engine.core.runner
@@ -64,7 +56,7 @@ def main() -> None:
         for c in chunks:
             core_mod.PREFILL_CHUNK = c
             spent[0] = 0.0
-            req = engine.submit(conversation(1000 + 10 * k + c), GenerationOptions(max_new_tokens=4000))
+            req = engine.submit(conversation(30.0, 1000 + 10 * k + c), GenerationOptions(max_new_tokens=4000))
             before = engine.stats["mixed_steps"]
             engine.step()  # the encoder, then the prompt in chunks with the rows riding
             for _ in range(args.tokens - (engine.stats["mixed_steps"] - before)):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..features import conv_output_lengths
-from ..model.decoder import MixedBatch, additive_mask, attention_mask_4d
+from ..model.decoder import MixedBatch, PrefixMask, additive_mask, attention_mask_4d
 from ..model.kv_cache import KVCache
 from . import fused_plan
 from .scheduler import LRUBytes, Request
@@ -200,7 +200,8 @@ class ModelRunner:
         else:
             self._think_rows(think)
             try:
-                hidden = self.decoder(x, slots[:, None], valid[:, None, None, :], cache, slots[:, None])
+                mask = PrefixMask(valid[:, None, None, :], slots + 1)  # each row's valid slots: 0 .. slots[i]
+                hidden = self.decoder(x, slots[:, None], mask, cache, slots[:, None])
             finally:
                 self._think_rows([])
         self.stats["decode_steps"] += 1

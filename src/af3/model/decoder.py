@@ -323,12 +323,13 @@ class Qwen2Model(nn.Module):
         self,
         inputs_embeds: Tensor,
         position_ids: Tensor,
-        mask: Tensor | MixedBatch | None = None,
+        mask: Tensor | MixedBatch | PrefixMask | None = None,
         cache: KVCache | None = None,
         slots: int | Tensor = 0,
     ) -> Tensor:
         """inputs_embeds [B, T, D], position_ids [B, T], mask [B, 1, T, S] bool or None (plain causal, no
-        cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read."""
+        cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read. A decoding
+        step whose rows' valid keys are known to be cache prefixes may pass a :class:`PrefixMask`."""
         if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
             raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
@@ -336,11 +337,16 @@ class Qwen2Model(nn.Module):
             # Several queries: CPU SDPA runs an additive mask ~2x faster than a boolean one (converted once here,
             # not per layer). Every query sees at least itself, so no row is all -inf.
             mask = additive_mask(mask, inputs_embeds.dtype)
-        att = self.layers[0].self_attn if len(self.layers) else None
-        if (isinstance(mask, Tensor) and mask.dtype == torch.bool and inputs_embeds.shape[1] == 1 and cache is not None
-                and att is not None and kernel_policy.current().amx_decode_attention(
-                    inputs_embeds.dtype, inputs_embeds.device, att.num_heads, att.num_kv_heads, att.head_dim)):
-            mask = prefix_mask(mask) or mask  # a cache prefix per row: the AMX decoding attention reads lengths
+        decoding = isinstance(mask, PrefixMask) or (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                                                     and inputs_embeds.shape[1] == 1 and cache is not None)
+        if decoding:  # one query per row: af3's AMX decoding attention reads each row's length instead of the mask
+            att = self.layers[0].self_attn if len(self.layers) else None
+            amx = att is not None and kernel_policy.current().amx_decode_attention(
+                inputs_embeds.dtype, inputs_embeds.device, att.num_heads, att.num_kv_heads, att.head_dim)
+            if isinstance(mask, PrefixMask):  # declared by the caller (the engine's runner knows its rows)
+                mask = mask if amx else mask.mask
+            elif amx:  # found here: a cache prefix per row, or not
+                mask = prefix_mask(mask) or mask
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)

@@ -68,7 +68,7 @@ INLINE __m256 round8(__m256 v, int kind) {
 INLINE __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }
 
 /* 16 fp32 lanes rounded to bf16 and stored at p. */
-INLINE void put16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bf16_bits16(v))); }
+INLINE void put16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, bf16x16_from(v, 1)); }
 
 /* af3_rms_norm for bf16 activations and weight, dim % 16 == 0: the same roundings, 16 lanes at a time (the sum of
  * squares in 16 partial sums instead of 8). */
@@ -152,9 +152,7 @@ static ptrdiff_t silu_mul_bf16_wide(uint16_t *g, const uint16_t *u, ptrdiff_t n,
     for (ptrdiff_t b = 0; b < blocks; b++) {
         __m512 v = bf16x16(g + b * 16);
         v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
-        v = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); /* T(silu(g)) */
-        __m512i r = bf16_bits16(_mm512_mul_ps(v, bf16x16(u + b * 16)));
-        _mm256_storeu_si256((__m256i *)(g + b * 16), _mm512_cvtepi32_epi16(r));
+        put16(g + b * 16, _mm512_mul_ps(round16(v), bf16x16(u + b * 16))); /* T(T(silu(g)) * u) */
     }
     return blocks * 16;
 }
