@@ -175,12 +175,20 @@ INLINE __m256i bf16x16_from(__m512 v, int denormals_matter) {
 INLINE __m512 exp16_nonpositive(__m512 x) { return exp16_poly(x, 6); }
 #endif
 
-/* Software prefetch distance (elements) along a weight row, for one-row products (row1; tiles prefetch the next
- * tile instead, see NEXT_TILE): the hardware prefetchers alone leave a DRAM-bound one-row product well below the
- * bandwidth it can reach. int8 weights look 4x as many elements (the same 2 KB) ahead. The measurements that chose
- * these distances are in benchmarks/README.md. */
-#define PREFETCH 512
-#define AHEAD(kind) ((kind) == I8 ? 4 * PREFETCH : PREFETCH)
+/* Software prefetch along a weight row, for one-row products (row1; tiles prefetch the next tile instead, see
+ * NEXT_TILE): the hardware prefetchers alone leave a DRAM-bound one-row product well below the bandwidth it can
+ * reach. How far ahead, and into which cache, was measured on each CPU class (benchmarks/README.md):
+ * - AVX2 (a 2-vCPU AMD EPYC): 1 KB ahead for bf16/fp16 and 2 KB for int8 weights, into L1;
+ * - AVX-512 (a 2-vCPU Sapphire Rapids Xeon): 8 KB ahead into L2. 1 KB left a single row at ~21 GB/s against
+ *   28-30 at 4-16 KB (a C loop over 550 MB), and a batch-1 decoding step of the benchmark model took 38.5-40 ms
+ *   at 4-16 KB against 47-48.7 at 1 KB (interleaved in one process; int8: 24.0 against 25.7). */
+#ifdef __AVX512F__
+#define AHEAD_BYTES(kind) 8192
+#define AHEAD_HINT _MM_HINT_T1
+#else
+#define AHEAD_BYTES(kind) ((kind) == I8 ? 2048 : 1024)
+#define AHEAD_HINT _MM_HINT_T0
+#endif
 
 /* out[0:MT, n0:n0+NT] for rows x[0:MT] (MT <= 4, NT <= 8, MT * NT <= 12 keeps the accumulators in registers).
  * NEXT_TILE: a tile reads NT weight rows side by side, and the memory system serves those interleaved streams
@@ -230,7 +238,7 @@ INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int ki
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     ptrdiff_t k = 0, base = n * K;
     for (; k + 32 <= K; k += 32) {
-        _mm_prefetch((const char *)w + (base + k + AHEAD(kind)) * size, _MM_HINT_T0);
+        _mm_prefetch((const char *)w + (base + k) * size + AHEAD_BYTES(kind), AHEAD_HINT);
         a0 = _mm256_fmadd_ps(load8(w, base + k, kind), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(load8(w, base + k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
         a2 = _mm256_fmadd_ps(load8(w, base + k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
