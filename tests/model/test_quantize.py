@@ -138,8 +138,9 @@ def counting(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.skipif(not FUSED, reason="this torch has no CPU _weight_int8pack_mm kernel")
-def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch, kernel_policy):
-    kernel_policy(native_half=HALF_DTYPES)  # a CPU with native bf16 GEMMs (not af3's kernel)
+def test_fused_kernel_is_chosen_for_bf16_decode_rows_only_where_af3s_kernels_do_not_build(monkeypatch,
+                                                                                        kernel_policy):
+    kernel_policy(native_half=HALF_DTYPES, cpu_kernels=False)  # native bf16 GEMMs, no af3 kernels
     calls = counting(monkeypatch)
     q = Int8Linear.from_linear(varied_linear(128, 48, True, torch.bfloat16))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
@@ -152,9 +153,26 @@ def test_fused_kernel_is_chosen_for_bf16_decode_rows_only(monkeypatch, kernel_po
     assert calls == {"fused": 2, "fallback": 2, "own": 0, "steps": 0}
 
 
+@pytest.mark.skipif(not Q.cpu_kernels.available(), reason="af3's CPU kernels do not build on this machine")
+def test_af3s_kernel_takes_int8_decode_rows_up_to_the_crossover_also_with_native_bf16_gemms(monkeypatch,
+                                                                                          kernel_policy):
+    policy = kernel_policy(native_half=HALF_DTYPES)  # a CPU with native bf16 GEMMs (AVX-512-BF16/AMX)
+    calls = counting(monkeypatch)
+    lin = varied_linear(128, 48, True, torch.bfloat16)
+    q = Int8Linear.from_linear(lin)
+    with torch.no_grad():
+        for rows in (1, kernel_policy_module.SMALL_ROWS):
+            x = torch.randn(rows, 128, dtype=torch.bfloat16)
+            check_error_bound(x, q(x), lin)
+        assert calls == {"fused": 0, "fallback": 0, "own": 2, "steps": 0}
+        q(torch.randn(kernel_policy_module.SMALL_ROWS + 1, 128, dtype=torch.bfloat16))  # past it: dequantized
+    assert calls == {"fused": 0, "fallback": 1, "own": 2, "steps": 0}
+    assert not policy.own_int8(1, torch.bfloat16, torch.device("meta"))  # never off the CPU
+
+
 def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch, kernel_policy):
     """torch 2.13's bf16 CPU kernel returns NaN/garbage for K % 16 != 0; the guard must route around it."""
-    kernel_policy(native_half=HALF_DTYPES)  # where torch's fused kernel would be chosen
+    kernel_policy(native_half=HALF_DTYPES, cpu_kernels=False)  # where torch's fused kernel would be chosen
     calls = counting(monkeypatch)
     lin = varied_linear(72, 40, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)

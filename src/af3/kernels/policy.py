@@ -12,8 +12,13 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   GEMMs far below the fp32 ones: from :attr:`KernelPolicy.convert_rows` rows a half weight is widened to fp32 a
   chunk at a time; below it (decoding) af3's own kernel widens it in registers, at memory bandwidth.
 * On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
-* int8 weights: torch's fused ``_weight_int8pack_mm`` is vectorised for bf16 activations only and its cost grows
-  linearly with the rows, so it serves few rows; elsewhere the weight is dequantized in chunks and multiplied.
+* int8 weights: af3's few-row kernel reads them near memory bandwidth on every x86 CPU where it builds, native half
+  GEMMs or not. On a 2-vCPU Xeon with AMX (``benchmarks/gemv_bench.py --only int8``, weights streamed from memory,
+  2026-12-06) the 151936 x 896 lm_head at 1, 4 and 8 rows took 5.7, 8.9 and 15.6 ms in it against 10.5, 13.2 and
+  25.1 in torch's fused ``_weight_int8pack_mm`` and 23-25 dequantized; at 16 rows the dequantized GEMM wins on every
+  shape. So up to :data:`SMALL_ROWS` rows int8 products take af3's kernel; torch's fused kernel (vectorised for bf16
+  activations only, its cost growing linearly with the rows) serves few rows where af3's kernels do not build;
+  elsewhere the weight is dequantized in chunks and multiplied.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway.
   Where oneDNN has native half GEMMs it wins only for few rows: on a 2-vCPU Xeon with AMX (``engine_bench --only
   crossover``, 2026-12-06) it decoded 1.33x, 1.65x and 1.27x torch's kernels' rate at 1, 2 and 4 rows, and 0.69x
@@ -153,6 +158,13 @@ class KernelPolicy:
         """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel."""
         return (device.type == "cpu" and rows < self.convert_rows and dtype in HALF_DTYPES
                 and dtype not in self.native_half and self.kernels_usable())
+
+    def own_int8(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's few-row C
+        kernel: wherever half weights would, and up to :data:`SMALL_ROWS` rows on CPUs with native half GEMMs too
+        (neither oneDNN nor torch has a faster int8-weight product for few rows there; module docstring)."""
+        return self.own_gemm(rows, dtype, device) or (
+            device.type == "cpu" and rows <= SMALL_ROWS and dtype in HALF_DTYPES and self.kernels_usable())
 
     def gemv(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A half-precision product of ``rows`` rows runs as ``W @ x.T`` (after the two rules above declined)."""
