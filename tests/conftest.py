@@ -100,3 +100,23 @@ def kernel_policy():
 
     yield set_fields
     policy.set_policy(before)
+
+
+@pytest.fixture(scope="session")
+def avx2_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels-avx2")  # one AVX2-only build for the session
+
+
+@pytest.fixture(params=["native", "avx2"])
+def build(request, monkeypatch, avx2_cache):
+    """The kernels as built for this CPU, and as built without AVX-512 (on an AVX-512 machine the AVX2 code paths
+    then run too, so that CI on either CPU class checks both). Tests that take it need the kernels to build."""
+    from af3.kernels import binding
+
+    if request.param == "avx2":
+        monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, "-mno-avx512f"))
+        monkeypatch.setenv("AF3_CACHE", str(avx2_cache))
+        binding._library.cache_clear()
+        assert binding.available()
+    yield request.param
+    binding._library.cache_clear()

@@ -54,6 +54,33 @@ def test_products_match_float64(rows, n, k):
         assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max(), dtype
 
 
+def test_the_bf16_row_products_take_the_fastest_instructions_this_cpu_has():
+    flags = set((cpuinfo("flags") or "").split())
+    want = 0
+    if cpu_kernels.available() and "avx512_bf16" in flags:
+        want = 2 if {"amx_bf16", "amx_tile"} <= flags else 1  # (AMX also needs the OS's permission, granted here)
+    assert cpu_kernels.bf16_rows_level() == want
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17])
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (200, 256), (64, 96)])
+def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
+    """bf16 rows times bf16 weights, on every path this CPU has: widened to fp32 (the AVX2 build), AVX512-BF16 pair
+    dot products (one row; K % 32 != 0; 17 rows), AMX tile products (2-16 rows with K % 32 == 0, the channels past
+    the last whole 16 by pair dot products: n = 200 is 3 x 64 + 8)."""
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    exact = x.double() @ w.double().T  # bf16 products are exact; only the fp32 sums differ
+    got = cpu_kernels.small_gemm(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert (got.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    want = exact * scale.double() + bias.double()
+    got = cpu_kernels.small_gemm(x, w, scale, bias, out_dtype=torch.bfloat16)  # rounded once to bf16
+    assert ((got.double() - want).abs() <= 2**-8 * want.abs() + 1e-5 * want.abs().max()).all()
+
+
 @needs_kernel
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
 def test_half_inputs_operands_and_outputs_round_once(half):

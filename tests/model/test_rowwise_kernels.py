@@ -18,24 +18,6 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.available(),
 HALVES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module")
-def avx2_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kernels-avx2")  # one AVX2-only build for the module
-
-
-@pytest.fixture(params=["native", "avx2"])
-def build(request, monkeypatch, avx2_cache):
-    """The kernels as built for this CPU, and as built without AVX-512 (on an AVX-512 machine the AVX2 code paths
-    then run too, so that CI on either CPU class checks both)."""
-    if request.param == "avx2":
-        monkeypatch.setattr(cpu_kernels, "FLAGS", (*cpu_kernels.FLAGS, "-mno-avx512f"))
-        monkeypatch.setenv("AF3_CACHE", str(avx2_cache))
-        cpu_kernels._library.cache_clear()
-        assert cpu_kernels.available()
-    yield request.param
-    cpu_kernels._library.cache_clear()
-
-
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Distance in units of the last place of ``a``'s dtype (bf16/fp16 bit patterns are monotonic per sign)."""
     return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()

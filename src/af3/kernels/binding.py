@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by all.
 SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c", KERNELS / "attention.c")
-HEADERS = (KERNELS / "gemm.h",)
+HEADERS = (KERNELS / "gemm.h", KERNELS / "amx.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2, torch.float32: 3}
@@ -92,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
     if lib.af3_small_gemm_level() < 1:
         log.info("this CPU lacks AVX2/FMA/F16C: af3's CPU kernel is off")
         return None
-    lib.af3_small_gemm.restype = ctypes.c_int
+    lib.af3_small_gemm.restype = lib.af3_bf16_rows_level.restype = ctypes.c_int
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t
     lib.af3_small_gemm.argtypes = [p, i, n, n, p, i, n, p, i, p, i, p, i, i]
     lib.af3_decode_step.restype = ctypes.c_int
@@ -131,6 +131,13 @@ def abi_mismatch(lib: ctypes.CDLL) -> str:
 def available() -> bool:
     """True when the kernel is built and usable on this machine."""
     return _library() is not None
+
+
+def bf16_rows_level() -> int:
+    """How the kernels multiply bf16 weights by bf16 rows on this machine: 0 widened to fp32 (AVX2, or no kernels),
+    1 with AVX512-BF16's pair dot products, 2 those for one row and AMX tile products for 2-16 rows (``gemm.h``)."""
+    lib = _library()
+    return 0 if lib is None else lib.af3_bf16_rows_level()
 
 
 def _operand(t: Tensor | None, n: int, what: str) -> tuple[Tensor | None, int | None, int]:
@@ -194,7 +201,7 @@ class _Step(ctypes.Structure):
                 *((name, ctypes.c_void_p) for name in ("positions", "slots", "mask", "inv_freq", "caches",
                                                        "final_norm", "x", "out", "scratch")),
                 ("scratch_floats", ctypes.c_int64), ("eps", ctypes.c_float),
-                *((name, ctypes.c_int32) for name in ("act_kind", "threads", "unused"))]
+                *((name, ctypes.c_int32) for name in ("act_kind", "threads", "amx_attention"))]
 
 
 class DecodeWeights:
@@ -257,10 +264,13 @@ class DecodeWeights:
                 setattr(self.layers[i], name, t.data_ptr())
         if len(kinds) > 1:
             raise ValueError("decode_step: all linear weights must share one dtype")
+        #: The linear weights are int8 (their products take other kernels than half weights: ``policy``).
+        self.int8 = kinds == {torch.int8}
 
 
 def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor,
-                keys: list[Tensor], values: list[Tensor], scratch: Scratch | None = None) -> Tensor:
+                keys: list[Tensor], values: list[Tensor], scratch: Scratch | None = None,
+                amx_attention: bool = False) -> Tensor:
     """All decoder layers and the final norm for one new token per row, in one call (``kernels/decode_step.c``).
 
     x [M, hidden] (the tokens' embeddings, ``weights.dtype``), positions and slots [M] int64 (rotary position; cache
@@ -268,7 +278,9 @@ def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Ten
     kv_heads, slots, head_dim] cache tensors of ``weights.dtype`` whose rows start with this step's rows, all with
     the same strides and a contiguous last axis. Writes the new keys and values into the caches and returns the
     final hidden states [M, hidden]. ``scratch`` is the work memory to use (kept by a :class:`FusedDecoder` across
-    steps); without it one is made for this call. Requires :func:`available`."""
+    steps); without it one is made for this call. ``amx_attention``: bf16 rows whose mask is a prefix of their slots
+    may attend through af3's AMX decoding kernel (``kernels/csrc/attention.c``; where it does not run here, the step's
+    own attention serves). Requires :func:`available`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("af3's CPU kernels are not available on this machine")
@@ -309,7 +321,7 @@ def decode_step(weights: DecodeWeights, x: Tensor, positions: Tensor, slots: Ten
     step = _Step(m, w.hidden, w.heads, w.kv_heads, w.head_dim, w.inter, mask.shape[1], strides[0], strides[1],
                  strides[2], positions.data_ptr(), slots.data_ptr(), mask.data_ptr(), w.inv_freq_ptr,
                  ctypes.cast(pointers, ctypes.c_void_p), w.final_norm_ptr, x.data_ptr(), out.data_ptr(), None, 0,
-                 w.eps, KINDS[w.dtype], torch.get_num_threads(), 0)
+                 w.eps, KINDS[w.dtype], torch.get_num_threads(), int(amx_attention))
     memory = (scratch or Scratch()).at_least(lib.af3_decode_scratch(ctypes.byref(step)))
     step.scratch, step.scratch_floats = memory.data_ptr(), memory.numel()
     status = lib.af3_decode_step(ctypes.byref(step), w.layers, w.num_layers)
@@ -345,7 +357,11 @@ class FusedDecoder:
     def dtype(self) -> torch.dtype:
         return self.weights.dtype
 
+    @property
+    def int8(self) -> bool:
+        return self.weights.int8
+
     def step(self, x: Tensor, positions: Tensor, slots: Tensor, mask: Tensor, keys: list[Tensor],
-             values: list[Tensor]) -> Tensor:
+             values: list[Tensor], amx_attention: bool = False) -> Tensor:
         """One token per row through every layer and the final norm (arguments as :func:`decode_step`)."""
-        return decode_step(self.weights, x, positions, slots, mask, keys, values, self.scratch)
+        return decode_step(self.weights, x, positions, slots, mask, keys, values, self.scratch, amx_attention)

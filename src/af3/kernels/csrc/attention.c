@@ -24,8 +24,8 @@
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
 #include <immintrin.h>
 #include <math.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx.h"
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -35,31 +35,6 @@
 #define TILE 512     /* bf16 elements in one 16 x 64-byte tile */
 
 int af3_attention_level(void) { return 1; }
-
-/* Linux gives a process AMX state only after it asks (torch's oneDNN usually has; asking again is harmless). */
-static int amx_permitted(void) {
-    static int state = 0;
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0 ? 1 : -1;
-    return state == 1;
-}
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
-
-/* Tiles 0-3 (fp32 accumulators), 4 (A operand), 5 and 6 (B operands): 16 rows of 64 bytes each. */
-static void tiles_on(void) {
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 7; i++) {
-        c.colsb[i] = 64;
-        c.rows[i] = 16;
-    }
-    _tile_loadconfig(&c);
-}
 
 /* The first min(count, 16) lanes. */
 static inline __mmask16 lanes(ptrdiff_t count) {
