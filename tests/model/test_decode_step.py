@@ -24,6 +24,7 @@ from af3.generation.engine import Engine
 from af3.generation.fused_plan import read_plan
 from af3.generation.runner import ModelRunner
 from af3.kernels import binding
+from af3.kernels import ops as kernel_ops
 from af3.model import decoder as D
 from af3.model.kv_cache import KVCache
 from af3.model.quantize import Int8Linear
@@ -35,10 +36,10 @@ needs_kernel = pytest.mark.skipif(not kernels.available(), reason="af3's CPU ker
 LAYERS, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 3, 64, 4, 2, 16, 96
 
 
-def random_decoder(seed: int = 0) -> D.Qwen2Model:
+def random_decoder(seed: int = 0, head_dim: int = HEAD_DIM) -> D.Qwen2Model:
     torch.manual_seed(seed)
-    cfg = TextConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, vocab_size=50,
+    cfg = TextConfig(hidden_size=HEADS * head_dim, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=head_dim, vocab_size=50,
                      pad_token_id=0)
     model = D.Qwen2Model(cfg).eval()
     with torch.no_grad():
@@ -61,19 +62,21 @@ class Calls:
         monkeypatch.setattr(binding.FusedDecoder, "step", counted)
 
 
-def decode_once(model: D.Qwen2Model, dtype: torch.dtype, fused: bool, prompt: int = 9,
-                max_len: int = 48) -> tuple[torch.Tensor, KVCache]:
-    """Prefill ``prompt`` random embeddings for 3 rows (rows 1 and 2 left-padded by 3 and 5) with the modules, then
-    one decoding step through the fused plan or the modules; returns the step's hidden states [3, 1, D] (fp32) and
-    the cache."""
+def decode_once(model: D.Qwen2Model, dtype: torch.dtype, fused: bool, prompt: int = 9, max_len: int = 48,
+                padded: bool = True, amx: bool = False) -> tuple[torch.Tensor, KVCache]:
+    """Prefill ``prompt`` random embeddings for 3 rows (``padded``: rows 1 and 2 left-padded by 3 and 5) with the
+    modules, then one decoding step through the fused plan (``amx``: allowed to attend through the AMX kernel) or
+    the modules; returns the step's hidden states [3, 1, D] (fp32) and the cache."""
     g = torch.Generator().manual_seed(1)
     b = 3
-    x = torch.randn(b, prompt, HIDDEN, generator=g).to(dtype)
-    step = torch.randn(b, 1, HIDDEN, generator=g).to(dtype)
+    hidden = model.norm.weight.numel()
+    x = torch.randn(b, prompt, hidden, generator=g).to(dtype)
+    step = torch.randn(b, 1, hidden, generator=g).to(dtype)
     valid = torch.ones(b, prompt + 1, dtype=torch.bool)
-    valid[1, :3] = valid[2, :5] = False
+    if padded:
+        valid[1, :3] = valid[2, :5] = False
     pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
-    cache = KVCache(LAYERS, b, max_len, KV_HEADS, HEAD_DIM, dtype=dtype, device="cpu")
+    cache = KVCache(LAYERS, b, max_len, KV_HEADS, model.layers[0].self_attn.head_dim, dtype=dtype, device="cpu")
     mask = D.attention_mask_4d(valid, prompt, 1)  # [3, 1, 1, S]
     with torch.inference_mode():
         model(x, pos[:, :prompt], D.attention_mask_4d(valid[:, :prompt], 0, prompt), cache, 0)
@@ -82,7 +85,7 @@ def decode_once(model: D.Qwen2Model, dtype: torch.dtype, fused: bool, prompt: in
             assert plan is not None
             slots = torch.full((b,), prompt, dtype=torch.long)
             out = plan.decoder.step(step.reshape(b, -1), pos[:, prompt].contiguous(), slots, mask.reshape(b, -1),
-                                    cache.k, cache.v)[:, None]
+                                    cache.k, cache.v, amx)[:, None]
         else:
             out = model(step, pos[:, prompt:], mask, cache, prompt)
     return out.float(), cache
@@ -96,12 +99,12 @@ def quantized(model: D.Qwen2Model) -> D.Qwen2Model:
     return model
 
 
-def errors(model: D.Qwen2Model, dtype: torch.dtype, prompt: int = 9) -> tuple[float, float, float, float]:
+def errors(model: D.Qwen2Model, dtype: torch.dtype, prompt: int = 9, **how) -> tuple[float, float, float, float]:
     """(max, mean) error of the fused step and of the modules against float64 arithmetic on the same weights."""
     truth_model = copy.deepcopy(model).double()
-    fused, _ = decode_once(model, dtype, True, prompt)
-    modules, _ = decode_once(model, dtype, False, prompt)
-    truth, _ = decode_once(truth_model, torch.float64, False, prompt)
+    fused, _ = decode_once(model, dtype, True, prompt, **how)
+    modules, _ = decode_once(model, dtype, False, prompt, padded=how.get("padded", True))
+    truth, _ = decode_once(truth_model, torch.float64, False, prompt, padded=how.get("padded", True))
     f, m = (fused - truth).abs(), (modules - truth).abs()
     return float(f.max()), float(f.mean()), float(m.max()), float(m.mean())
 
@@ -130,6 +133,22 @@ def test_the_fused_step_is_as_accurate_as_the_modules(dtype, int8, prompt):
         assert torch.equal(a[:, :, prompt + 1:], b[:, :, prompt + 1:])
         assert (a[:, :, prompt] - b[:, :, prompt]).abs().max() <= 0.05 * b[:, :, prompt].abs().max()
         assert a[:, :, prompt].abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.skipif(not kernel_ops.amx_attention_available(), reason="af3's AMX attention needs AMX-BF16 and AVX-512")
+def test_rows_that_attend_to_prefixes_take_the_amx_attention_where_allowed():
+    model = copy.deepcopy(random_decoder(head_dim=32)).to(torch.bfloat16)  # the AMX kernel takes Dh % 32 == 0
+    for amx in (False, True):
+        assert as_accurate(errors(model, torch.bfloat16, 37, padded=False, amx=amx))
+    own, _ = decode_once(model, torch.bfloat16, True, 37, padded=False)
+    tiles, cache = decode_once(model, torch.bfloat16, True, 37, padded=False, amx=True)
+    _, modules_cache = decode_once(model, torch.bfloat16, False, 37, padded=False)
+    assert not torch.equal(own, tiles)  # the AMX kernel ran: probabilities rounded to bf16 for the product with v
+    for got, want in zip(cache.k + cache.v, modules_cache.k + modules_cache.v, strict=True):
+        assert torch.equal(got[:, :, :37], want[:, :, :37]) and got[:, :, 37].abs().sum() > 0
+    padded, _ = decode_once(model, torch.bfloat16, True, 37, amx=True)  # left-padded rows: the step's own attention
+    assert torch.equal(padded, decode_once(model, torch.bfloat16, True, 37)[0])
 
 
 @needs_kernel
@@ -295,16 +314,22 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     with caplog.at_level("WARNING"):
         assert KernelPolicy.detect({"AF3_FUSED_DECODE": "sometimes"}).fused_decode == "auto"
     assert "not one of auto, always, off" in caplog.text
-    native = KernelPolicy(native_half=frozenset({torch.bfloat16}))
+    native = KernelPolicy(native_half=frozenset({torch.bfloat16, torch.float16}))
     cpu = torch.device("cpu")
-    # "auto" where the dtype's GEMMs are native: the fused step up to the measured crossover, torch's kernels above
-    from af3.kernels.policy import NATIVE_FUSED_ROWS
+    # "auto" where the dtype's GEMMs are native: the fused step up to the measured crossover, torch's kernels above.
+    # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, else
+    # NATIVE_FUSED_ROWS; int8 weights up to SMALL_ROWS (af3's int8 kernel's own crossover).
+    from af3.kernels.policy import AMX_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
 
-    for rows in (1, NATIVE_FUSED_ROWS):
-        assert native.fused_decode_takes(rows, torch.bfloat16, cpu) == kernels.available()
-    assert not native.fused_decode_takes(NATIVE_FUSED_ROWS + 1, torch.bfloat16, cpu)
-    assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0).fused_decode_takes(
-        1, torch.bfloat16, cpu)
+    bf16_limit = AMX_FUSED_ROWS if binding.bf16_rows_level() == 2 else NATIVE_FUSED_ROWS
+    for dtype, limit in ((torch.bfloat16, bf16_limit), (torch.float16, NATIVE_FUSED_ROWS)):
+        for rows in (1, limit):
+            assert native.fused_decode_takes(rows, dtype, cpu) == kernels.available()
+        assert not native.fused_decode_takes(limit + 1, dtype, cpu)
+    assert native.fused_decode_takes(SMALL_ROWS, torch.bfloat16, cpu, int8=True) == kernels.available()
+    assert not native.fused_decode_takes(SMALL_ROWS + 1, torch.bfloat16, cpu, int8=True)
+    assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0,
+                            amx_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")
     assert forced.fused_decode_takes(1, torch.bfloat16, cpu) == kernels.available()
     assert not forced.fused_decode_takes(1, torch.float32, cpu) and not forced.fused_decode_takes(64, torch.bfloat16,

@@ -80,12 +80,15 @@ class ModelRunner:
             self.invalidate()
 
     def _fused(self, rows: int, think: bool) -> kernels.FusedDecoder | None:
-        if think or torch.is_grad_enabled() or not kernels.policy.current().fused_decode_takes(rows, self.dtype,
-                                                                                             self.device):
+        policy = kernels.policy.current()
+        if think or torch.is_grad_enabled() or not policy.fused_decode_takes(rows, self.dtype, self.device):
             return None
         if not self._plan_read:
             self._plan, self._plan_read = fused_plan.read_plan(self.decoder, self.dtype), True
-        return None if self._plan is None else self._plan.decoder
+        fused = None if self._plan is None else self._plan.decoder
+        if fused is not None and fused.int8 and not policy.fused_decode_takes(rows, self.dtype, self.device, True):
+            return None
+        return fused
 
     def _think_rows(self, flags: list[bool]) -> None:
         if self.lora is not None:
@@ -195,7 +198,10 @@ class ModelRunner:
         cache = self.cache.rows(0, n)
         fused = self._fused(n, any(think))
         if fused is not None:
-            hidden = fused.step(x.reshape(n, -1), slots, slots, valid, *cache.layer_tensors())[:, None]
+            att = self.decoder.layers[0].self_attn  # the AMX decoding attention where the modules would take it
+            amx = kernels.policy.current().amx_decode_attention(self.dtype, self.device, att.num_heads,
+                                                                 att.num_kv_heads, att.head_dim)
+            hidden = fused.step(x.reshape(n, -1), slots, slots, valid, *cache.layer_tensors(), amx)[:, None]
             self.stats["fused_steps"] += 1
         else:
             self._think_rows(think)

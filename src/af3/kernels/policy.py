@@ -62,6 +62,9 @@ SMALL_ROWS = 8
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
 #: crossover, module docstring).
 NATIVE_FUSED_ROWS = 4
+#: Rows up to which ``fused_decode="auto"`` takes the fused step for bf16 where the kernels multiply bf16 rows with
+#: AMX tiles (``binding.bf16_rows_level() == 2``; the measured crossover, module docstring).
+AMX_FUSED_ROWS = 16
 #: Fewest queries for af3's AMX attention (it packs every key and value first; decoding keeps SDPA).
 AMX_ATTENTION_QUERIES = 32
 #: torch's fused int8 weight-only product: its name, and the only activation dtype it vectorises on CPU.
@@ -119,6 +122,8 @@ class KernelPolicy:
     packed_weights: bool = False
     #: ``fused_decode="auto"`` with a native-GEMM dtype: the fused step up to this many rows (0 = never).
     native_fused_rows: int = NATIVE_FUSED_ROWS
+    #: ``fused_decode="auto"`` for bf16 where the kernels multiply bf16 rows with AMX: the fused step up to these rows.
+    amx_fused_rows: int = AMX_FUSED_ROWS
     #: Products of more rows than this use the packed copy (where ``packed_weights`` and the dtype is native).
     packed_rows: int = NATIVE_FUSED_ROWS
 
@@ -213,14 +218,22 @@ class KernelPolicy:
         return (device.type == "cpu" and rows <= self.int8pack_rows and dtype in INT8PACK_DTYPES
                 and k % INT8PACK_K_MULTIPLE == 0)
 
-    def fused_decode_takes(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """A decoding step of ``rows`` rows in ``dtype`` may run as one fused C call (when the decoder is plain)."""
+    def fused_decode_takes(self, rows: int, dtype: torch.dtype, device: torch.device, int8: bool = False) -> bool:
+        """A decoding step of ``rows`` rows in ``dtype`` may run as one fused C call (when the decoder is plain;
+        ``int8``: its linear weights are int8)."""
         if self.fused_decode == "off" or device.type != "cpu" or dtype not in HALF_DTYPES or rows >= self.convert_rows:
             return False
         if self.fused_decode == "always":
             return self.kernels_usable()
         if dtype in self.native_half:
-            return rows <= self.native_fused_rows and self.kernels_usable()
+            if not self.kernels_usable():
+                return False
+            from .binding import bf16_rows_level
+
+            if int8:  # the step's int8 products run af3's int8 kernel: where the modules would too (own_int8)
+                return rows <= SMALL_ROWS
+            amx = dtype == torch.bfloat16 and bf16_rows_level() >= 2
+            return rows <= (self.amx_fused_rows if amx else self.native_fused_rows)
         return self.own_gemm(rows, dtype, device)
 
 

@@ -47,7 +47,8 @@ typedef struct {
     float *scratch;                           /* the caller's work memory, af3_decode_scratch(step) floats */
     int64_t scratch_floats;
     float eps;
-    int32_t act_kind, threads, unused;
+    int32_t act_kind, threads;
+    int32_t amx_attention; /* 1: attention may run in af3's AMX decoding kernel (bf16, rows attending to prefixes) */
 } Step;
 
 /* Sizes of the structs as this build lays them out: binding.py checks them against its ctypes copies. */
@@ -69,11 +70,35 @@ static ptrdiff_t step_floats(const Step *st) {
     return 2 * M * D + M * (H + 2 * G) * Dh + M * H * Dh + 2 * st->inter * M + M * Dh + M * D;
 }
 
-/* Scratch floats af3_decode_step needs for this step: the activations, then one attention area per thread. */
+/* Floats holding one product's input rows as bf16 (the widest input: hidden, heads * head_dim or inter), for the
+ * pair dot products (gemm.h, have_dp). */
+static ptrdiff_t bf16_floats(const Step *st) {
+    ptrdiff_t widest = st->hidden > st->inter ? st->hidden : st->inter;
+    if (st->heads * st->head_dim > widest) widest = st->heads * st->head_dim;
+    return (st->rows * widest + 1) / 2;
+}
+
+/* Floats for the AMX decoding attention's operands: each row's valid keys (int64), the queries and the outputs as
+ * bf16 (a multiple of 16 floats, so that the int64 lengths stay aligned). */
+static ptrdiff_t amx_floats(const Step *st) {
+    return (2 * st->rows + st->rows * st->heads * st->head_dim + 15) & ~(ptrdiff_t)15;
+}
+
+/* Scratch floats af3_decode_step needs for this step: the activations, one attention area per thread, the AMX
+ * attention's operands, then the bf16 rows. */
 int64_t af3_decode_scratch(const Step *st) {
     const ptrdiff_t G = st->kv_heads, rep = G > 0 ? st->heads / G : 0, threads = st->threads < 1 ? 1 : st->threads;
-    return (int64_t)(step_floats(st) + threads * attend_floats(rep, st->head_dim, st->width));
+    const ptrdiff_t before = (step_floats(st) + threads * attend_floats(rep, st->head_dim, st->width) + 15)
+                             & ~(ptrdiff_t)15;
+    return (int64_t)(before + amx_floats(st) + bf16_floats(st));
 }
+
+/* af3's AMX decoding attention (attention.c): 0 when it ran, else it did nothing (no AMX here, or shapes it does
+ * not take). */
+int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
+                         const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides,
+                         int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
+                         int threads);
 
 #ifdef AF3_HAVE_KERNELS
 
@@ -196,6 +221,13 @@ static void silu_mul(float *g, const float *u, ptrdiff_t n, int kind) {
     for (; i < n; i++) g[i] = round_to(round_to(g[i] / (1.0f + expf(-g[i])), kind) * u[i], kind);
 }
 
+/* x [n] (values that bf16 holds exactly: the step rounded them to T = bf16) as bf16 in buf; NULL when buf is. */
+static const uint16_t *as_bf16(const float *x, ptrdiff_t n, uint16_t *buf) {
+    if (!buf) return NULL;
+    for (ptrdiff_t i = 0; i < n; i++) buf[i] = to_bf16(x[i]);
+    return buf;
+}
+
 INLINE Job job(const Lin *l, float *out, int round_kind) {
     Job j = {l->w, (ptrdiff_t)l->n,
              {l->scale, l->bias, out, l->scale_kind, l->bias_kind, F32, round_kind, (ptrdiff_t)l->n}};
@@ -216,6 +248,20 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     float *att = v + M * G * Dh, *gate = att + M * H * Dh, *up = gate + M * I, *rope = up + M * I, *o = rope + M * Dh;
     float *areas = st->scratch + step_floats(st); /* one attention area per thread */
     const ptrdiff_t area = attend_floats(rep, Dh, W);
+    int64_t *lengths = (int64_t *)(st->scratch + ((step_floats(st) + threads * area + 15) & ~(ptrdiff_t)15));
+    uint16_t *q16 = (uint16_t *)(lengths + M), *o16 = q16 + M * H * Dh; /* the AMX attention's queries, outputs */
+    uint16_t *rows16 = (uint16_t *)((float *)lengths + amx_floats(st)); /* bf16 input rows, for the dot products */
+    /* bf16 on AMX, where the caller allows it: attention through the AMX decoding kernel when every row attends to
+     * a prefix of its cache slots (as the Engine's rows do), the kernel the torch modules use for the same steps. */
+    int amx = st->amx_attention && T == BF16 && Dh % 32 == 0;
+    for (ptrdiff_t m = 0; amx && m < M; m++) {
+        const uint8_t *row = st->mask + m * W;
+        ptrdiff_t n = 0;
+        while (n < W && row[n]) n++;
+        for (ptrdiff_t s = n; amx && s < W; s++) amx = !row[s];
+        lengths[m] = n;
+        amx = amx && n > 0;
+    }
     for (ptrdiff_t i = 0; i < M * D; i++) x[i] = load1(st->x, i, T);
     for (ptrdiff_t m = 0; m < M; m++) /* cos (first half) and sin of each row's position, rounded to T */
         for (ptrdiff_t j = 0; j < Dh / 2; j++) {
@@ -226,41 +272,63 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     for (int l = 0; l < nlayers; l++) {
         const Layer *L = layers + l;
         const int wk = L->q.w_kind;
+        uint16_t *b16 = T == BF16 && wk == BF16 && have_dp() ? rows16 : NULL;
         for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm1, T, st->eps);
         Job qkv[3] = {job(&L->q, q, T), job(&L->k, k, T), job(&L->v, v, T)};
-        run_jobs(h, M, D, wk, qkv, 3, threads);
+        run_jobs(h, as_bf16(h, M * D, b16), M, D, wk, qkv, 3, threads);
         for (ptrdiff_t m = 0; m < M; m++) {
             rotate(q + m * H * Dh, H, Dh, rope + m * Dh, rope + m * Dh + Dh / 2, T);
             rotate(k + m * G * Dh, G, Dh, rope + m * Dh, rope + m * Dh + Dh / 2, T);
         }
         char *kc = (char *)st->caches[2 * l], *vc = (char *)st->caches[2 * l + 1];
         const size_t size = T == F32 ? 4 : 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (ptrdiff_t t = 0; t < M * G; t++) {
-            const ptrdiff_t m = t / G, g = t % G;
-#ifdef _OPENMP
-            float *mine = areas + omp_get_thread_num() * area;
-#else
-            float *mine = areas;
-#endif
-            char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
-            char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
-            for (ptrdiff_t d = 0; d < Dh; d++) {
-                store1(kh, st->slots[m] * st->cache_slot + d, T, k[(m * G + g) * Dh + d]);
-                store1(vh, st->slots[m] * st->cache_slot + d, T, v[(m * G + g) * Dh + d]);
+        int done = 0;
+        if (amx) {
+            for (ptrdiff_t t = 0; t < M * G; t++) { /* the new keys and values into the cache */
+                const ptrdiff_t m = t / G, g = t % G, at = (m * st->cache_row + g * st->cache_head
+                                                            + st->slots[m] * st->cache_slot) * (ptrdiff_t)size;
+                for (ptrdiff_t d = 0; d < Dh; d++) {
+                    store1(kc + at, d, T, k[(m * G + g) * Dh + d]);
+                    store1(vc + at, d, T, v[(m * G + g) * Dh + d]);
+                }
             }
-            attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T, mine,
-                   att + (m * H + g * rep) * Dh);
+            const int64_t qs[2] = {H * Dh, Dh}, cs[3] = {st->cache_row, st->cache_head, st->cache_slot};
+            done = af3_decode_attention(as_bf16(q, M * H * Dh, q16), qs, (const uint16_t *)kc, cs,
+                                        (const uint16_t *)vc, cs, o16, qs, M, H, G, W, Dh, lengths,
+                                        (float)(1.0 / sqrt((double)Dh)), threads) == 0;
+            if (done)
+                for (ptrdiff_t i = 0; i < M * H * Dh; i++) att[i] = load1(o16, i, BF16);
+            else
+                amx = 0; /* not on this machine: the same for every layer */
+        }
+        if (!done) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (ptrdiff_t t = 0; t < M * G; t++) {
+                const ptrdiff_t m = t / G, g = t % G;
+#ifdef _OPENMP
+                float *mine = areas + omp_get_thread_num() * area;
+#else
+                float *mine = areas;
+#endif
+                char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
+                char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
+                for (ptrdiff_t d = 0; d < Dh; d++) {
+                    store1(kh, st->slots[m] * st->cache_slot + d, T, k[(m * G + g) * Dh + d]);
+                    store1(vh, st->slots[m] * st->cache_slot + d, T, v[(m * G + g) * Dh + d]);
+                }
+                attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T, mine,
+                       att + (m * H + g * rep) * Dh);
+            }
         }
         Job oj = job(&L->o, o, T);
-        run_jobs(att, M, H * Dh, wk, &oj, 1, threads);
+        run_jobs(att, as_bf16(att, M * H * Dh, b16), M, H * Dh, wk, &oj, 1, threads);
         add_residual(x, o, M * D, T);
         for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm2, T, st->eps);
         Job gu[2] = {job(&L->gate, gate, T), job(&L->up, up, T)};
-        run_jobs(h, M, D, wk, gu, 2, threads);
+        run_jobs(h, as_bf16(h, M * D, b16), M, D, wk, gu, 2, threads);
         silu_mul(gate, up, M * I, T);
         Job dj = job(&L->down, o, T);
-        run_jobs(gate, M, I, wk, &dj, 1, threads);
+        run_jobs(gate, as_bf16(gate, M * I, b16), M, I, wk, &dj, 1, threads);
         add_residual(x, o, M * D, T);
     }
     for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, st->final_norm, T, st->eps);
