@@ -302,8 +302,16 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                 }
                 _mm512_storeu_ps(sum, total);
                 const ptrdiff_t n32 = (n + 31) & ~(ptrdiff_t)31;
-                for (ptrdiff_t j = 0; j < 16; j++) /* P [16 queries, n32 keys] in bf16, zero past n */
-                    for (ptrdiff_t s = 0; s < n32; s++) pb[j * padded + s] = s < n ? to_bf16(st[s * 16 + j]) : 0;
+                const __m512i key_rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
+                                                                             3, 2, 1, 0), _mm512_set1_epi32(16));
+                for (ptrdiff_t s0 = 0; s0 < n32; s0 += 16) { /* P [16 queries, n32 keys] in bf16, zero past n */
+                    const __mmask16 valid = s0 < n ? lanes(n - s0) : 0;
+                    for (ptrdiff_t j = 0; j < 16; j++) { /* query j's probabilities of these 16 keys */
+                        const __m512 p = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), valid, key_rows,
+                                                                  st + s0 * 16 + j, 4);
+                        _mm256_storeu_si256((__m256i *)(pb + j * padded + s0), bf16x16_from(p, 0));
+                    }
+                }
                 for (ptrdiff_t c = 0; c < n32 / 32; c++) /* V by key pairs: B tiles (chunk c, 16 dims) */
                     for (ptrdiff_t p = 0; p < 16; p++) {
                         const ptrdiff_t k0 = c * 32 + 2 * p;
