@@ -250,6 +250,28 @@ INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int ki
     finish(e, m0, n, s);
 }
 
+#ifdef __AVX512F__
+/* row1 for int8 weights on AVX-512: 16 weights widened per instruction (a batch-1 int8 decoding step 21.2-21.4 ->
+ * 19.1-19.3 ms against the 8-lane row1, interleaved). */
+INLINE void row1_i8(const float *x, ptrdiff_t K, const int8_t *w, ptrdiff_t n, const Epilogue *e, ptrdiff_t m0) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const int8_t *wr = w + n * K;
+    ptrdiff_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(I8), AHEAD_HINT);
+#define I8X16(o) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + k + (o)))))
+        a0 = _mm512_fmadd_ps(I8X16(0), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(I8X16(16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(I8X16(32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(I8X16(48), _mm512_loadu_ps(x + k + 48), a3);
+#undef I8X16
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; k < K; k++) s += (float)wr[k] * x[k];
+    finish(e, m0, n, s);
+}
+#endif
+
 /* Output channels [n0, n1) for all M rows: row tiles of 4 inside each tile of output channels. */
 INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t n0, ptrdiff_t n1, int kind,
                   const Epilogue *e) {
@@ -258,6 +280,12 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
         ptrdiff_t n = n0;
         switch (M - m0 >= 4 ? 4 : M - m0) {
         case 1:
+#ifdef __AVX512F__
+            if (kind == I8) {
+                for (; n < n1; n++) row1_i8(xm, K, (const int8_t *)w, n, e, m0);
+                break;
+            }
+#endif
             for (; n < n1; n++) row1(xm, K, w, n, kind, e, m0);
             break;
         case 2:
@@ -319,14 +347,16 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
         for (int j = 0; j < NT; j++) finish(e, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
-/* out[m0, n] for one bf16 row: the weight row read front to back, prefetched as row1 does. */
+/* out[m0, n] for one bf16 row: the weight row read front to back, prefetched as row1 does, every line (a batch-1
+ * decoding step 40.5 -> 36.0 ms against every other line, interleaved). */
 INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_t n, const Epilogue *e,
                     ptrdiff_t m0) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     const uint16_t *wr = w + n * K;
     ptrdiff_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(BF16), AHEAD_HINT);
+        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(BF16), AHEAD_HINT); /* both lines of this step's ahead */
+        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(BF16) + 64, AHEAD_HINT);
         a0 = _mm512_dpbf16_ps(a0, dp_load(wr + k, 32), dp_load(xb + k, 32));
         a1 = _mm512_dpbf16_ps(a1, dp_load(wr + k + 32, 32), dp_load(xb + k + 32, 32));
     }
