@@ -20,9 +20,14 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   activations only, its cost growing linearly with the rows) serves few rows where af3's kernels do not build;
   elsewhere the weight is dequantized in chunks and multiplied.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway.
-  Where oneDNN has native half GEMMs it wins only for few rows: on a 2-vCPU Xeon with AMX (``engine_bench --only
-  crossover``, 2026-12-06) it decoded 1.33x, 1.65x and 1.27x torch's kernels' rate at 1, 2 and 4 rows, and 0.69x
-  and 0.61x at 8 and 16 (AMX wins there), so ``auto`` takes it up to :data:`NATIVE_FUSED_ROWS` rows there.
+  Where oneDNN has native half GEMMs, it depends on how af3's kernels multiply bf16 rows there
+  (``binding.bf16_rows_level``). Widening each weight to fp32, as on AVX2, it won only for few rows: on a 2-vCPU
+  Xeon with AMX (``engine_bench --only crossover``, 2026-12-06) 1.33x, 1.65x and 1.27x torch's kernels' rate at 1, 2
+  and 4 rows, 0.69x and 0.61x at 8 and 16, so ``auto`` takes it up to :data:`NATIVE_FUSED_ROWS` rows there. With
+  AMX tile products for 2-16 bf16 rows (level 2) it won at every count, later the same day: 1.60x, 1.49x, 1.48x,
+  1.37x and 1.27x at 1, 2, 4, 8 and 16 rows, so up to :data:`AMX_FUSED_ROWS` bf16 rows (the kernels take 16 rows
+  per tile). int8 weights go through af3's int8 kernel in the step, so up to :data:`SMALL_ROWS` rows, as
+  :meth:`KernelPolicy.own_int8` (in-process: 55.0 against 47.8 tok/s at 8 rows, 86.1 against 92.7 at 16).
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
   layout at every call, which costs more than the product itself for a batch of rows: a copy packed once

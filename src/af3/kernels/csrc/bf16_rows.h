@@ -1,0 +1,230 @@
+/* Part of gemm.h (included by it, after the shared definitions it uses): products of bf16 rows with bf16 weights
+ * that use the rows as bf16, without widening the weights to fp32, where the compiler targets AVX512-BF16 (pair dot
+ * products) and AMX (tile products). gemm.h's run_jobs takes them when the caller gives its rows as bf16. */
+#ifndef AF3_BF16_ROWS_H
+#define AF3_BF16_ROWS_H
+
+#ifdef __AVX512BF16__
+/* bf16 weights times bf16 activations on CPUs with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds each
+ * pair's two products into one of 16 fp32 lanes, so a weight vector is used as loaded, with no widening. The
+ * products of bf16 values are exact in fp32 and the sums run in fp32, as in the widening path, in another order;
+ * unlike it the instruction takes denormal inputs as zero and flushes denormal sums (below 1.2e-38, nothing a bf16
+ * result can hold). Why: widening costs more instructions than the product for 2 or more rows, so the widening
+ * tiles are bound by arithmetic from ~4 rows on (on a 2-vCPU Xeon, 8 rows of a decoding step read weights at 7-12
+ * GB/s); this reads them at memory speed up to 8 rows and more. */
+#define HAVE_DP 1
+
+/* 32 bf16 values at p, the first `n` of them (n < 32: the rest are zero, and so add nothing). */
+INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
+    if (n >= 32) return (__m512bh)_mm512_loadu_si512(p);
+    return (__m512bh)_mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1u), p);
+}
+
+/* out[m0:m0+MT, n0:n0+NT] for bf16 rows xb[0:MT] (MT <= 8, MT * NT <= 16 accumulators). While it works, the tile
+ * prefetches the rows of the tile after it into L2, column for column (as `tile` does). */
+INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_t n0, int MT, int NT,
+                    const Epilogue *e, ptrdiff_t m0) {
+    __m512 acc[8][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
+    for (ptrdiff_t k = 0; k < K; k += 32) {
+        const ptrdiff_t left = K - k; /* >= 32 but in the last step */
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(w + (n0 + NT + j) * K + k + 64), _MM_HINT_T1);
+        __m512bh xv[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) xv[i] = dp_load(xb + i * K + k, left);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const __m512bh wv = dp_load(w + (n0 + j) * K + k, left);
+#pragma GCC unroll 8
+            for (int i = 0; i < MT; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv[i]);
+        }
+    }
+    for (int i = 0; i < MT; i++)
+        for (int j = 0; j < NT; j++) finish(e, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+/* out[m0, n] for one bf16 row: the weight row read front to back, prefetched as row1 does, every line (a batch-1
+ * decoding step 40.5 -> 36.0 ms against every other line, interleaved). */
+INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_t n, const Epilogue *e,
+                    ptrdiff_t m0) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    const uint16_t *wr = w + n * K;
+    ptrdiff_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(BF16), AHEAD_HINT); /* both lines of this step's ahead */
+        _mm_prefetch((const char *)(wr + k) + AHEAD_BYTES(BF16) + 64, AHEAD_HINT);
+        a0 = _mm512_dpbf16_ps(a0, dp_load(wr + k, 32), dp_load(xb + k, 32));
+        a1 = _mm512_dpbf16_ps(a1, dp_load(wr + k + 32, 32), dp_load(xb + k + 32, 32));
+    }
+    for (; k < K; k += 32) a0 = _mm512_dpbf16_ps(a0, dp_load(wr + k, K - k), dp_load(xb + k, K - k));
+    finish(e, m0, n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+}
+
+/* Output channels [n0, n1) for all M bf16 rows: row tiles of up to 8, each as wide as 16 accumulators allow. */
+INLINE void block_dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w, ptrdiff_t n0, ptrdiff_t n1,
+                     const Epilogue *e) {
+    for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {
+        const uint16_t *xm = xb + m0 * K;
+        ptrdiff_t n = n0;
+        switch (M - m0 >= 8 ? 8 : M - m0) {
+#define DP_ROWS(MT, NT)                                                                                           \
+    case MT:                                                                                                      \
+        for (; n + NT <= n1; n += NT) tile_dp(xm, K, w, n, MT, NT, e, m0);                                        \
+        for (; n < n1; n++) tile_dp(xm, K, w, n, MT, 1, e, m0);                                                   \
+        break;
+        case 1:
+            for (; n < n1; n++) row1_dp(xm, K, w, n, e, m0);
+            break;
+        DP_ROWS(2, 4) DP_ROWS(3, 4) DP_ROWS(4, 4) DP_ROWS(5, 2) DP_ROWS(6, 2) DP_ROWS(7, 2) DP_ROWS(8, 2)
+#undef DP_ROWS
+        }
+    }
+}
+#endif /* __AVX512BF16__ */
+
+#ifdef HAVE_DP
+DEFINE_RUN(run_dp, uint16_t, block_dp,)
+#endif
+
+#if defined(HAVE_DP) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+/* 2-16 bf16 rows on CPUs with AMX-BF16: the products run as tile products out^T = W x^T, with the weight as the A
+ * operand read straight from its rows (16 output channels x 32 inputs per tile, no packed copy) and the rows packed
+ * once per product as the B operand. Why: vdpbf16ps issues about once per 2 cycles here, so the pair dot products
+ * above are bound by arithmetic from ~4 rows on (8 rows: ~11 GB/s per core with the weight in L2), while one tile
+ * product does the work of 32 of them. Sums run in fp32 (the tile product's order); inputs and sums that are
+ * denormal are taken as zero, as in the pair dot products. */
+#include "amx.h"
+#define HAVE_AMX_ROWS 1
+#define AMX_ROWS_MIN 2 /* fewer rows: the one-row pair dot products read the weight faster */
+
+/* The rows xb [M, K] (M <= 16, K % 32 == 0) as B operands, one 1 KB tile per 32 inputs: tile c holds, for the 16
+ * input pairs p and the 16 row slots j, xb[j][32c + 2p], xb[j][32c + 2p + 1] side by side (zeros for j >= M). */
+static void pack_rows_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, uint32_t *dst) {
+    const uint32_t *x32 = (const uint32_t *)xb; /* pairs of bf16 */
+    for (ptrdiff_t c = 0; c < K / 32; c++)
+        for (ptrdiff_t p = 0; p < 16; p++)
+            for (ptrdiff_t j = 0; j < 16; j++) dst[c * 256 + p * 16 + j] = j < M ? x32[j * (K / 2) + c * 16 + p] : 0;
+}
+
+/* 16 consecutive values of kind (bf16, fp16 or fp32) at element i, widened to fp32. */
+INLINE __m512 load16(const void *p, ptrdiff_t i, int kind) {
+    if (kind == BF16) return bf16x16((const uint16_t *)p + i);
+    if (kind == F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i)));
+    return _mm512_loadu_ps((const float *)p + i);
+}
+
+/* finish() for the 16 channels n .. n + 15 of one row at once. */
+INLINE void finish16(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, __m512 s) {
+    if (e->scale) s = _mm512_mul_ps(s, load16(e->scale, n, e->scale_kind));
+    if (e->bias) s = _mm512_add_ps(s, load16(e->bias, n, e->bias_kind));
+    const ptrdiff_t at = row * e->stride + n;
+    if (e->out_kind == F32) {
+        if (e->round_kind == BF16)
+            s = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(s), 16));
+        else if (e->round_kind == F16)
+            s = _mm512_cvtph_ps(_mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm512_storeu_ps((float *)e->out + at, s);
+    } else if (e->out_kind == BF16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)e->out + at), bf16x16_from(s, 1));
+    } else {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)e->out + at),
+                            _mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+}
+
+/* Results of one accumulator tile c [16 channels from n][16 row slots] through the epilogue, M rows of them: each
+ * row's 16 channels gathered into one vector. */
+INLINE void finish_tile(const float *c, ptrdiff_t M, ptrdiff_t n, const Epilogue *e) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    for (ptrdiff_t m = 0; m < M; m++) finish16(e, m, n, _mm512_i32gather_ps(column, c + m, 4));
+}
+
+/* Output channels [n0, n1) for M (2-16) rows: 64 channels at a time in 4 accumulator tiles; channels past the last
+ * 16 take the pair dot products. Tiles must be configured (tiles_on) in the calling thread. (Software prefetching of
+ * the weight rows 1-8 steps ahead, or one block of 16 channels at a time, read no faster: 19-22 GB/s all, 8 rows.) */
+INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w,
+                      ptrdiff_t n0, ptrdiff_t n1, const Epilogue *e) {
+    float c[4][256];
+    const ptrdiff_t steps = K / 32, stride = K * 2;
+    ptrdiff_t n = n0;
+    for (; n + 64 <= n1; n += 64) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const uint16_t *wn = w + n * K;
+        for (ptrdiff_t s = 0; s < steps; s++) {
+            _tile_loadd(6, packed + s * 256, 64);
+            _tile_loadd(4, wn + s * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, wn + 16 * K + s * 32, stride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(4, wn + 32 * K + s * 32, stride);
+            _tile_dpbf16ps(2, 4, 6);
+            _tile_loadd(5, wn + 48 * K + s * 32, stride);
+            _tile_dpbf16ps(3, 5, 6);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        for (int t = 0; t < 4; t++) finish_tile(c[t], M, n + 16 * t, e);
+    }
+    for (; n + 16 <= n1; n += 16) {
+        _tile_zero(0);
+        const uint16_t *wn = w + n * K;
+        for (ptrdiff_t s = 0; s < steps; s++) {
+            _tile_loadd(6, packed + s * 256, 64);
+            _tile_loadd(4, wn + s * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+        }
+        _tile_stored(0, c[0], 64);
+        finish_tile(c[0], M, n, e);
+    }
+    if (n < n1) block_dp(xb, M, K, w, n, n1, e);
+}
+
+/* The calling thread's memory for packed rows (grown, never shrunk; each caller packs into its own). */
+static uint32_t *amx_rows_memory(ptrdiff_t words) {
+    static __thread uint32_t *memory = NULL;
+    static __thread ptrdiff_t size = 0;
+    if (words > size) {
+        free(memory);
+        memory = (uint32_t *)aligned_alloc(64, (size_t)((words + 15) / 16 * 64));
+        size = memory ? (words + 15) / 16 * 16 : 0;
+    }
+    return memory;
+}
+
+/* run_jobs for M (2-16) bf16 rows with bf16 weights on AMX: 0, or -1 when it cannot (K % 32, no AMX, no memory) and
+ * the caller must use another path. */
+static int run_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {
+    if (M < AMX_ROWS_MIN || M > 16 || K % 32 || !amx_permitted()) return -1;
+    uint32_t *packed = amx_rows_memory(K / 32 * 256);
+    if (!packed) return -1;
+    pack_rows_amx(xb, M, K, packed);
+    ptrdiff_t first[MAX_JOBS + 1] = {0};
+    for (int j = 0; j < njobs; j++) first[j + 1] = first[j] + (jobs[j].N + TASK_CHANNELS - 1) / TASK_CHANNELS;
+    const ptrdiff_t tasks = first[njobs];
+#pragma omp parallel num_threads(threads)
+    {
+        tiles_on();
+#pragma omp for schedule(static)
+        for (ptrdiff_t t = 0; t < tasks; t++) {
+            int j = 0;
+            while (t >= first[j + 1]) j++;
+            const ptrdiff_t N = jobs[j].N, n0 = (t - first[j]) * TASK_CHANNELS;
+            const ptrdiff_t n1 = n0 + TASK_CHANNELS < N ? n0 + TASK_CHANNELS : N;
+            block_amx(packed, xb, M, K, (const uint16_t *)jobs[j].w, n0, n1, &jobs[j].e);
+        }
+        _tile_release();
+    }
+    return 0;
+}
+#endif /* AMX */
+#endif /* AF3_BF16_ROWS_H */
