@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,15 @@ def decoder_bytes(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------ measurements
-def hf_decode(model, inputs, tokens: int) -> tuple[float, float]:
-    """(time to first token, decode tok/s summed over the batch) for transformers' generate."""
+class HFRun(NamedTuple):
+    ttft: float  #: seconds from the call to the first token
+    rate: float  #: decode tok/s summed over the batch
+    job_s: float  #: seconds from the call to the last token (with ``prep_s``, the processor's time, added)
+
+
+def hf_decode(model, inputs, tokens: int, prep_s: float = 0.0) -> HFRun:
+    """Time to first token, decode tok/s summed over the batch, and the whole job's seconds (``prep_s``: the time the
+    caller spent making ``inputs``) for transformers' generate."""
     from transformers import StoppingCriteria
 
     stamps: list[float] = []
@@ -127,12 +135,19 @@ def hf_decode(model, inputs, tokens: int) -> tuple[float, float]:
     model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                    stopping_criteria=[Clock()])
     rows = inputs["input_ids"].shape[0]
-    return stamps[0] - t0, rows * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return HFRun(stamps[0] - t0, rows * (len(stamps) - 1) / (stamps[-1] - stamps[0]), prep_s + stamps[-1] - t0)
 
 
-def engine_decode(engine, convs, tokens: int) -> tuple[float, float, float]:
-    """(time to first token of the last request, decode tok/s summed over requests, the same over the steps in
-    which every request decodes) for the Engine.
+class EngineRun(NamedTuple):
+    ttft: float  #: seconds from submission until every request holds its first token
+    rate: float  #: decode tok/s summed over the requests
+    all_rows: float  #: the same over the steps in which every request decodes
+    job_s: float  #: seconds from submission to the last token of the last request
+
+
+def engine_decode(engine, convs, tokens: int) -> EngineRun:
+    """Time to first token of the last request, decode tok/s summed over requests, the same over the steps in which
+    every request decodes, and the whole job's seconds, for the Engine.
 
     Decode time runs from the step after which every request holds its first tokens to the last step, and counts
     only the tokens made in between: ``Engine.step()`` runs a request's prefill and its first decoding step in one
@@ -140,7 +155,8 @@ def engine_decode(engine, convs, tokens: int) -> tuple[float, float, float]:
     Requests admitted together do not finish together: the rows prefilled first decode along with the later rows'
     prefills (one token per chunk), so they reach ``tokens`` earlier and the last steps carry fewer rows. The third
     value counts only the steps before the first request ends, where all of them decode (transformers' and vLLM's
-    batches run in lockstep, so for them the two rates are one)."""
+    batches run in lockstep, so for them the two rates are one). The whole job (submission to the last token) is the
+    figure that counts the tokens made during the prefills as well."""
     t0 = time.perf_counter()
     reqs = [engine.submit(c, max_new_tokens=tokens, min_new_tokens=tokens) for c in convs]
     first = last = full_end = None
@@ -157,7 +173,7 @@ def engine_decode(engine, convs, tokens: int) -> tuple[float, float, float]:
         last = now
     total = sum(len(r.tokens) for r in reqs) - held
     full_rate = full_tokens / (full_end - first) if full_end is not None else total / (last - first)
-    return first - t0, total / (last - first), full_rate
+    return EngineRun(first - t0, total / (last - first), full_rate, last - t0)
 
 
 def median(values: list[float]) -> float:
@@ -180,7 +196,7 @@ def crossover(model, proc, args) -> dict[str, dict[int, float]]:
             convs = [conversation(2.0, 600 + 10 * rep + i) for i in range(n)]
             for mode in out:
                 with policy.override(fused_decode=mode):
-                    out[mode][n].append(engine_decode(Engine(model, proc, max_batch_size=n), convs, args.tokens)[1])
+                    out[mode][n].append(engine_decode(Engine(model, proc, max_batch_size=n), convs, args.tokens).rate)
     return {m: {n: median(v) for n, v in by.items()} for m, by in out.items()}
 
 
@@ -218,9 +234,9 @@ def run(args) -> dict:
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens))
             for mode in other_modes:
                 with policy.override(fused_decode=mode):
-                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
-        results["decode1"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
-                              "hf_ttft": median([r[0] for r in hf_r]), "ours_ttft": median([r[0] for r in ours_r]),
+                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens).rate)
+        results["decode1"] = {"hf": median([r.rate for r in hf_r]), "ours": median([r.rate for r in ours_r]),
+                              "hf_ttft": median([r.ttft for r in hf_r]), "ours_ttft": median([r.ttft for r in ours_r]),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode1", results["decode1"])
     if "decode8" in only:
@@ -228,13 +244,17 @@ def run(args) -> dict:
         for rep in range(args.runs):
             convs = [conversation(30.0, 200 + 10 * rep + i) for i in range(8)]
             with torch.inference_mode():
-                hf_r.append(hf_decode(hf, batch(convs), args.tokens))
+                t = time.perf_counter()
+                inputs = batch(convs)  # (the processor's time is part of transformers' whole job, as af3's is)
+                hf_r.append(hf_decode(hf, inputs, args.tokens, time.perf_counter() - t))
             ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens))
             for mode in other_modes:
                 with policy.override(fused_decode=mode):
-                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens)[1])
-        results["decode8"] = {"hf": median([r[1] for r in hf_r]), "ours": median([r[1] for r in ours_r]),
-                              "ours_all_rows": median([r[2] for r in ours_r]),
+                    modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens).rate)
+        results["decode8"] = {"hf": median([r.rate for r in hf_r]), "ours": median([r.rate for r in ours_r]),
+                              "ours_all_rows": median([r.all_rows for r in ours_r]),
+                              "hf_job_s": median([r.job_s for r in hf_r]),
+                              "ours_job_s": median([r.job_s for r in ours_r]),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode8", results["decode8"])
     def first_token(reference, seconds: float, seed: int, runs: int) -> dict[str, float]:
@@ -288,8 +308,8 @@ def run(args) -> dict:
             c = [conversation(30.0, 500 + rep)]
             for mode, got in bf.items():
                 with policy.override(fused_decode=mode):
-                    got.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)[1])
-                    i8[mode].append(engine_decode(Engine(q, proc, max_batch_size=1), c, args.tokens)[1])
+                    got.append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens).rate)
+                    i8[mode].append(engine_decode(Engine(q, proc, max_batch_size=1), c, args.tokens).rate)
         from af3.model.quantize import module_bytes
 
         results["int8"] = {"bf16": median(bf["auto"]), "int8": median(i8["auto"]),
@@ -400,6 +420,9 @@ def table(r: dict) -> str:
                 d["ours_all_rows"], True, "")
         for mode, v in d.get("modes", {}).items():
             row(f"… AF3_FUSED_DECODE={mode}", d["hf"], _vllm(r, "decode8", "decode_tok_s"), v, True, "")
+        if "ours_job_s" in d:
+            row("… the whole job: 8 requests from submission to the last token, s", d["hf_job_s"],
+                _vllm(r, "decode8", "wall_s"), d["ours_job_s"], False, "")
     if "prefill_5min" in r:
         d = r["prefill_5min"]
         row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),

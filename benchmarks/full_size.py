@@ -136,9 +136,9 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
     for rows in rows_list:
         convs = [conversation(AUDIO_S, 10 * rows + i) for i in range(rows)]
         engine_decode(Engine(model, proc, max_batch_size=rows), convs, 4)  # warm-up (packs, plans, caches)
-        ttft, rate, _ = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
-        out[f"decode{rows}"] = rate
-        out[f"ttft{rows}"] = ttft
+        run = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
+        out[f"decode{rows}"] = run.rate
+        out[f"ttft{rows}"] = run.ttft
     out["peak_rss"] = vm_hwm()
     return out
 
@@ -165,7 +165,8 @@ def child_hf(folder: Path, tokens: int, rows_list: list[int]) -> dict:
         for rows in rows_list:
             x = inputs([conversation(AUDIO_S, 10 * rows + i) for i in range(rows)])
             hf_decode(model, x, 4)
-            out[f"ttft{rows}"], out[f"decode{rows}"] = hf_decode(model, x, tokens)
+            run = hf_decode(model, x, tokens)
+            out[f"ttft{rows}"], out[f"decode{rows}"] = run.ttft, run.rate
     out["peak_rss"] = vm_hwm()
     return out
 

@@ -183,7 +183,7 @@ def run(args) -> dict:
     for b in batches:
         convs = [conversation(1.0, 100 * b + i) for i in range(b)]
         engine_decode(Engine(model, proc, max_batch_size=b), convs, 4)  # warm-up
-        ours[f"decode{b}"] = engine_decode(Engine(model, proc, max_batch_size=b), convs, args.tokens)[1]
+        ours[f"decode{b}"] = engine_decode(Engine(model, proc, max_batch_size=b), convs, args.tokens).rate
         log(f"af3 batch {b}: {ours[f'decode{b}']:.1f} tok/s")
     for secs in (30.0, 600.0):
         engine = Engine(model, proc, max_batch_size=1)
