@@ -144,9 +144,10 @@ INLINE void finish_tile(const float *c, ptrdiff_t M, ptrdiff_t n, const Epilogue
     for (ptrdiff_t m = 0; m < M; m++) finish16(e, m, n, _mm512_i32gather_ps(column, c + m, 4));
 }
 
-/* Output channels [n0, n1) for M (2-16) rows: 64 channels at a time in 4 accumulator tiles; channels past the last
- * 16 take the pair dot products. Tiles must be configured (tiles_on) in the calling thread. (Software prefetching of
- * the weight rows 1-8 steps ahead, or one block of 16 channels at a time, read no faster: 19-22 GB/s all, 8 rows.) */
+/* Output channels [n0, n1) for M (2-16) rows: 64 channels at a time in 4 accumulator tiles; the channels past the
+ * last whole 64 (only a product's last task can have them: TASK_CHANNELS is 64, and AF3's widths are multiples of
+ * it) take the pair dot products. Tiles must be configured (tiles_on) in the calling thread. (Software prefetching
+ * of the weight rows 1-8 steps ahead, or one block of 16 channels at a time, read no faster: 19-22 GB/s all, 8 rows.) */
 INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w,
                       ptrdiff_t n0, ptrdiff_t n1, const Epilogue *e) {
     float c[4][256];
@@ -174,17 +175,6 @@ INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, p
         _tile_stored(2, c[2], 64);
         _tile_stored(3, c[3], 64);
         for (int t = 0; t < 4; t++) finish_tile(c[t], M, n + 16 * t, e);
-    }
-    for (; n + 16 <= n1; n += 16) {
-        _tile_zero(0);
-        const uint16_t *wn = w + n * K;
-        for (ptrdiff_t s = 0; s < steps; s++) {
-            _tile_loadd(6, packed + s * 256, 64);
-            _tile_loadd(4, wn + s * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-        }
-        _tile_stored(0, c[0], 64);
-        finish_tile(c[0], M, n, e);
     }
     if (n < n1) block_dp(xb, M, K, w, n, n1, e);
 }
