@@ -80,13 +80,12 @@ class ModelRunner:
             self.invalidate()
 
     def _fused(self, rows: int, think: bool) -> kernels.FusedDecoder | None:
-        policy = kernels.policy.current()
-        if think or torch.is_grad_enabled() or not policy.fused_decode_takes(rows, self.dtype, self.device):
+        if think or torch.is_grad_enabled() or self.device.type != "cpu":
             return None
-        if not self._plan_read:
+        if not self._plan_read:  # (once per model: None where the decoder is not plain or not half precision)
             self._plan, self._plan_read = fused_plan.read_plan(self.decoder, self.dtype), True
         fused = None if self._plan is None else self._plan.decoder
-        if fused is not None and fused.int8 and not policy.fused_decode_takes(rows, self.dtype, self.device, True):
+        if fused is None or not kernels.policy.current().fused_decode_takes(rows, self.dtype, self.device, fused.int8):
             return None
         return fused
 
@@ -198,9 +197,7 @@ class ModelRunner:
         cache = self.cache.rows(0, n)
         fused = self._fused(n, any(think))
         if fused is not None:
-            att = self.decoder.layers[0].self_attn  # the AMX decoding attention where the modules would take it
-            amx = kernels.policy.current().amx_decode_attention(self.dtype, self.device, att.num_heads,
-                                                                 att.num_kv_heads, att.head_dim)
+            amx = self.decoder.amx_decoding(self.dtype, self.device)  # where the modules would take it
             hidden = fused.step(x.reshape(n, -1), slots, slots, valid, *cache.layer_tensors(), amx)[:, None]
             self.stats["fused_steps"] += 1
         else:

@@ -340,9 +340,7 @@ class Qwen2Model(nn.Module):
         decoding = isinstance(mask, PrefixMask) or (isinstance(mask, Tensor) and mask.dtype == torch.bool
                                                      and inputs_embeds.shape[1] == 1 and cache is not None)
         if decoding:  # one query per row: af3's AMX decoding attention reads each row's length instead of the mask
-            att = self.layers[0].self_attn if len(self.layers) else None
-            amx = att is not None and kernel_policy.current().amx_decode_attention(
-                inputs_embeds.dtype, inputs_embeds.device, att.num_heads, att.num_kv_heads, att.head_dim)
+            amx = self.amx_decoding(inputs_embeds.dtype, inputs_embeds.device)
             if isinstance(mask, PrefixMask):  # declared by the caller (the engine's runner knows its rows)
                 mask = mask if amx else mask.mask
             elif amx:  # found here: a cache prefix per row, or not
@@ -351,6 +349,13 @@ class Qwen2Model(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, mask, cache, slots)
         return self.norm(x)
+
+    def amx_decoding(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Decoding steps of this decoder in ``dtype`` on ``device`` attend through af3's AMX decoding kernel (the
+        policy's rule for its head shapes; the fused C step follows the same answer)."""
+        att = self.layers[0].self_attn if len(self.layers) else None
+        return att is not None and kernel_policy.current().amx_decode_attention(
+            dtype, device, att.num_heads, att.num_kv_heads, att.head_dim)
 
 
 class Qwen2ForCausalLM(nn.Module):

@@ -84,14 +84,16 @@ static ptrdiff_t amx_floats(const Step *st) {
     return (2 * st->rows + st->rows * st->heads * st->head_dim + 15) & ~(ptrdiff_t)15;
 }
 
+/* Where the AMX attention's operands start in the scratch (floats): after the activations and one attention area
+ * per thread, at a multiple of 16 floats. */
+static ptrdiff_t amx_start(const Step *st) {
+    const ptrdiff_t G = st->kv_heads, rep = G > 0 ? st->heads / G : 0, threads = st->threads < 1 ? 1 : st->threads;
+    return (step_floats(st) + threads * attend_floats(rep, st->head_dim, st->width) + 15) & ~(ptrdiff_t)15;
+}
+
 /* Scratch floats af3_decode_step needs for this step: the activations, one attention area per thread, the AMX
  * attention's operands, then the bf16 rows. */
-int64_t af3_decode_scratch(const Step *st) {
-    const ptrdiff_t G = st->kv_heads, rep = G > 0 ? st->heads / G : 0, threads = st->threads < 1 ? 1 : st->threads;
-    const ptrdiff_t before = (step_floats(st) + threads * attend_floats(rep, st->head_dim, st->width) + 15)
-                             & ~(ptrdiff_t)15;
-    return (int64_t)(before + amx_floats(st) + bf16_floats(st));
-}
+int64_t af3_decode_scratch(const Step *st) { return (int64_t)(amx_start(st) + amx_floats(st) + bf16_floats(st)); }
 
 /* af3's AMX decoding attention (attention.c): 0 when it ran, else it did nothing (no AMX here, or shapes it does
  * not take). */
@@ -248,7 +250,7 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     float *att = v + M * G * Dh, *gate = att + M * H * Dh, *up = gate + M * I, *rope = up + M * I, *o = rope + M * Dh;
     float *areas = st->scratch + step_floats(st); /* one attention area per thread */
     const ptrdiff_t area = attend_floats(rep, Dh, W);
-    int64_t *lengths = (int64_t *)(st->scratch + ((step_floats(st) + threads * area + 15) & ~(ptrdiff_t)15));
+    int64_t *lengths = (int64_t *)(st->scratch + amx_start(st));
     uint16_t *q16 = (uint16_t *)(lengths + M), *o16 = q16 + M * H * Dh; /* the AMX attention's queries, outputs */
     uint16_t *rows16 = (uint16_t *)((float *)lengths + amx_floats(st)); /* bf16 input rows, for the dot products */
     /* bf16 on AMX, where the caller allows it: attention through the AMX decoding kernel when every row attends to
@@ -282,16 +284,16 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
         }
         char *kc = (char *)st->caches[2 * l], *vc = (char *)st->caches[2 * l + 1];
         const size_t size = T == F32 ? 4 : 2;
+        for (ptrdiff_t t = 0; t < M * G; t++) { /* the new keys and values into the cache */
+            const ptrdiff_t m = t / G, g = t % G, at = (m * st->cache_row + g * st->cache_head
+                                                        + st->slots[m] * st->cache_slot) * (ptrdiff_t)size;
+            for (ptrdiff_t d = 0; d < Dh; d++) {
+                store1(kc + at, d, T, k[t * Dh + d]);
+                store1(vc + at, d, T, v[t * Dh + d]);
+            }
+        }
         int done = 0;
         if (amx) {
-            for (ptrdiff_t t = 0; t < M * G; t++) { /* the new keys and values into the cache */
-                const ptrdiff_t m = t / G, g = t % G, at = (m * st->cache_row + g * st->cache_head
-                                                            + st->slots[m] * st->cache_slot) * (ptrdiff_t)size;
-                for (ptrdiff_t d = 0; d < Dh; d++) {
-                    store1(kc + at, d, T, k[(m * G + g) * Dh + d]);
-                    store1(vc + at, d, T, v[(m * G + g) * Dh + d]);
-                }
-            }
             const int64_t qs[2] = {H * Dh, Dh}, cs[3] = {st->cache_row, st->cache_head, st->cache_slot};
             done = af3_decode_attention(as_bf16(q, M * H * Dh, q16), qs, (const uint16_t *)kc, cs,
                                         (const uint16_t *)vc, cs, o16, qs, M, H, G, W, Dh, lengths,
@@ -310,12 +312,8 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
 #else
                 float *mine = areas;
 #endif
-                char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
-                char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
-                for (ptrdiff_t d = 0; d < Dh; d++) {
-                    store1(kh, st->slots[m] * st->cache_slot + d, T, k[(m * G + g) * Dh + d]);
-                    store1(vh, st->slots[m] * st->cache_slot + d, T, v[(m * G + g) * Dh + d]);
-                }
+                const char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
+                const char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
                 attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T, mine,
                        att + (m * H + g * rep) * Dh);
             }
