@@ -3,6 +3,8 @@ decoder taking it only where it applies."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +171,53 @@ def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatc
             want = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
             assert not calls
     assert got == want
+
+
+@needs_amx
+def test_the_tile_layout_survives_a_small_caller(tmp_path):
+    """amx.h's tiles_on() in a caller small enough for GCC to drop the layout's stores as dead (ldtilecfg reads them,
+    which GCC 12 did not see without the barrier): compiled with the kernels' compiler and flags, a loop of tile
+    products must run, and a product of tiles must give 32 * 2.0 * 3.0 in every lane."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from af3.kernels import binding
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    source = tmp_path / "tiles.c"
+    source.write_text(f"""#include "{binding.KERNELS / 'amx.h'}"
+#include <stdio.h>
+#include <stdlib.h>
+int main(int argc, char **argv) {{
+    if (!amx_permitted()) return 3;
+    const long n = argc > 1 ? atol(argv[1]) : 1000;
+    uint16_t two[512], three[512];
+    float acc[256];
+    for (int i = 0; i < 512; i++) {{ two[i] = 0x4000; three[i] = 0x4040; }}  /* bf16 2.0 and 3.0 */
+#pragma omp parallel num_threads(2)
+    {{  /* only tile instructions after the layout: where GCC 12 dropped its stores */
+        tiles_on();
+        _tile_zero(0);
+        _tile_zero(4);
+        _tile_zero(6);
+        for (long i = 0; i < n; i++) _tile_dpbf16ps(0, 4, 6);
+        _tile_release();
+    }}
+    tiles_on();
+    _tile_zero(0);
+    _tile_loadd(4, two, 64);
+    _tile_loadd(6, three, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_stored(0, acc, 64);
+    _tile_release();
+    for (int i = 0; i < 256; i++) if (acc[i] != 192.0f) return 4;
+    puts("ok");
+    return 0;
+}}
+""")
+    exe = tmp_path / "tiles"
+    flags = [f for f in binding.FLAGS if f not in ("-shared", "-fPIC")]
+    subprocess.run([*shlex.split(compiler), *flags, "-o", str(exe), str(source)], check=True, timeout=120)
+    run = subprocess.run([str(exe)], check=False, capture_output=True, text=True, timeout=60)
+    assert (run.returncode, run.stdout.strip()) == (0, "ok")

@@ -32,6 +32,9 @@ static inline void tiles_on(void) {
         c.colsb[i] = 64;
         c.rows[i] = 16;
     }
+    /* GCC 12 does not see that ldtilecfg reads the struct: in an OpenMP region of only tile instructions it dropped
+     * the stores of colsb and rows as dead, and the load faulted (-O3; tests/model/test_amx_attention.py). */
+    __asm__ __volatile__("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
 }
 
