@@ -1,5 +1,5 @@
 /* Attention over many queries (a prefill, the audio encoder) with AMX tiles: out = softmax(scale * q k^T + mask) v
- * for bf16 q, k, v, in blocks of 16 queries and KV_BLOCK keys with an online softmax (flash attention).
+ * for bf16 q, k, v, in blocks of 16 queries and chunks of CH keys with an online softmax (flash attention).
  *
  * Why: torch's CPU flash attention multiplies bf16 blocks through generic GEMM calls (AMX packing is only taken for
  * fp16), and on a 2-vCPU Xeon a 30 s window's encoder attention (8 heads, 1500 positions) or a decoder prefill's
@@ -30,8 +30,9 @@
 #include <omp.h>
 #endif
 
-#define KV_BLOCK 512 /* keys per softmax block (a multiple of 64) */
+#define CH 128      /* keys per softmax chunk (a multiple of 32) */
 #define QB 16        /* queries per block: one tile's rows */
+#define LOG2E 1.44269504f
 #define TILE 512     /* bf16 elements in one 16 x 64-byte tile */
 
 int af3_attention_level(void) { return 1; }
@@ -48,6 +49,10 @@ static void pack_keys(const uint16_t *k, ptrdiff_t ks, ptrdiff_t S, ptrdiff_t Dh
     for (ptrdiff_t dc = 0; dc < Dh / 32; dc++)
         for (ptrdiff_t kc = 0; kc < chunks; kc++) {
             uint16_t *t = dst + (dc * chunks + kc) * TILE;
+            if (kc * 16 + 16 <= S) { /* 16 whole keys: a transpose of 32-bit pairs in registers */
+                transpose_pairs(k + kc * 16 * ks + dc * 32, ks, t);
+                continue;
+            }
             for (ptrdiff_t n = 0; n < 16; n++) {
                 const ptrdiff_t key = kc * 16 + n;
                 for (ptrdiff_t p = 0; p < 16; p++) {
@@ -62,15 +67,93 @@ static void pack_keys(const uint16_t *k, ptrdiff_t ks, ptrdiff_t S, ptrdiff_t Dh
  * keys) and the 16 dimensions d of dimension chunk dc, v[2p][d], v[2p + 1][d] side by side. Keys past S are zero.
  * `chunks` = key chunks of 32. */
 static void pack_values(const uint16_t *v, ptrdiff_t vs, ptrdiff_t S, ptrdiff_t Dh, ptrdiff_t chunks, uint16_t *dst) {
+    __m512i pairs; /* lanes 2d and 2d + 1 take element d of the low and of the high half */
+    {
+        uint16_t idx[32];
+        for (int d = 0; d < 16; d++) idx[2 * d] = (uint16_t)d, idx[2 * d + 1] = (uint16_t)(16 + d);
+        pairs = _mm512_loadu_si512(idx);
+    }
     for (ptrdiff_t kc = 0; kc < chunks; kc++)
         for (ptrdiff_t dc = 0; dc < Dh / 16; dc++) {
             uint16_t *t = dst + (kc * (Dh / 16) + dc) * TILE;
+            if (kc * 32 + 32 <= S) { /* 32 whole keys: each tile row interleaves two keys' 16 values */
+                for (ptrdiff_t p = 0; p < 16; p++) {
+                    const uint16_t *a = v + (kc * 32 + 2 * p) * vs + dc * 16;
+                    const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                                                           _mm256_loadu_si256((const __m256i *)(a + vs)), 1);
+                    _mm512_storeu_si512(t + p * 32, _mm512_permutexvar_epi16(pairs, two));
+                }
+                continue;
+            }
             for (ptrdiff_t p = 0; p < 16; p++)
                 for (int e = 0; e < 2; e++) {
                     const ptrdiff_t key = kc * 32 + 2 * p + e;
                     for (ptrdiff_t d = 0; d < 16; d++) t[p * 32 + d * 2 + e] = key < S ? v[key * vs + dc * 16 + d] : 0;
                 }
         }
+}
+
+/* 2^x for x <= 0 (-inf lanes come out NaN: callers mask them): 2^n * p(r), n = round(x), r = x - n in [-1/2, 1/2],
+ * p the Taylor polynomial of 2^r = e^(r ln 2) to degree EXP2_DEGREE (relative error ~2.4e-6 at 5, ~1.2e-7 at 6;
+ * the probabilities are rounded to bf16, 2^-9, before they multiply v). One multiply and two subtractions fewer
+ * than exp16_nonpositive: the softmax's scale and shift take log2(e) in. */
+#ifndef EXP2_DEGREE
+#define EXP2_DEGREE 6
+#endif
+static inline __m512 exp2_nonpositive(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_sub_ps(x, n);
+    static const float c[] = {1.0f, 0.693147181f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
+                              0.000154035304f};
+    __m512 p = _mm512_set1_ps(c[EXP2_DEGREE]);
+    for (int i = EXP2_DEGREE - 1; i >= 0; i--) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Groups of 32 keys of the chunk starting at s0 that hold keys below `end` (the pack is zero past S). */
+static inline ptrdiff_t groups32(ptrdiff_t end, ptrdiff_t s0) {
+    const ptrdiff_t n = end - s0 < CH ? end - s0 : CH;
+    return n > 0 ? (n + 31) / 32 : 0;
+}
+
+/* One piece of a chunk's scores: keys s0 + 32 grp .. + 31 against dimensions 32 dc .. + 31 of the 16 queries
+ * (tiles 0-1 accumulate, 4 holds the queries, 5 the keys); the last dimension piece stores them into sb [16, CH]. */
+static inline void score_step(const uint16_t *qbuf, ptrdiff_t Dh, const uint16_t *kt, ptrdiff_t k16, ptrdiff_t s0,
+                              ptrdiff_t grp, ptrdiff_t dc, ptrdiff_t halves, float *sb) {
+    if (dc == 0) {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
+    const uint16_t *kd = kt + (dc * k16 + s0 / 16 + 2 * grp) * TILE;
+    _tile_loadd(4, qbuf + dc * 32, Dh * 2);
+    _tile_loadd(5, kd, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(5, kd + TILE, 64);
+    _tile_dpbf16ps(1, 4, 5);
+    if (dc == halves - 1) {
+        _tile_stored(0, sb + grp * 32, CH * 4);
+        _tile_stored(1, sb + grp * 32 + 16, CH * 4);
+    }
+}
+
+/* One piece of a chunk's p v: dimensions 32 hf .. + 31 of o [16, Dh] (tiles 2-3, loaded at the first key group and
+ * stored at the last) += the probabilities of key group kc (tile 6, from pb [16, CH]) times their values (tile 7). */
+static inline void value_step(float *o, ptrdiff_t Dh, const uint16_t *pb, const uint16_t *vt, ptrdiff_t s0,
+                              ptrdiff_t hf, ptrdiff_t kc, ptrdiff_t groups) {
+    if (kc == 0) {
+        _tile_loadd(2, o + hf * 32, Dh * 4);
+        _tile_loadd(3, o + hf * 32 + 16, Dh * 4);
+    }
+    const uint16_t *vb = vt + ((s0 / 32 + kc) * (Dh / 16) + 2 * hf) * TILE;
+    _tile_loadd(6, pb + kc * 32, CH * 2);
+    _tile_loadd(7, vb, 64);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_loadd(7, vb + TILE, 64);
+    _tile_dpbf16ps(3, 6, 7);
+    if (kc == groups - 1) {
+        _tile_stored(2, o + hf * 32, Dh * 4);
+        _tile_stored(3, o + hf * 32 + 16, Dh * 4);
+    }
 }
 
 /* q [B, H, T, Dh], k and v [B, G, S, Dh], out [B, H, T, Dh]: bf16, any strides (in elements, `*_strides` = b, head,
@@ -84,7 +167,7 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
     if (B < 1 || H < 1 || G < 1 || H % G || T < 1 || S < 1 || Dh % 64 || Dh > 256 || q_start < 0) return -1;
     if (!amx_permitted()) return -3;
     if (threads < 1) threads = 1;
-    const ptrdiff_t rep = H / G, padded = (S + 63) & ~(ptrdiff_t)63, k16 = padded / 16, k32 = padded / 32;
+    const ptrdiff_t rep = H / G, padded = (S + CH - 1) / CH * CH, k16 = padded / 16, k32 = padded / 32;
     const ptrdiff_t per_head = padded * Dh; /* packed elements of one head's keys (and of its values) */
     uint16_t *packed = (uint16_t *)malloc((size_t)(2 * B * G * per_head) * sizeof(uint16_t));
     if (!packed) return -2;
@@ -97,12 +180,14 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
         else
             pack_values(v + b * v_strides[0] + g * v_strides[1], v_strides[2], S, Dh, k32, vp + bg * per_head);
     }
-    const ptrdiff_t qblocks = (T + QB - 1) / QB;
+    const ptrdiff_t qblocks = (T + QB - 1) / QB, halves = Dh / 32;
 #pragma omp parallel num_threads(threads)
     {
         tiles_on();
-        uint16_t qbuf[QB * 256], pbuf[QB * KV_BLOCK];
-        float sbuf[QB * KV_BLOCK], o[QB * 256], top[QB], sum[QB];
+        uint16_t qbuf[QB * 256] __attribute__((aligned(64))), pbuf[2][QB * CH] __attribute__((aligned(64)));
+        float sbuf[2][QB * CH] __attribute__((aligned(64))), o[QB * 256] __attribute__((aligned(64)));
+        float top[QB] __attribute__((aligned(64))), sum[QB], alpha[QB] __attribute__((aligned(64)));
+        ptrdiff_t limit[QB];
 #pragma omp for schedule(dynamic, 1)
         for (ptrdiff_t task = 0; task < B * H * qblocks; task++) {
             const ptrdiff_t b = task / (H * qblocks), h = task / qblocks % H, qb = task % qblocks;
@@ -118,93 +203,81 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
             memset(o, 0, sizeof(float) * (size_t)(QB * Dh));
             ptrdiff_t end = kv_len ? (kv_len[b] < S ? kv_len[b] : S) : S;
             if (causal && q_start + q0 + rows < end) end = q_start + q0 + rows;
-            for (ptrdiff_t s0 = 0; s0 < end; s0 += KV_BLOCK) {
-                const ptrdiff_t n = end - s0 < KV_BLOCK ? end - s0 : KV_BLOCK;
-                const ptrdiff_t n64 = (n + 63) / 64; /* key chunks of 64 (the pack is padded to 64) */
-                for (ptrdiff_t kc = 0; kc < n64 * 4; kc += 4) { /* raw scores of 64 keys: 4 tiles side by side */
-                    const uint16_t *kb = kt + (s0 / 16 + kc) * TILE;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                    for (ptrdiff_t dc = 0; dc < Dh / 32; dc++) {
-                        const uint16_t *kd = kb + dc * k16 * TILE;
-                        _tile_loadd(4, qbuf + dc * 32, Dh * 2);
-                        _tile_loadd(5, kd, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        _tile_loadd(6, kd + TILE, 64);
-                        _tile_dpbf16ps(1, 4, 6);
-                        _tile_loadd(5, kd + 2 * TILE, 64);
-                        _tile_dpbf16ps(2, 4, 5);
-                        _tile_loadd(6, kd + 3 * TILE, 64);
-                        _tile_dpbf16ps(3, 4, 6);
-                    }
-                    _tile_stored(0, sbuf + kc * 16, KV_BLOCK * 4);
-                    _tile_stored(1, sbuf + kc * 16 + 16, KV_BLOCK * 4);
-                    _tile_stored(2, sbuf + kc * 16 + 32, KV_BLOCK * 4);
-                    _tile_stored(3, sbuf + kc * 16 + 48, KV_BLOCK * 4);
+            const ptrdiff_t chunks = (end + CH - 1) / CH;
+            /* Chunk j's scores (tiles), then its softmax (AVX-512), then p v (tiles): the tile products of chunk
+             * j + 1's scores and chunk j - 1's p v are issued between the rows of chunk j's softmax, so that the
+             * tile unit and the vector units work at the same time. */
+            for (ptrdiff_t i = 0, n = groups32(end, 0); i < n * halves; i++)
+                score_step(qbuf, Dh, kt, k16, 0, i / halves, i % halves, halves, sbuf[0]);
+            for (ptrdiff_t j = 0; j < chunks; j++) {
+                const ptrdiff_t s0 = j * CH, n = end - s0 < CH ? end - s0 : CH;
+                const float *sj = sbuf[j % 2];
+                uint16_t *pj = pbuf[j % 2];
+                const ptrdiff_t nq = j + 1 < chunks ? groups32(end, s0 + CH) * halves : 0;
+                const ptrdiff_t pk = j > 0 ? groups32(end, s0 - CH) : 0, np = pk * halves, total = nq + np;
+                ptrdiff_t iq = 0, ip = 0;
+                __m512 vtop = _mm512_load_ps(top), vmax = _mm512_set1_ps(-INFINITY);
+                float block[QB] __attribute__((aligned(64)));
+                for (ptrdiff_t r = 0; r < QB; r++) { /* each query's seen keys in this chunk, and their top score */
+                    ptrdiff_t lim = r < rows ? n : 0; /* keys s0 + c with c < lim are seen */
+                    if (causal && q_start + q0 + r + 1 - s0 < lim) lim = q_start + q0 + r + 1 - s0;
+                    limit[r] = lim < 0 ? 0 : lim;
+                    __m512 m = _mm512_set1_ps(-INFINITY);
+                    for (ptrdiff_t c = 0; c < limit[r]; c += 16)
+                        m = _mm512_mask_max_ps(m, lanes(limit[r] - c), m, _mm512_loadu_ps(sj + r * CH + c));
+                    /* scale > 0: the scaled maximum is the maximum scaled */
+                    block[r] = limit[r] > 0 ? _mm512_reduce_max_ps(m) * scale : -INFINITY;
                 }
-                for (ptrdiff_t r = 0; r < QB; r++) { /* online softmax of each query's scores */
-                    float *sr = sbuf + r * KV_BLOCK;
-                    uint16_t *pr = pbuf + r * KV_BLOCK;
-                    ptrdiff_t limit = r < rows ? n : 0; /* keys s0 + c with c < limit are seen */
-                    if (causal && q_start + q0 + r + 1 - s0 < limit) limit = q_start + q0 + r + 1 - s0;
-                    if (limit < 0) limit = 0;
-                    __m512 vmax = _mm512_set1_ps(-INFINITY);
-                    for (ptrdiff_t c = 0; c < limit; c += 16)
-                        vmax = _mm512_mask_max_ps(vmax, lanes(limit - c), vmax, _mm512_loadu_ps(sr + c));
-                    /* the block's largest scaled score (scale > 0: the scaled maximum is the maximum scaled) */
-                    const float block_top = limit > 0 ? _mm512_reduce_max_ps(vmax) * scale : -INFINITY;
-                    const float new_top = block_top > top[r] ? block_top : top[r];
-                    if (new_top == -INFINITY) { /* nothing seen yet: probabilities 0, nothing to rescale */
-                        memset(pr, 0, (size_t)(n64 * 64) * 2);
+                vmax = _mm512_max_ps(vtop, _mm512_load_ps(block));
+                /* rescale of what was summed so far: 0 where nothing was seen yet */
+                const __mmask16 seen = _mm512_cmp_ps_mask(vtop, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                _mm512_store_ps(alpha, _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(vtop, vmax))));
+                _mm512_store_ps(top, vmax);
+                const __m512 vscale = _mm512_set1_ps(scale * LOG2E);
+                for (ptrdiff_t r = 0; r < QB; r++) {
+                    for (const ptrdiff_t due = (r + 1) * total / QB; iq + ip < due;) { /* tile work for this row */
+                        if (iq < nq && (ip >= np || iq <= ip)) {
+                            score_step(qbuf, Dh, kt, k16, s0 + CH, iq / halves, iq % halves, halves, sbuf[(j + 1) % 2]);
+                            iq++;
+                        } else {
+                            value_step(o, Dh, pbuf[(j + 1) % 2], vt, s0 - CH, ip / pk, ip % pk, pk);
+                            ip++;
+                        }
+                    }
+                    uint16_t *pr = pj + r * CH;
+                    const ptrdiff_t width = groups32(end, s0) * 32;
+                    if (top[r] == -INFINITY) { /* nothing seen yet: probabilities 0 */
+                        memset(pr, 0, (size_t)width * 2);
+                        sum[r] *= alpha[r];
                         continue;
                     }
-                    const float alpha = top[r] == -INFINITY ? 0.0f : expf(top[r] - new_top);
-                    __m512 total = _mm512_setzero_ps();
-                    const __m512 vscale = _mm512_set1_ps(scale), shift = _mm512_set1_ps(-new_top);
-                    for (ptrdiff_t c = 0; c < n64 * 64; c += 16) { /* p = exp(scale * s - top), 0 where unseen */
-                        const __mmask16 on = c < limit ? lanes(limit - c) : 0;
-                        const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sr + c), vscale, shift);
-                        const __m512 p = _mm512_maskz_mov_ps(on, exp16_nonpositive(x));
-                        total = _mm512_add_ps(total, p);
+                    __m512 total_p = _mm512_setzero_ps();
+                    const __m512 shift = _mm512_set1_ps(-top[r] * LOG2E);
+                    for (ptrdiff_t c = 0; c < width; c += 16) { /* p = exp(scale * s - top), 0 where unseen */
+                        const __mmask16 on = c < limit[r] ? lanes(limit[r] - c) : 0;
+                        const __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(sj + r * CH + c), vscale, shift);
+                        const __m512 p = _mm512_maskz_mov_ps(on, exp2_nonpositive(x));
+                        total_p = _mm512_add_ps(total_p, p);
                         _mm256_storeu_si256((__m256i *)(pr + c), bf16x16_from(p, 0));
                     }
-                    sum[r] = sum[r] * alpha + _mm512_reduce_add_ps(total);
-                    top[r] = new_top;
-                    if (alpha != 1.0f)
+                    sum[r] = sum[r] * alpha[r] + _mm512_reduce_add_ps(total_p);
+                }
+                for (ptrdiff_t r = 0; r < QB; r++) /* o (chunk j - 1's products now in it) to this chunk's top */
+                    if (alpha[r] != 1.0f)
                         for (ptrdiff_t d = 0; d < Dh; d += 16)
                             _mm512_storeu_ps(o + r * Dh + d, _mm512_mul_ps(_mm512_loadu_ps(o + r * Dh + d),
-                                                                           _mm512_set1_ps(alpha)));
-                }
-                for (ptrdiff_t dc = 0; dc < Dh / 16; dc += 4) { /* o += p v, 64 dimensions at a time */
-                    float *od = o + dc * 16;
-                    _tile_loadd(0, od, Dh * 4);
-                    _tile_loadd(1, od + 16, Dh * 4);
-                    _tile_loadd(2, od + 32, Dh * 4);
-                    _tile_loadd(3, od + 48, Dh * 4);
-                    for (ptrdiff_t kc = 0; kc < n64 * 2; kc++) {
-                        const uint16_t *vb = vt + ((s0 / 32 + kc) * (Dh / 16) + dc) * TILE;
-                        _tile_loadd(4, pbuf + kc * 32, KV_BLOCK * 2);
-                        _tile_loadd(5, vb, 64);
-                        _tile_dpbf16ps(0, 4, 5);
-                        _tile_loadd(6, vb + TILE, 64);
-                        _tile_dpbf16ps(1, 4, 6);
-                        _tile_loadd(5, vb + 2 * TILE, 64);
-                        _tile_dpbf16ps(2, 4, 5);
-                        _tile_loadd(6, vb + 3 * TILE, 64);
-                        _tile_dpbf16ps(3, 4, 6);
-                    }
-                    _tile_stored(0, od, Dh * 4);
-                    _tile_stored(1, od + 16, Dh * 4);
-                    _tile_stored(2, od + 32, Dh * 4);
-                    _tile_stored(3, od + 48, Dh * 4);
-                }
+                                                                           _mm512_set1_ps(alpha[r])));
+            }
+            if (chunks > 0) { /* the last chunk's p v */
+                const ptrdiff_t pk = groups32(end, (chunks - 1) * CH);
+                for (ptrdiff_t i = 0; i < pk * halves; i++)
+                    value_step(o, Dh, pbuf[(chunks - 1) % 2], vt, (chunks - 1) * CH, i / pk, i % pk, pk);
             }
             for (ptrdiff_t r = 0; r < rows; r++) {
                 uint16_t *dst = out + b * o_strides[0] + h * o_strides[1] + (q0 + r) * o_strides[2];
-                const float inv = sum[r] > 0 ? 1.0f / sum[r] : 0.0f;
-                for (ptrdiff_t d = 0; d < Dh; d++) dst[d] = to_bf16(o[r * Dh + d] * inv);
+                const __m512 inv = _mm512_set1_ps(sum[r] > 0 ? 1.0f / sum[r] : 0.0f);
+                for (ptrdiff_t d = 0; d < Dh; d += 16)
+                    _mm256_storeu_si256((__m256i *)(dst + d), bf16x16_from(_mm512_mul_ps(_mm512_load_ps(o + r * Dh + d), inv), 1));
             }
         }
         _tile_release();
