@@ -5,8 +5,11 @@
  * fp16), and on a 2-vCPU Xeon a 30 s window's encoder attention (8 heads, 1500 positions) or a decoder prefill's
  * (14 heads, 800 positions) ran at 0.3-0.5 TFLOP/s. Here q k^T and p v are AMX tile products (bf16 in, fp32
  * accumulators), the keys and values are packed once per key/value head into the tiles' pair-interleaved layout, and
- * the softmax runs in AVX-512 on fp32 scores. The math is torch's: scores in fp32, exp in fp32, probabilities
- * rounded to bf16 for the product with v while their sum stays fp32, the output divided by that sum and rounded once.
+ * the softmax runs in AVX-512 on fp32 scores. The tile products of the next chunk's scores and of the previous
+ * chunk's p v are issued between the rows of a chunk's softmax, so that the tile unit works while the vector units do
+ * (done one after the other, the two took as long as their sum; benchmarks/README.md). The math is torch's: scores
+ * in fp32, exp in fp32, probabilities rounded to bf16 for the product with v while their sum stays fp32, the output
+ * divided by that sum and rounded once.
  *
  * Masks: `causal` (query i, at position q_start + i, sees keys 0 .. q_start + i) and a per-batch count of valid keys
  * (`kv_len`, keys beyond it are padding). Grouped-query heads: head h reads key/value head h / (H / G).
