@@ -82,7 +82,8 @@ static void pack_values(const uint16_t *v, ptrdiff_t vs, ptrdiff_t S, ptrdiff_t 
             if (kc * 32 + 32 <= S) { /* 32 whole keys: each tile row interleaves two keys' 16 values */
                 for (ptrdiff_t p = 0; p < 16; p++) {
                     const uint16_t *a = v + (kc * 32 + 2 * p) * vs + dc * 16;
-                    const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                    const __m256i lo = _mm256_loadu_si256((const __m256i *)a);
+                    const __m512i two = _mm512_inserti64x4(_mm512_castsi256_si512(lo),
                                                            _mm256_loadu_si256((const __m256i *)(a + vs)), 1);
                     _mm512_storeu_si512(t + p * 32, _mm512_permutexvar_epi16(pairs, two));
                 }
@@ -279,8 +280,10 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
             for (ptrdiff_t r = 0; r < rows; r++) {
                 uint16_t *dst = out + b * o_strides[0] + h * o_strides[1] + (q0 + r) * o_strides[2];
                 const __m512 inv = _mm512_set1_ps(sum[r] > 0 ? 1.0f / sum[r] : 0.0f);
-                for (ptrdiff_t d = 0; d < Dh; d += 16)
-                    _mm256_storeu_si256((__m256i *)(dst + d), bf16x16_from(_mm512_mul_ps(_mm512_load_ps(o + r * Dh + d), inv), 1));
+                for (ptrdiff_t d = 0; d < Dh; d += 16) {
+                    const __m512 scaled = _mm512_mul_ps(_mm512_load_ps(o + r * Dh + d), inv);
+                    _mm256_storeu_si256((__m256i *)(dst + d), bf16x16_from(scaled, 1));
+                }
             }
         }
         _tile_release();
