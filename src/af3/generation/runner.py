@@ -153,7 +153,7 @@ class ModelRunner:
                                                                     device=self.device), start, t)
         self._think_rows([req.options.think])
         try:
-            hidden = self.decoder(x, pos, mask, self.cache.rows(row, row + 1), start)  # [1, T', D]
+            hidden = self.decoder(x, pos, mask, self.cache.rows(row, row + 1), start, last_only=True)  # [1, 1, D]
         finally:
             self._think_rows([])  # the adapter's hooks are on the shared model: off between forwards
         self.stats["prefill_tokens"] += t

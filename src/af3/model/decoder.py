@@ -177,7 +177,10 @@ class Attention(nn.Module):
         mask: Tensor | MixedBatch | None,
         cache: KVCache | None = None,
         slots: int | Tensor = 0,
+        last: bool = False,
     ) -> Tensor:
+        if last:
+            return self._last_query(x, rope, mask, cache, slots)
         b, t, _ = x.shape  # [B, T, D]
         lengths = None
         if isinstance(mask, PrefixMask):
@@ -217,6 +220,30 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
+
+    def _last_query(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
+                    slots: int | Tensor) -> Tensor:
+        """A prefill's attention for its last position only → [B, 1, D]: every position's keys and values are still
+        computed and cached, the query, attention and output projection only for the last one (the last layer's
+        other positions feed nothing but logits nobody reads). ``mask``: None (causal from slot 0, so the last
+        query sees every key) or the prefill's [B, 1, T, S] mask, of which the last query's row is used."""
+        b, t, _ = x.shape  # [B, T, D]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        q = self.q_proj(x[:, -1:]).view(b, 1, self.num_heads, self.head_dim)  # [B, 1, H, Dh]
+        last_rope = (rope[0][:, -1:], rope[1][:, -1:])  # [B, 1, Dh] each
+        if self.head_dim % 16 == 0 and kernel_policy.current().rowwise(q):
+            k, q = kernel_ops.rotary(k, *rope).transpose(1, 2), kernel_ops.rotary(q, *last_rope).transpose(1, 2)
+        else:
+            k, q = apply_rotary(k.transpose(1, 2), *rope), apply_rotary(q.transpose(1, 2), *last_rope)
+        if cache is not None:
+            cache.update(self.layer_idx, k, v, slots)
+            k, v = cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else t)  # [B, Hkv, S, Dh]
+        row = None if mask is None else mask[:, :, -1:]  # [B, 1, 1, S]
+        rep = self.num_heads // self.num_kv_heads
+        # Each head group folded into the query axis (as a decoding step): the kv heads are not copied.
+        out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, rep, self.head_dim), k, v, row)
+        return self.o_proj(out.reshape(b, 1, self.num_heads * self.head_dim))  # [B, 1, D]
 
     def _mixed(self, q: Tensor, k: Tensor, v: Tensor, m: MixedBatch, cache: KVCache) -> Tensor:
         """Attention of a :class:`MixedBatch`: the chunk over its own row, each decoding token over its row; the
@@ -300,8 +327,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
-                slots: int | Tensor) -> Tensor:
-        x, h = self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, mask, cache, slots), x)
+                slots: int | Tensor, last: bool = False) -> Tensor:
+        """→ [B, T, D]; with ``last`` (a prefill's last layer) only the last position's output, [B, 1, D]."""
+        a = self.self_attn(self.input_layernorm(x), rope, mask, cache, slots, last)
+        x, h = self.post_attention_layernorm(a, x[:, -1:].contiguous() if last else x)
         return x + self.mlp(h)
 
 
@@ -326,10 +355,14 @@ class Qwen2Model(nn.Module):
         mask: Tensor | MixedBatch | PrefixMask | None = None,
         cache: KVCache | None = None,
         slots: int | Tensor = 0,
+        last_only: bool = False,
     ) -> Tensor:
         """inputs_embeds [B, T, D], position_ids [B, T], mask [B, 1, T, S] bool or None (plain causal, no
         cache) → final hidden states [B, T, D]. With a cache, k/v are written at ``slots``, S slots read. A decoding
-        step whose rows' valid keys are known to be cache prefixes may pass a :class:`PrefixMask`."""
+        step whose rows' valid keys are known to be cache prefixes may pass a :class:`PrefixMask`. ``last_only``
+        (a prefill that needs only its next token's logits): → [B, 1, D], the last position's, with the last layer
+        computing only that position's query, attention and MLP (every layer's keys and values are still cached);
+        not for a :class:`MixedBatch`."""
         if cache is not None and mask is None and not (isinstance(slots, int) and slots == 0):
             raise ValueError("a KV cache past slot 0 needs an explicit attention mask (its width = slots to read)")
         rope = self.rotary(position_ids, inputs_embeds.dtype)  # cos, sin: [B, T, Dh] each
@@ -346,9 +379,11 @@ class Qwen2Model(nn.Module):
             elif amx:  # found here: a cache prefix per row, or not
                 mask = prefix_mask(mask) or mask
         x = inputs_embeds
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache, slots)
-        return self.norm(x)
+        plain = not isinstance(mask, (MixedBatch, PrefixMask))
+        last = len(self.layers) - 1 if last_only and x.shape[1] > 1 and plain else -1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, slots, i == last)
+        return self.norm(x[:, -1:] if last_only else x)
 
     def amx_decoding(self, dtype: torch.dtype, device: torch.device) -> bool:
         """Decoding steps of this decoder in ``dtype`` on ``device`` attend through af3's AMX decoding kernel (the
