@@ -186,6 +186,14 @@ class KernelPolicy:
         return (self.packed_weights and device.type == "cpu" and rows > self.packed_rows and dtype in HALF_DTYPES
                 and dtype in self.native_half)
 
+    def conv_as_gemm(self, x: torch.Tensor) -> bool:
+        """The audio encoder's two convolutions on x run as GEMMs over unfolded windows: half-precision CPU inference
+        where oneDNN has native half GEMMs. On a 2-vCPU AMX Xeon a 30 s window's bf16 conv1 took 6.8-7.2 ms as a
+        convolution and 0.96-1.0 ms as a GEMM, conv2 3.5 against 2.3-2.5 ms (the same results); in fp32 the
+        convolutions were faster (4.1 against 4.4 ms, 7.9 against 9.3), and CPUs without native half GEMMs were not
+        measured, so both keep them."""
+        return (x.device.type == "cpu" and x.dtype in self.native_half and not torch.is_grad_enabled())
+
     def rowwise(self, x: torch.Tensor) -> bool:
         """The decoder's row-wise steps on ``x`` (RMSNorm, SiLU * up, rotary) run as af3's one-pass C kernels
         (``kernels/csrc/rowwise.c``): half-precision CPU inference, where torch's several ops per step each write and

@@ -66,6 +66,12 @@ class EncoderLayer(nn.Module):
         return x
 
 
+def _windows_product(windows: Tensor, conv: nn.Conv1d) -> Tensor:
+    """``conv`` (kernel k) as a product: windows [N, L, k * C_in] (tap-major) → [N, L, C_out]."""
+    weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # [C_out, k * C_in], tap-major
+    return F.linear(windows, weight, conv.bias)
+
+
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
     """Whisper's fixed position table [length, channels]: sines then cosines over geometric timescales."""
     half = channels // 2
@@ -94,6 +100,18 @@ class AudioEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.layer_norm = nn.LayerNorm(d)
 
+    def stem(self, x: Tensor) -> Tensor:
+        """gelu(conv2(gelu(conv1(x)))) for mel frames x [N, mel, L] → [N, L', D], time-major. Where the policy says
+        so (half-precision CPU inference with native half GEMMs), each convolution runs as one GEMM over its
+        unfolded windows (the same products, each result rounded once)."""
+        if not kernel_policy.current().conv_as_gemm(x):
+            return F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)
+        n = x.shape[0]
+        windows = F.pad(x, (1, 1)).unfold(2, 3, 1).permute(0, 2, 3, 1)  # [N, L, 3, mel]
+        x = F.gelu(_windows_product(windows.reshape(n, windows.shape[1], -1), self.conv1))  # [N, L, D]
+        windows = F.pad(x, (0, 0, 1, 1)).unfold(1, 3, 2).permute(0, 1, 3, 2)  # [N, L', 3, D]
+        return F.gelu(_windows_product(windows.reshape(n, windows.shape[1], -1), self.conv2))  # [N, L', D]
+
     def forward(self, input_features: Tensor, input_features_mask: Tensor | None = None) -> Tensor:
         """input_features [N, mel, 2*P] (P = max_source_positions), mask [N, 2*P] with 1 = real frame
         (a left-aligned prefix; only its sum is used) → [N, P // 2, D]."""
@@ -114,9 +132,7 @@ class AudioEncoder(nn.Module):
             if bool((lengths < cut).any()):
                 keep = torch.arange(cut, device=x.device) < lengths.clamp(min=1)[:, None]  # [N, cut]
                 mask = keep[:, None, None, :]  # [N, 1, 1, cut]
-        x = F.gelu(self.conv1(x))  # [N, D, <=2P]
-        x = F.gelu(self.conv2(x))[..., :cut]  # [N, D, cut]
-        x = x.transpose(1, 2) + self.embed_positions.weight[:cut]  # [N, cut, D]
+        x = self.stem(x)[:, :cut] + self.embed_positions.weight[:cut]  # [N, cut, D]
 
         for layer in self.layers:
             x = layer(x, mask)
