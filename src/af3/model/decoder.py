@@ -379,8 +379,9 @@ class Qwen2Model(nn.Module):
             elif amx:  # found here: a cache prefix per row, or not
                 mask = prefix_mask(mask) or mask
         x = inputs_embeds
-        plain = not isinstance(mask, (MixedBatch, PrefixMask))
-        last = len(self.layers) - 1 if last_only and x.shape[1] > 1 and plain else -1
+        if last_only and isinstance(mask, (MixedBatch, PrefixMask)):
+            raise ValueError("last_only is for a prefill: its rows' last positions, not a mixed or decoding batch")
+        last = len(self.layers) - 1 if last_only and x.shape[1] > 1 else -1
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, slots, i == last)
         return self.norm(x[:, -1:] if last_only else x)
