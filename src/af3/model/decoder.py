@@ -188,20 +188,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [B, T, H, Dh]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        if self.head_dim % 16 == 0 and kernel_policy.current().rowwise(q):  # one pass, in the [B, T, H, Dh] layout
-            q, k = (kernel_ops.rotary(z, *rope).transpose(1, 2) for z in (q, k))
-        else:
-            q, k = apply_rotary(q.transpose(1, 2), *rope), apply_rotary(k.transpose(1, 2), *rope)
+        q, k = self._rotated(q, rope), self._rotated(k, rope)  # [B, H, T, Dh], [B, Hkv, T, Dh]
         if isinstance(mask, MixedBatch):
             out = self._mixed(q, k, v, mask, cache)  # [1, H, T, Dh]
             return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
-        if cache is not None:
-            # The mask's width says how many cache slots this step reads; without a mask (a causal prefill
-            # that starts at slot 0) it reads the slots just written.
-            cache.update(self.layer_idx, k, v, slots)
-            k, v = cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else t)  # [B, Hkv, S, Dh]
-
+        k, v = self._cached(k, v, mask, cache, slots)  # [B, Hkv, S, Dh]
         rep = self.num_heads // self.num_kv_heads
         if mask is None and kernel_policy.current().amx_attention(q):  # causal from slot 0: af3's AMX kernel
             out = kernel_ops.attention(q, k, v, causal=True)
@@ -221,6 +213,23 @@ class Attention(nn.Module):
         out = out.reshape(b, self.num_heads, t, self.head_dim)  # [B, H, T, Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))  # [B, T, D]
 
+    def _rotated(self, z: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotary embeddings on z [B, T, heads, Dh] → [B, heads, T, Dh] (af3's one-pass kernel where it runs, in the
+        [B, T, heads, Dh] layout)."""
+        if self.head_dim % 16 == 0 and kernel_policy.current().rowwise(z):
+            return kernel_ops.rotary(z, *rope).transpose(1, 2)
+        return apply_rotary(z.transpose(1, 2), *rope)
+
+    def _cached(self, k: Tensor, v: Tensor, mask: Tensor | None, cache: KVCache | None,
+                slots: int | Tensor) -> tuple[Tensor, Tensor]:
+        """This step's k and v [B, Hkv, T, Dh] written into ``cache`` at ``slots``, and the keys and values to attend
+        to: the mask's width in cache slots (without a mask, a causal prefill from slot 0: the slots just written);
+        without a cache, k and v themselves."""
+        if cache is None:
+            return k, v
+        cache.update(self.layer_idx, k, v, slots)
+        return cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else k.shape[2])
+
     def _last_query(self, x: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor | None, cache: KVCache | None,
                     slots: int | Tensor) -> Tensor:
         """A prefill's attention for its last position only → [B, 1, D]: every position's keys and values are still
@@ -231,14 +240,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
         q = self.q_proj(x[:, -1:]).view(b, 1, self.num_heads, self.head_dim)  # [B, 1, H, Dh]
-        last_rope = (rope[0][:, -1:], rope[1][:, -1:])  # [B, 1, Dh] each
-        if self.head_dim % 16 == 0 and kernel_policy.current().rowwise(q):
-            k, q = kernel_ops.rotary(k, *rope).transpose(1, 2), kernel_ops.rotary(q, *last_rope).transpose(1, 2)
-        else:
-            k, q = apply_rotary(k.transpose(1, 2), *rope), apply_rotary(q.transpose(1, 2), *last_rope)
-        if cache is not None:
-            cache.update(self.layer_idx, k, v, slots)
-            k, v = cache.keys_values(self.layer_idx, mask.shape[-1] if mask is not None else t)  # [B, Hkv, S, Dh]
+        k, q = self._rotated(k, rope), self._rotated(q, (rope[0][:, -1:], rope[1][:, -1:]))  # the last position's
+        k, v = self._cached(k, v, mask, cache, slots)  # [B, Hkv, S, Dh]
         row = None if mask is None else mask[:, :, -1:]  # [B, 1, 1, S]
         rep = self.num_heads // self.num_kv_heads
         # Each head group folded into the query axis (as a decoding step): the kv heads are not copied.

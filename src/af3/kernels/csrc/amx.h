@@ -23,9 +23,9 @@ typedef struct {
     uint8_t rows[16];
 } TileConfig;
 
-/* Tiles 0-7, each 16 rows of 64 bytes. attention.c: 0-3 fp32 accumulators, 4 the A operand, 5 and 6 B operands;
- * gemm.h's row products: 0-3 accumulators, 4 and 5 weights (A), 6 the rows (B); amx_gemm.c: 0-3 accumulators, 4
- * and 5 rows (A), 6 and 7 weights (B). */
+/* Tiles 0-7, each 16 rows of 64 bytes. attention.c's prefill: 0-1 score accumulators, 4 queries (A), 5 keys (B);
+ * 2-3 output accumulators, 6 probabilities (A), 7 values (B), so that both products can be in flight; its decoding
+ * kernel: 0 accumulator, 4 A, 5 B. gemm.h's row products: 0-3 accumulators, 4 and 5 weights (A), 6 the rows (B). */
 static inline void tiles_on(void) {
     TileConfig c;
     memset(&c, 0, sizeof c);
@@ -40,11 +40,12 @@ static inline void tiles_on(void) {
     _tile_loadconfig(&c);
 }
 
-/* 16 rows of 32 bf16 (rows `stride` elements apart) into one B tile: row p of the tile holds, for each source row
- * n, its elements 2p and 2p + 1 side by side (a transpose of a 16 x 16 block of 32-bit pairs, in registers). */
-static inline void transpose_pairs(const uint16_t *src, ptrdiff_t stride, uint16_t *dst) {
+/* `rows` (at most 16) rows of 32 bf16 (`stride` elements apart) into one B tile: row p of the tile holds, for each
+ * source row n, its elements 2p and 2p + 1 side by side, zeros for n >= rows (a transpose of a 16 x 16 block of
+ * 32-bit pairs, in registers). */
+static inline void transpose_pairs(const uint16_t *src, ptrdiff_t stride, ptrdiff_t rows, uint16_t *dst) {
     __m512i a[16], b[16];
-    for (int i = 0; i < 16; i++) a[i] = _mm512_loadu_si512(src + i * stride);
+    for (int i = 0; i < 16; i++) a[i] = i < rows ? _mm512_loadu_si512(src + i * stride) : _mm512_setzero_si512();
     for (int i = 0; i < 16; i += 2) {
         b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
         b[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);

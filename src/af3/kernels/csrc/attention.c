@@ -51,18 +51,8 @@ static inline __mmask16 lanes(ptrdiff_t count) {
 static void pack_keys(const uint16_t *k, ptrdiff_t ks, ptrdiff_t S, ptrdiff_t Dh, ptrdiff_t chunks, uint16_t *dst) {
     for (ptrdiff_t dc = 0; dc < Dh / 32; dc++)
         for (ptrdiff_t kc = 0; kc < chunks; kc++) {
-            uint16_t *t = dst + (dc * chunks + kc) * TILE;
-            if (kc * 16 + 16 <= S) { /* 16 whole keys: a transpose of 32-bit pairs in registers */
-                transpose_pairs(k + kc * 16 * ks + dc * 32, ks, t);
-                continue;
-            }
-            for (ptrdiff_t n = 0; n < 16; n++) {
-                const ptrdiff_t key = kc * 16 + n;
-                for (ptrdiff_t p = 0; p < 16; p++) {
-                    t[p * 32 + n * 2] = key < S ? k[key * ks + dc * 32 + 2 * p] : 0;
-                    t[p * 32 + n * 2 + 1] = key < S ? k[key * ks + dc * 32 + 2 * p + 1] : 0;
-                }
-            }
+            const ptrdiff_t keys = S - kc * 16 < 16 ? S - kc * 16 : 16; /* 0 or fewer: an all-zero tile */
+            transpose_pairs(k + kc * 16 * ks + dc * 32, ks, keys, dst + (dc * chunks + kc) * TILE);
         }
 }
 

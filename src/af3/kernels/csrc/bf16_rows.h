@@ -103,11 +103,8 @@ DEFINE_RUN(run_dp, uint16_t, block_dp,)
 
 /* The rows xb [M, K] (M <= 16, K % 32 == 0) as B operands, one 1 KB tile per 32 inputs: tile c holds, for the 16
  * input pairs p and the 16 row slots j, xb[j][32c + 2p], xb[j][32c + 2p + 1] side by side (zeros for j >= M). */
-static void pack_rows_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, uint32_t *dst) {
-    const uint32_t *x32 = (const uint32_t *)xb; /* pairs of bf16 */
-    for (ptrdiff_t c = 0; c < K / 32; c++)
-        for (ptrdiff_t p = 0; p < 16; p++)
-            for (ptrdiff_t j = 0; j < 16; j++) dst[c * 256 + p * 16 + j] = j < M ? x32[j * (K / 2) + c * 16 + p] : 0;
+static void pack_rows_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, uint16_t *dst) {
+    for (ptrdiff_t c = 0; c < K / 32; c++) transpose_pairs(xb + c * 32, K, M, dst + c * 512);
 }
 
 /* 16 consecutive values of kind (bf16, fp16 or fp32) at element i, widened to fp32. */
@@ -148,7 +145,7 @@ INLINE void finish_tile(const float *c, ptrdiff_t M, ptrdiff_t n, const Epilogue
  * last whole 64 (only a product's last task can have them: TASK_CHANNELS is 64, and AF3's widths are multiples of
  * it) take the pair dot products. Tiles must be configured (tiles_on) in the calling thread. (Software prefetching
  * of the weight rows 1-8 steps ahead, or one block of 16 channels at a time, read no faster: 19-22 GB/s all, 8 rows.) */
-INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w,
+INLINE void block_amx(const uint16_t *packed, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w,
                       ptrdiff_t n0, ptrdiff_t n1, const Epilogue *e) {
     float c[4][256];
     const ptrdiff_t steps = K / 32, stride = K * 2;
@@ -160,7 +157,7 @@ INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, p
         _tile_zero(3);
         const uint16_t *wn = w + n * K;
         for (ptrdiff_t s = 0; s < steps; s++) {
-            _tile_loadd(6, packed + s * 256, 64);
+            _tile_loadd(6, packed + s * 512, 64);
             _tile_loadd(4, wn + s * 32, stride);
             _tile_dpbf16ps(0, 4, 6);
             _tile_loadd(5, wn + 16 * K + s * 32, stride);
@@ -180,13 +177,13 @@ INLINE void block_amx(const uint32_t *packed, const uint16_t *xb, ptrdiff_t M, p
 }
 
 /* The calling thread's memory for packed rows (grown, never shrunk; each caller packs into its own). */
-static uint32_t *amx_rows_memory(ptrdiff_t words) {
-    static __thread uint32_t *memory = NULL;
+static uint16_t *amx_rows_memory(ptrdiff_t elements) {
+    static __thread uint16_t *memory = NULL;
     static __thread ptrdiff_t size = 0;
-    if (words > size) {
+    if (elements > size) {
         free(memory);
-        memory = (uint32_t *)aligned_alloc(64, (size_t)((words + 15) / 16 * 64));
-        size = memory ? (words + 15) / 16 * 16 : 0;
+        memory = (uint16_t *)aligned_alloc(64, (size_t)((elements + 31) / 32 * 64));
+        size = memory ? (elements + 31) / 32 * 32 : 0;
     }
     return memory;
 }
@@ -195,22 +192,19 @@ static uint32_t *amx_rows_memory(ptrdiff_t words) {
  * the caller must use another path. */
 static int run_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {
     if (M < AMX_ROWS_MIN || M > 16 || K % 32 || !amx_permitted()) return -1;
-    uint32_t *packed = amx_rows_memory(K / 32 * 256);
+    uint16_t *packed = amx_rows_memory(K / 32 * 512);
     if (!packed) return -1;
     pack_rows_amx(xb, M, K, packed);
-    ptrdiff_t first[MAX_JOBS + 1] = {0};
-    for (int j = 0; j < njobs; j++) first[j + 1] = first[j] + (jobs[j].N + TASK_CHANNELS - 1) / TASK_CHANNELS;
-    const ptrdiff_t tasks = first[njobs];
+    ptrdiff_t first[MAX_JOBS + 1];
+    const ptrdiff_t tasks = job_tasks(jobs, njobs, first);
 #pragma omp parallel num_threads(threads)
     {
         tiles_on();
 #pragma omp for schedule(static)
         for (ptrdiff_t t = 0; t < tasks; t++) {
-            int j = 0;
-            while (t >= first[j + 1]) j++;
-            const ptrdiff_t N = jobs[j].N, n0 = (t - first[j]) * TASK_CHANNELS;
-            const ptrdiff_t n1 = n0 + TASK_CHANNELS < N ? n0 + TASK_CHANNELS : N;
-            block_amx(packed, xb, M, K, (const uint16_t *)jobs[j].w, n0, n1, &jobs[j].e);
+            ptrdiff_t n0, n1;
+            const Job *job = task_channels(jobs, first, t, &n0, &n1);
+            block_amx(packed, xb, M, K, (const uint16_t *)job->w, n0, n1, &job->e);
         }
         _tile_release();
     }

@@ -307,7 +307,6 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
     }
 }
 
-
 /* Output channels per parallel task: a multiple of 8 (every tile width) so only the last task has a tail. */
 #define TASK_CHANNELS 64
 
@@ -320,21 +319,35 @@ typedef struct {
 
 #define MAX_JOBS 4
 
+/* The parallel tasks of `njobs` products, TASK_CHANNELS output channels each: first[j] is job j's first task;
+ * returns how many there are. */
+static inline ptrdiff_t job_tasks(const Job *jobs, int njobs, ptrdiff_t first[MAX_JOBS + 1]) {
+    first[0] = 0;
+    for (int j = 0; j < njobs; j++) first[j + 1] = first[j] + (jobs[j].N + TASK_CHANNELS - 1) / TASK_CHANNELS;
+    return first[njobs];
+}
+
+/* Task t's job (of job_tasks' split) and its output channels [*n0, *n1). */
+INLINE const Job *task_channels(const Job *jobs, const ptrdiff_t *first, ptrdiff_t t, ptrdiff_t *n0, ptrdiff_t *n1) {
+    int j = 0;
+    while (t >= first[j + 1]) j++;
+    *n0 = (t - first[j]) * TASK_CHANNELS;
+    *n1 = *n0 + TASK_CHANNELS < jobs[j].N ? *n0 + TASK_CHANNELS : jobs[j].N;
+    return jobs + j;
+}
+
 /* One function per weight kind, so that OpenMP's outlined loop body sees the kind as a constant. The jobs share x
  * and K (q, k and v of one layer; gate and up) and one parallel loop over all their tasks, so that small products
  * cost one fork/join between them. BLOCK is the function that computes a task's channels, X its rows' type. */
 #define DEFINE_RUN(NAME, X, BLOCK, ...)                                                                          \
     static void NAME(const X *x, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {            \
-        ptrdiff_t first[MAX_JOBS + 1] = {0};                                                                      \
-        for (int j = 0; j < njobs; j++) first[j + 1] = first[j] + (jobs[j].N + TASK_CHANNELS - 1) / TASK_CHANNELS; \
-        ptrdiff_t tasks = first[njobs];                                                                           \
+        ptrdiff_t first[MAX_JOBS + 1];                                                                            \
+        const ptrdiff_t tasks = job_tasks(jobs, njobs, first);                                                    \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                                        \
         for (ptrdiff_t t = 0; t < tasks; t++) {                                                                   \
-            int j = 0;                                                                                            \
-            while (t >= first[j + 1]) j++;                                                                        \
-            ptrdiff_t N = jobs[j].N, n0 = (t - first[j]) * TASK_CHANNELS;                                         \
-            ptrdiff_t n1 = n0 + TASK_CHANNELS < N ? n0 + TASK_CHANNELS : N;                                       \
-            BLOCK(x, M, K, jobs[j].w, n0, n1, __VA_ARGS__ &jobs[j].e);                                            \
+            ptrdiff_t n0, n1;                                                                                     \
+            const Job *job = task_channels(jobs, first, t, &n0, &n1);                                             \
+            BLOCK(x, M, K, job->w, n0, n1, __VA_ARGS__ &job->e);                                                  \
         }                                                                                                         \
     }
 
@@ -344,7 +357,6 @@ DEFINE_RUN(run_i8, float, block, I8,)
 
 /* bf16 rows times bf16 weights on AVX512-BF16 and AMX (block_dp, run_dp, run_amx; HAVE_DP, HAVE_AMX_ROWS). */
 #include "bf16_rows.h"
-
 
 /* 1 when run_jobs multiplies bf16 weights by bf16 rows (given as xb) with AVX512-BF16's pair dot products. */
 static inline int have_dp(void) {
