@@ -197,3 +197,24 @@ def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
 
     monkeypatch.setattr(subprocess, "run", no_compiler)
     assert cpu_kernels._build(compiler) == first
+
+
+@pytest.mark.parametrize(("flags", "native", "dp"), [
+    ("avx2 avx512f avx512_bf16", {torch.bfloat16}, True),  # AVX512-BF16 without AMX (a Zen 4 EPYC)
+    ("avx2 avx512f avx512_bf16 amx_tile amx_bf16", {torch.bfloat16}, False),  # AMX: its own measured rules
+    ("avx2 fma", set(), False),  # AVX2: no native bf16, af3's kernel for all few rows anyway
+])
+def test_detect_takes_the_pair_dot_product_rules_on_avx512_bf16_without_amx(flags, native, dp, monkeypatch):
+    monkeypatch.setattr(policy, "cpuinfo", lambda field: flags if field == "flags" else None)
+    monkeypatch.setattr(policy, "_native_half_dtypes", lambda: frozenset(native))
+    got = policy.KernelPolicy.detect({})
+    if dp:
+        assert (got.dp_rows, got.packed_rows, got.gemv_rows) == (policy.DP_ROWS, policy.DP_ROWS, 0)
+    else:
+        assert got.dp_rows == 0 and got.packed_rows == policy.NATIVE_FUSED_ROWS
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    if dp:
+        assert got.own_gemm(policy.DP_ROWS, bf16, cpu) == got.kernels_usable()
+        assert not got.own_gemm(policy.DP_ROWS + 1, bf16, cpu)
+    elif native:
+        assert not got.own_gemm(1, bf16, cpu)  # native bf16 with AMX: torch's kernels (and the fused step)

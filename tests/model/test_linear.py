@@ -25,7 +25,7 @@ def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch, kernel_policy):
     monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or mv(*a))
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
     # The path runs on every CPU here, not only AVX-512 (on AVX2 few rows would take af3's kernel instead).
-    kernel_policy(gemv_rows=SMALL_ROWS, native_half=HALF_DTYPES, packed_weights=False)
+    kernel_policy(gemv_rows=SMALL_ROWS, native_half=HALF_DTYPES, packed_weights=False, dp_rows=0)
     with torch.inference_mode():
         out = layer(x)
     assert calls == ([] if rows > SMALL_ROWS else ["mv"] if rows == 1 else ["mm"])
@@ -152,7 +152,8 @@ def test_native_half_rows_above_packed_rows_take_the_packed_copy_and_fewer_w_at_
     from af3.kernels.policy import NATIVE_FUSED_ROWS
     from af3.model import linear as L
 
-    chosen = kernel_policy(native_half=HALF_DTYPES, packed_weights=True, gemv_rows=SMALL_ROWS)
+    chosen = kernel_policy(native_half=HALF_DTYPES, packed_weights=True, gemv_rows=SMALL_ROWS, dp_rows=0,
+                           packed_rows=NATIVE_FUSED_ROWS)
     assert chosen.packed_rows == NATIVE_FUSED_ROWS < SMALL_ROWS
     calls, mm = [], torch.mm
     monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
@@ -165,3 +166,35 @@ def test_native_half_rows_above_packed_rows_take_the_packed_copy_and_fewer_w_at_
             out = layer(x)
         assert (calls == ["mm"]) == via_mm and (layer in L._PACKED) == (not via_mm), rows
         assert torch.allclose(out.double(), F.linear(x.double(), layer.weight.double()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not policy._has_packed_linear(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_native_bf16_rows_take_afs_kernel_where_dp_rows_says(bias, monkeypatch, kernel_policy):
+    """CPUs with AVX512-BF16 and no AMX: up to dp_rows bf16 rows go through af3's kernel, more through the packed
+    copy, never W @ x.T; fp16 (no pair dot products) never takes the kernel there."""
+    from af3.kernels import binding
+    from af3.model import linear as L
+
+    if not binding.available():
+        pytest.skip("af3's CPU kernels do not build here")
+    kernel_policy(native_half=HALF_DTYPES, packed_weights=True, gemv_rows=0, dp_rows=3, packed_rows=3)
+    calls, own, mm, mv = [], binding.small_gemm, torch.mm, torch.mv
+    monkeypatch.setattr(L.cpu_kernels, "small_gemm", lambda *a, **k: calls.append("own") or own(*a, **k))
+    monkeypatch.setattr(torch, "mm", lambda *a: calls.append("mm") or mm(*a))
+    monkeypatch.setattr(torch, "mv", lambda *a: calls.append("mv") or mv(*a))
+    torch.manual_seed(int(bias))
+    for dtype in (torch.bfloat16, torch.float16):
+        layer = Linear(96, 40, bias=bias).to(dtype)
+        for rows in (1, 2, 3, 4, 8):
+            calls.clear()
+            L._PACKED.pop(layer, None)
+            x = torch.randn(rows, 1, 96, dtype=dtype)
+            with torch.inference_mode():
+                out = layer(x)
+            own_path = dtype == torch.bfloat16 and rows <= 3
+            assert calls == (["own"] if own_path else []), (dtype, rows)
+            assert (layer in L._PACKED) == (rows > 3), (dtype, rows)
+            exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
+            assert out.shape == (rows, 1, 40) and out.dtype == dtype
+            assert torch.allclose(out.double(), exact, rtol=1e-2, atol=1e-2), (dtype, rows)

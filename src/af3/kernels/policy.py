@@ -36,6 +36,13 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   than through ``W @ x.T`` (2026-12-06, interleaved), and up to 4 rows the fused step runs anyway (below them, when
   it does not, ``W @ x.T``). ``$AF3_PACKED_WEIGHTS=0`` turns it off. The copy costs the weight's bytes again, so it
   is made only while the machine has room for it.
+* CPUs with AVX512-BF16 and no AMX (a 2-vCPU Zen 4 EPYC, 2026-12-06, weights streamed from memory, ms per product):
+  ``W @ x.T`` was the slowest path at every row count (151936 x 896 lm_head: 31-40 ms at 1-8 rows, ``F.linear``
+  19-24, the packed copy 8.6-12.9, af3's pair dot products 6.8 / 7.9-9.6 / 9.7-10.3 / 11.1-11.6 at 1 / 2 / 3 / 4
+  rows; 4864 x 896: 0.26-0.30 / 0.28-0.29 / 0.28-0.31 / 0.34 against packed 0.39 / 0.37 / 0.29 / 0.28). So there
+  up to :data:`DP_ROWS` bf16 rows take af3's kernel, more the packed copy, and ``W @ x.T`` never
+  (:attr:`KernelPolicy.dp_rows`): the batch-1 lm_head, outside the fused step, went from ``torch.mv`` to the kernel,
+  and batch-1 decoding from 19.5 to 35.6 tok/s (``engine_bench``, benchmarks/README.md).
 * Once the GEMMs are fast, torch's elementwise ops are a large share of a prefill: RMSNorm alone is six ops, each
   writing and reading back a tensor. af3's row-wise kernels (RMSNorm with the residual add, SiLU * up, rotary) do
   each in one pass, rounding where torch rounds, for any half-precision CPU inference (:meth:`KernelPolicy.rowwise`).
@@ -57,6 +64,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..system import cpuinfo
+
 log = logging.getLogger(__name__)
 
 #: The half-precision dtypes af3's CPU kernels take as activations.
@@ -67,6 +76,9 @@ SMALL_ROWS = 8
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
 #: crossover, module docstring).
 NATIVE_FUSED_ROWS = 4
+#: On CPUs with AVX512-BF16 but no AMX: rows up to which a bf16 product takes af3's kernel (pair dot products)
+#: rather than oneDNN's native GEMM (the measured crossover, module docstring).
+DP_ROWS = 3
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for bf16 where the kernels multiply bf16 rows with
 #: AMX tiles (``binding.bf16_rows_level() == 2``; the measured crossover, module docstring).
 AMX_FUSED_ROWS = 16
@@ -91,6 +103,12 @@ def _has_packed_linear() -> bool:
     """torch has oneDNN and its packed linear ops (the ones Inductor's CPU weight freezing uses)."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _dp_without_amx() -> bool:
+    """The CPU has AVX512-BF16 but no AMX-BF16 (af3's kernels then multiply bf16 rows with pair dot products)."""
+    flags = set((cpuinfo("flags") or "").split())
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
 def _native_half_dtypes() -> frozenset[torch.dtype]:
@@ -131,6 +149,9 @@ class KernelPolicy:
     amx_fused_rows: int = AMX_FUSED_ROWS
     #: Products of more rows than this use the packed copy (where ``packed_weights`` and the dtype is native).
     packed_rows: int = NATIVE_FUSED_ROWS
+    #: Up to this many rows, bf16 products take af3's kernel even though bf16 is native (CPUs with AVX512-BF16 and
+    #: no AMX, where the kernel multiplies bf16 rows with pair dot products; 0 = never).
+    dp_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -145,10 +166,14 @@ class KernelPolicy:
             log.warning("AF3_FUSED_DECODE=%r is not one of %s: using auto", fused, ", ".join(FUSED_MODES))
             fused = "auto"
         gemv = SMALL_ROWS if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 0
+        native = _native_half_dtypes()
+        dp = DP_ROWS if torch.bfloat16 in native and _dp_without_amx() else 0
+        # where bf16 rows meet pair dot products without AMX, W @ x.T is the slowest path at every row count
         return cls(cpu_kernels=env.get("AF3_CPU_KERNELS", "1") != "0", fused_decode=fused,
-                   native_half=_native_half_dtypes(), gemv_rows=gemv,
+                   native_half=native, gemv_rows=0 if dp else gemv,
                    int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0,
-                   packed_weights=env.get("AF3_PACKED_WEIGHTS", "1") != "0" and _has_packed_linear())
+                   packed_weights=env.get("AF3_PACKED_WEIGHTS", "1") != "0" and _has_packed_linear(),
+                   dp_rows=dp, packed_rows=dp or NATIVE_FUSED_ROWS)
 
     # ------------------------------------------------------------------ the rules
     def kernels_usable(self) -> bool:
@@ -165,9 +190,13 @@ class KernelPolicy:
                 and dtype not in self.native_half)
 
     def own_gemm(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel."""
-        return (device.type == "cpu" and rows < self.convert_rows and dtype in HALF_DTYPES
-                and dtype not in self.native_half and self.kernels_usable())
+        """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel: where the
+        dtype has no native GEMM, and for up to :attr:`dp_rows` bf16 rows where it has."""
+        if device.type != "cpu" or dtype not in HALF_DTYPES:
+            return False
+        if dtype in self.native_half:
+            return rows <= self.dp_rows and dtype == torch.bfloat16 and self.kernels_usable()
+        return rows < self.convert_rows and self.kernels_usable()
 
     def own_int8(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's few-row C
