@@ -317,19 +317,21 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     native = KernelPolicy(native_half=frozenset({torch.bfloat16, torch.float16}))
     cpu = torch.device("cpu")
     # "auto" where the dtype's GEMMs are native: the fused step up to the measured crossover, torch's kernels above.
-    # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, else
-    # NATIVE_FUSED_ROWS; int8 weights up to SMALL_ROWS (af3's int8 kernel's own crossover).
-    from af3.kernels.policy import AMX_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
+    # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, DP_FUSED_ROWS
+    # where they use AVX512-BF16 pair dot products without AMX, else NATIVE_FUSED_ROWS; int8 weights up to
+    # SMALL_ROWS (af3's int8 kernel's own crossover).
+    from af3.kernels.policy import AMX_FUSED_ROWS, DP_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
 
-    bf16_limit = AMX_FUSED_ROWS if binding.bf16_rows_level() == 2 else NATIVE_FUSED_ROWS
+    level = binding.bf16_rows_level()
+    bf16_limit = AMX_FUSED_ROWS if level == 2 else DP_FUSED_ROWS if level == 1 else NATIVE_FUSED_ROWS
     for dtype, limit in ((torch.bfloat16, bf16_limit), (torch.float16, NATIVE_FUSED_ROWS)):
         for rows in (1, limit):
             assert native.fused_decode_takes(rows, dtype, cpu) == kernels.available()
         assert not native.fused_decode_takes(limit + 1, dtype, cpu)
     assert native.fused_decode_takes(SMALL_ROWS, torch.bfloat16, cpu, int8=True) == kernels.available()
     assert not native.fused_decode_takes(SMALL_ROWS + 1, torch.bfloat16, cpu, int8=True)
-    assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0,
-                            amx_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
+    assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0, amx_fused_rows=0,
+                            dp_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")
     assert forced.fused_decode_takes(1, torch.bfloat16, cpu) == kernels.available()
     assert not forced.fused_decode_takes(1, torch.float32, cpu) and not forced.fused_decode_takes(64, torch.bfloat16,

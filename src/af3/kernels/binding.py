@@ -112,6 +112,9 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_attention.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, i, i64, ctypes.c_float, i]
     lib.af3_decode_attention.restype = ctypes.c_int
     lib.af3_decode_attention.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, ctypes.c_float, i]
+    lib.af3_decode_attention_any.restype = ctypes.c_int
+    lib.af3_decode_attention_any.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, p, i, i, ctypes.c_float,
+                                             i]
     mismatch = abi_mismatch(lib)
     if mismatch:  # a bug in af3, not in the user's setup: say so, and keep working with torch's kernels
         log.error("af3's CPU kernels are off: their C structs do not match binding.py's (%s)", mismatch)

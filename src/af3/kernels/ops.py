@@ -140,17 +140,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, ca
     return out
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, *, scale: float | None = None) -> Tensor:
-    """One query per row and head over its cached keys: q [B, H, 1, Dh], k and v [B, G, S, Dh] bf16 (views of a
-    cache: any batch, head and slot strides, Dh contiguous, a multiple of 32 up to 256; H / G at most 16), kv_len [B]
-    int64: each row's valid keys, a prefix (1 to S) → [B, H, 1, Dh]. Requires :func:`amx_attention_available`."""
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, *, scale: float | None = None,
+                     amx: bool = True) -> Tensor:
+    """One query per row and head over its cached keys: q [B, H, 1, Dh], k and v [B, G, S, Dh] bf16 or fp16 (views of
+    a cache: any batch, head and slot strides, the same slot stride for both, Dh contiguous, a multiple of 8), kv_len
+    [B] int64: each row's valid keys, a prefix (1 to S) → [B, H, 1, Dh]. bf16 runs af3's AMX kernel where
+    :func:`amx_attention_available` (Dh a multiple of 32 up to 256, H / G at most 16) and ``amx`` allows it,
+    anything else the fused decoding step's attention (``kernels/csrc/decode_step.c``). Requires the kernels
+    (``binding.available``)."""
     lib = _library()
-    if lib is None or lib.af3_attention_level() < 1:
-        raise RuntimeError("af3's AMX attention is not available on this machine")
+    if lib is None:
+        raise RuntimeError("af3's CPU kernels are not available on this machine")
     b, h, t, dh = q.shape
     g, s = k.shape[1], k.shape[2]
-    if (t != 1 or any(x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.stride(3) != 1 for x in (q, k, v))
-            or k.shape != (b, g, s, dh) or v.shape != k.shape or h % g or h // g > 16 or dh % 32 or dh > 256
+    if (t != 1 or q.dtype not in (torch.bfloat16, torch.float16)
+            or any(x.dtype != q.dtype or x.device.type != "cpu" or x.stride(3) != 1 for x in (q, k, v))
+            or k.shape != (b, g, s, dh) or v.shape != k.shape or k.stride(2) != v.stride(2) or h % g or dh % 8
             or kv_len.shape != (b,)):
         raise ValueError(f"decode_attention: q {q.dtype} {list(q.shape)}, k {list(k.shape)}, kv_len "
                          f"{list(kv_len.shape)} do not fit")
@@ -158,8 +163,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, kv_len: Tensor, *, scale: 
     out = torch.empty(b, h, 1, dh, dtype=q.dtype)
     qs = (ctypes.c_int64 * 2)(q.stride(0), q.stride(1))
     os_ = (ctypes.c_int64 * 2)(out.stride(0), out.stride(1))
-    status = lib.af3_decode_attention(q.data_ptr(), qs, k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
-                                      out.data_ptr(), os_, b, h, g, s, dh, lengths.data_ptr(),
-                                      dh**-0.5 if scale is None else scale, torch.get_num_threads())
+    status = lib.af3_decode_attention_any(q.data_ptr(), qs, k.data_ptr(), _strides(k), v.data_ptr(), _strides(v),
+                                          out.data_ptr(), os_, b, h, g, s, dh, lengths.data_ptr(), KINDS[q.dtype],
+                                          int(amx), dh**-0.5 if scale is None else scale, torch.get_num_threads())
     _rowwise(status, "decode attention")
     return out

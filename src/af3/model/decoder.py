@@ -271,7 +271,7 @@ class Attention(nn.Module):
         rows.update(self.layer_idx, kd, vd, m.slots[:, None])
         kc, vc = rows.keys_values(self.layer_idx, m.decode_mask.shape[-1])  # [n, Hkv, S, Dh]
         qd = q[0, :, m.t:].transpose(0, 1).reshape(n, self.num_kv_heads, rep, self.head_dim)  # [n, Hkv, rep, Dh]
-        if kernel_policy.current().amx_decode_attention(qd.dtype, qd.device, self.num_heads, self.num_kv_heads,
+        if kernel_policy.current().own_decode_attention(qd.dtype, qd.device, self.num_heads, self.num_kv_heads,
                                                          self.head_dim):  # each row's valid slots: 0 .. slots[i]
             q1 = qd.reshape(n, self.num_heads, 1, self.head_dim)
             out_d = kernel_ops.decode_attention(q1, kc, vc, m.slots + 1)  # [n, H, 1, Dh]

@@ -29,16 +29,33 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
     for (int i = 0; i < MT; i++)
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
-    for (ptrdiff_t k = 0; k < K; k += 32) {
-        const ptrdiff_t left = K - k; /* >= 32 but in the last step */
+    /* Whole steps of 32 inputs, then the masked tail: one loop with both kept GCC from holding the accumulators in
+     * registers (it stored all of them every step: 8 rows ran at ~27% of vdpbf16ps's rate on a Zen 4 EPYC). */
+    ptrdiff_t k = 0;
+    for (; k + 32 <= K; k += 32) {
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) _mm_prefetch((const char *)(w + (n0 + NT + j) * K + k + 64), _MM_HINT_T1);
         __m512bh xv[8];
 #pragma GCC unroll 8
-        for (int i = 0; i < MT; i++) xv[i] = dp_load(xb + i * K + k, left);
+        for (int i = 0; i < MT; i++) { /* (the empty asm keeps each row in a register: GCC reloaded the rows for
+                                          every weight column, 18 loads per 16 products against 10) */
+            xv[i] = (__m512bh)_mm512_loadu_si512(xb + i * K + k);
+            __asm__("" : "+v"(xv[i]));
+        }
 #pragma GCC unroll 4
         for (int j = 0; j < NT; j++) {
-            const __m512bh wv = dp_load(w + (n0 + j) * K + k, left);
+            const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + j) * K + k);
+#pragma GCC unroll 8
+            for (int i = 0; i < MT; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv[i]);
+        }
+    }
+    if (k < K) {
+        __m512bh xv[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < MT; i++) xv[i] = dp_load(xb + i * K + k, K - k);
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) {
+            const __m512bh wv = dp_load(w + (n0 + j) * K + k, K - k);
 #pragma GCC unroll 8
             for (int i = 0; i < MT; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv, xv[i]);
         }

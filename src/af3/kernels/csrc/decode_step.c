@@ -154,13 +154,14 @@ INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t s
 }
 
 /* Attention of the `rep` query heads q[rep, Dh] that share one key/value head (keys, values: slot s at s * stride)
- * over `width` slots where mask[s] is 1; out[rep, Dh] rounded to T. `scores` is attend_floats(rep, Dh, width)
- * floats of work memory. */
+ * over `width` slots where mask[s] is 1, scores scaled by scale_by; out[rep, Dh] rounded to T. `scores` is
+ * attend_floats(rep, Dh, width) floats of work memory. */
 static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys, const void *values,
-                   ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float *scores, float *out) {
+                   ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float scale_by, float *scores,
+                   float *out) {
     const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
     float *block = scores + rep * span, *acc = block + 8 * Dh, *inv = acc + rep * Dh;
-    const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)Dh)), minus_inf = _mm256_set1_ps(-INFINITY);
+    const __m256 scale = _mm256_set1_ps(scale_by), minus_inf = _mm256_set1_ps(-INFINITY);
     for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* scores = q . k / sqrt(Dh), -inf where masked */
         const ptrdiff_t n = width - s0 < 8 ? width - s0 : 8;
         widen_block(keys, s0, n, stride, Dh, kind, block);
@@ -228,6 +229,57 @@ static const uint16_t *as_bf16(const float *x, ptrdiff_t n, uint16_t *buf) {
     if (!buf) return NULL;
     for (ptrdiff_t i = 0; i < n; i++) buf[i] = to_bf16(x[i]);
     return buf;
+}
+
+/* A decoding step's attention for the torch modules, on any CPU the kernels build for: one query per row and
+ * head, q [B, H] x Dh, over each row's first kv_len[b] cached keys and values [B, G, S] x Dh (element strides as
+ * given, Dh contiguous; bf16 or fp16, `kind`), into out [B, H] x Dh. bf16 takes af3's AMX kernel where it runs
+ * and `amx` allows it, else each (row, kv head) runs the fused step's `attend` (keys and values widened to fp32 in
+ * blocks of 8).
+ * Returns 0; -1 for shapes or kinds it does not take; -2 when out of memory. */
+int af3_decode_attention_any(const void *q, const int64_t *q_strides, const void *k, const int64_t *k_strides,
+                             const void *v, const int64_t *v_strides, void *out, const int64_t *o_strides, int64_t B,
+                             int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, int kind,
+                             int amx, float scale, int threads) {
+    if ((kind != BF16 && kind != F16) || B < 1 || G < 1 || H % G || S < 1 || Dh < 8 || Dh % 8
+        || k_strides[2] != v_strides[2]) /* (attend walks keys and values with one slot stride) */
+        return -1;
+    if (threads < 1) threads = 1;
+    if (amx && kind == BF16 && af3_decode_attention(q, q_strides, k, k_strides, v, v_strides, out, o_strides, B, H, G, S, Dh,
+                                             kv_len, scale, threads) == 0)
+        return 0;
+    const ptrdiff_t rep = H / G, per = attend_floats(rep, Dh, S) + 2 * rep * Dh;
+    float *work = (float *)malloc((size_t)(threads * per) * sizeof(float));
+    uint8_t *ones = (uint8_t *)malloc((size_t)S);
+    if (!work || !ones) {
+        free(work), free(ones);
+        return -2;
+    }
+    memset(ones, 1, (size_t)S);
+    const size_t size = 2;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (ptrdiff_t task = 0; task < B * G; task++) {
+        const ptrdiff_t b = task / G, g = task % G;
+        ptrdiff_t n = kv_len ? kv_len[b] : S;
+        n = n > S ? S : n < 1 ? 1 : n;
+#ifdef _OPENMP
+        float *mine = work + omp_get_thread_num() * per;
+#else
+        float *mine = work;
+#endif
+        float *qf = mine + attend_floats(rep, Dh, S), *of = qf + rep * Dh;
+        for (ptrdiff_t r = 0; r < rep; r++)
+            for (ptrdiff_t d = 0; d < Dh; d++)
+                qf[r * Dh + d] = load1(q, b * q_strides[0] + (g * rep + r) * q_strides[1] + d, kind);
+        const char *kh = (const char *)k + (b * k_strides[0] + g * k_strides[1]) * size;
+        const char *vh = (const char *)v + (b * v_strides[0] + g * v_strides[1]) * size;
+        attend(qf, rep, Dh, kh, vh, k_strides[2], n, ones, kind, scale, mine, of);
+        for (ptrdiff_t r = 0; r < rep; r++)
+            for (ptrdiff_t d = 0; d < Dh; d++)
+                store1(out, b * o_strides[0] + (g * rep + r) * o_strides[1] + d, kind, of[r * Dh + d]);
+    }
+    free(work), free(ones);
+    return 0;
 }
 
 INLINE Job job(const Lin *l, float *out, int round_kind) {
@@ -314,8 +366,8 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
 #endif
                 const char *kh = kc + (m * st->cache_row + g * st->cache_head) * size;
                 const char *vh = vc + (m * st->cache_row + g * st->cache_head) * size;
-                attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T, mine,
-                       att + (m * H + g * rep) * Dh);
+                attend(q + (m * H + g * rep) * Dh, rep, Dh, kh, vh, st->cache_slot, W, st->mask + m * W, T,
+                       1.0f / sqrtf((float)Dh), mine, att + (m * H + g * rep) * Dh);
             }
         }
         Job oj = job(&L->o, o, T);
@@ -338,6 +390,16 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
 
 int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     (void)st; (void)layers; (void)nlayers;
+    return -1;
+}
+
+int af3_decode_attention_any(const void *q, const int64_t *q_strides, const void *k, const int64_t *k_strides,
+                             const void *v, const int64_t *v_strides, void *out, const int64_t *o_strides, int64_t B,
+                             int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, int kind,
+                             int amx, float scale, int threads) {
+    (void)q; (void)q_strides; (void)k; (void)k_strides; (void)v; (void)v_strides; (void)out; (void)o_strides;
+    (void)B; (void)H; (void)G; (void)S; (void)Dh; (void)kv_len; (void)kind; (void)amx; (void)scale;
+    (void)threads;
     return -1;
 }
 
