@@ -120,3 +120,26 @@ def build(request, monkeypatch, avx2_cache):
         assert binding.available()
     yield request.param
     binding._library.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def emulated_tiles_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels-no-amx")  # one build without AMX for the session
+
+
+@pytest.fixture(params=["native", "emulated tiles"])
+def tile_build(request, monkeypatch, emulated_tiles_cache):
+    """The kernels as built for this CPU, and, on a CPU with AMX, as built without it, where the tile attention runs
+    over tiles emulated with AVX512-BF16 (``amx_emul.h``; what a Zen 4 EPYC runs natively), so that CI on either
+    CPU class with AVX512-BF16 checks both."""
+    from af3.kernels import binding, ops
+
+    if request.param != "native":
+        if not ops.amx_decode_available():
+            pytest.skip("no AMX here: the native build already runs the emulated tiles, or no tiles at all")
+        monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"))
+        monkeypatch.setenv("AF3_CACHE", str(emulated_tiles_cache))
+        binding._library.cache_clear()
+        assert binding.available() and binding._library().af3_attention_level() == 2
+    yield request.param
+    binding._library.cache_clear()

@@ -1,5 +1,6 @@
-"""af3's AMX attention (``kernels/csrc/attention.c``) against torch's SDPA and an fp32 reference, and the encoder and
-decoder taking it only where it applies."""
+"""af3's AMX attention (``kernels/csrc/attention.c``; on CPUs with AVX512-BF16 and no AMX the same kernel over
+emulated tiles, ``amx_emul.h``) against torch's SDPA and an fp32 reference, and the encoder and decoder taking it
+only where it applies."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from af3.kernels import ops as kernel_ops
 from af3.kernels import policy
 
 needs_amx = pytest.mark.skipif(not kernel_ops.amx_attention_available(),
-                               reason="af3's AMX attention needs a CPU with AMX-BF16 and AVX-512 (and a C compiler)")
+                               reason="af3's tile attention needs a CPU with AMX-BF16 and AVX-512 or with AVX512-BF16 "
+                                      "(and a C compiler)")
+needs_amx_tiles = pytest.mark.skipif(not kernel_ops.amx_decode_available(),
+                                     reason="needs real AMX tiles (a CPU with AMX-BF16 and a C compiler)")
 
 
 def _case(b, h, g, t, s, dh, seed):
@@ -40,7 +44,7 @@ def _check(got, q, k, v, mask, scale=None):
 @needs_amx
 @pytest.mark.parametrize(("b", "h", "g", "t", "s", "dh"), [(1, 8, 8, 1500, 1500, 64), (2, 4, 4, 37, 37, 128),
                                                            (1, 14, 2, 799, 799, 64), (3, 2, 1, 70, 70, 256)])
-def test_full_attention_matches_sdpa(b, h, g, t, s, dh):
+def test_full_attention_matches_sdpa(b, h, g, t, s, dh, tile_build):
     q, k, v = _case(b, h, g, t, s, dh, seed=t)
     _check(kernel_ops.attention(q, k, v), q, k, v, None)
     _check(kernel_ops.attention(q, k, v, scale=0.3), q, k, v, None, scale=0.3)
@@ -49,14 +53,14 @@ def test_full_attention_matches_sdpa(b, h, g, t, s, dh):
 @needs_amx
 @pytest.mark.parametrize(("t", "s", "start"), [(799, 799, 0), (100, 100, 0), (17, 17, 0), (300, 813, 513),
                                                (64, 1000, 936), (33, 40, 7)])
-def test_causal_attention_with_an_offset_matches_sdpa(t, s, start):
+def test_causal_attention_with_an_offset_matches_sdpa(t, s, start, tile_build):
     q, k, v = _case(1, 14, 2, t, s, 64, seed=s + start)
     mask = torch.arange(s)[None, :] <= torch.arange(start, start + t)[:, None]  # [T, S]: query i at slot start + i
     _check(kernel_ops.attention(q, k, v, causal=True, q_start=start), q, k, v, mask)
 
 
 @needs_amx
-def test_key_padding_per_batch_row_matches_sdpa():
+def test_key_padding_per_batch_row_matches_sdpa(tile_build):
     q, k, v = _case(3, 8, 8, 300, 300, 64, seed=5)
     lengths = torch.tensor([300, 71, 1])
     mask = (torch.arange(300)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
@@ -148,7 +152,7 @@ def test_the_models_take_it_and_stay_as_accurate(monkeypatch):
         assert (got.float() - exact).abs().mean() <= 1.1 * (want.float() - exact).abs().mean()
 
 
-@needs_amx
+@needs_amx_tiles
 def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatch):
     """An Engine decoding 6 bf16 rows through the torch modules (more than the fused step's rows) reads its cache
     through the AMX decoding attention, riders of a mixed prefill too, and chooses the tokens SDPA's path chooses."""
@@ -173,7 +177,7 @@ def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatc
     assert got == want
 
 
-@needs_amx
+@needs_amx_tiles
 def test_the_tile_layout_survives_a_small_caller(tmp_path):
     """amx.h's tiles_on() in a caller small enough for GCC to drop the layout's stores as dead (ldtilecfg reads them,
     which GCC 12 did not see without the barrier): compiled with the kernels' compiler and flags, a loop of tile

@@ -100,9 +100,16 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ attention
 def amx_attention_available() -> bool:
-    """af3's AMX attention (``kernels/csrc/attention.c``) is built: a CPU with AMX-BF16 and AVX-512."""
+    """af3's tile attention for prefills (``kernels/csrc/attention.c``) is built: a CPU with AMX-BF16 and AVX-512,
+    or with AVX512-BF16 alone (the tiles emulated with pair dot products, ``amx_emul.h``)."""
     lib = _library()
     return lib is not None and lib.af3_attention_level() > 0
+
+
+def amx_decode_available() -> bool:
+    """af3's AMX decoding attention is built and runs on real tiles (not emulated: a CPU with AMX-BF16)."""
+    lib = _library()
+    return lib is not None and lib.af3_attention_level() == 1
 
 
 def _strides(t: Tensor) -> ctypes.Array:

@@ -255,9 +255,9 @@ class KernelPolicy:
         if (device.type != "cpu" or dtype != torch.bfloat16 or torch.is_grad_enabled() or head_dim % 32
                 or head_dim > 256 or heads % kv_heads or heads // kv_heads > 16 or not self.kernels_usable()):
             return False
-        from .ops import amx_attention_available
+        from .ops import amx_decode_available
 
-        return amx_attention_available()
+        return amx_decode_available()
 
     def own_decode_attention(self, dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int,
                              head_dim: int) -> bool:

@@ -1,6 +1,7 @@
 /* AMX's shared part for af3's kernels (attention.c, and gemm.h's products of a few rows): the process's permission
- * to use the tiles, and the one tile layout every AMX kernel here loads. Included only where the compiler targets
- * AMX-BF16 and AVX-512 on Linux. */
+ * to use the tiles, the one tile layout every AMX kernel here loads, and the pair transpose that packs B tiles.
+ * Included where the compiler targets AMX-BF16 and AVX-512 on Linux, and (after amx_emul.h, for the pair transpose
+ * only) where it targets AVX512-BF16 without AMX. */
 #ifndef AF3_AMX_H
 #define AF3_AMX_H
 #include <immintrin.h>
@@ -10,6 +11,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#ifndef AF3_AMX_EMULATED /* (amx_emul.h does the tiles' part with AVX512-BF16 where there is no AMX) */
 /* Linux gives a process AMX state only after it asks (torch's oneDNN usually has; asking again is harmless). */
 static inline int amx_permitted(void) {
     static int state = 0;
@@ -39,6 +41,7 @@ static inline void tiles_on(void) {
     __asm__ __volatile__("" : : "r"(&c) : "memory");
     _tile_loadconfig(&c);
 }
+#endif
 
 /* `rows` (at most 16) rows of 32 bf16 (`stride` elements apart) into one B tile: row p of the tile holds, for each
  * source row n, its elements 2p and 2p + 1 side by side, zeros for n >= rows (a transpose of a 16 x 16 block of

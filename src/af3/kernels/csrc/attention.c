@@ -14,8 +14,9 @@
  * Masks: `causal` (query i, at position q_start + i, sees keys 0 .. q_start + i) and a per-batch count of valid keys
  * (`kv_len`, keys beyond it are padding). Grouped-query heads: head h reads key/value head h / (H / G).
  *
- * Built only where the compiler targets AMX-BF16 and AVX-512 (-march=native on such a CPU); elsewhere
- * af3_attention_level() is 0 and af3 keeps torch's SDPA.
+ * Built where the compiler targets AMX-BF16 and AVX-512 (-march=native on such a CPU); where it targets AVX512-BF16
+ * without AMX, the prefill kernel runs over tiles emulated with pair dot products (amx_emul.h; the decoding kernel
+ * returns -3 there); elsewhere af3_attention_level() is 0 and af3 keeps torch's SDPA.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -24,10 +25,14 @@
 
 #include "gemm.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#if (defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)) \
+    || defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <math.h>
 
+#if !(defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__))
+#include "amx_emul.h" /* AVX512-BF16 without AMX: the same kernels over emulated tiles */
+#endif
 #include "amx.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,7 +43,12 @@
 #define LOG2E 1.44269504f
 #define TILE 512     /* bf16 elements in one 16 x 64-byte tile */
 
+/* 1: AMX tiles; 2: tiles emulated with AVX512-BF16 (amx_emul.h), for the prefill attention only. */
+#ifdef AF3_AMX_EMULATED
+int af3_attention_level(void) { return 2; }
+#else
 int af3_attention_level(void) { return 1; }
+#endif
 
 /* The first min(count, 16) lanes. */
 static inline __mmask16 lanes(ptrdiff_t count) {
@@ -293,6 +303,9 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                          int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
                          int threads) {
     if (B < 1 || G < 1 || H % G || H / G > 16 || S < 1 || Dh % 32 || Dh > 256) return -1;
+#ifdef AF3_AMX_EMULATED
+    return -3; /* (not measured against the fused step's attention there, which the callers then run) */
+#endif
     if (!amx_permitted()) return -3;
     if (threads < 1) threads = 1;
     const ptrdiff_t rep = H / G, padded = (S + 31) & ~(ptrdiff_t)31;

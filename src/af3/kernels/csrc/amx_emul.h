@@ -1,0 +1,62 @@
+/* AMX's tile instructions, as attention.c uses them, done with AVX512-BF16 pair dot products: for CPUs with
+ * AVX512-BF16 and no AMX (a Zen 4 EPYC), so that the same flash attention serves them.
+ *
+ * Why: there torch's CPU flash attention was more than half of a 5-minute prefill (18.7 of 33.5 s, at ~65 GMAC/s),
+ * while vdpbf16ps issues once per cycle per core (32 bf16 products each). The attention's tile products keep their
+ * meaning: C [16 x 16 fp32] += A [16 x 32 bf16] . B [16 pair rows x 16 columns x 2], where one tile product is 256
+ * pair dot products, each row of C summing over the pairs of A's row (a broadcast of one pair of A times a row of
+ * B). Sums run in fp32 in the pairs' order; denormal inputs and sums are taken as zero, as AMX and vdpbf16ps both
+ * do. Each "tile" is 1 KB of thread-local memory: a load copies 16 rows of 64 bytes into it, a store copies them
+ * out. Tile numbers are those of amx.h (0-7, every tile 16 rows of 64 bytes); amx.h's configuration and release
+ * have nothing to do here. Include it before amx.h, whose pair transpose the attention uses as well. */
+#ifndef AF3_AMX_EMUL_H
+#define AF3_AMX_EMUL_H
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define AF3_AMX_EMULATED 1
+
+static __thread float emul_tiles[8][256] __attribute__((aligned(64)));
+
+static inline int amx_permitted(void) { return 1; }
+static inline void tiles_on(void) {}
+
+static inline void emul_tile_load(int t, const void *p, ptrdiff_t stride) {
+    for (int r = 0; r < 16; r++)
+        _mm512_store_si512(emul_tiles[t] + 16 * r, _mm512_loadu_si512((const char *)p + r * stride));
+}
+
+static inline void emul_tile_store(int t, void *p, ptrdiff_t stride) {
+    for (int r = 0; r < 16; r++)
+        _mm512_storeu_si512((char *)p + r * stride, _mm512_load_si512(emul_tiles[t] + 16 * r));
+}
+
+/* C += A . B for tiles c, a, b: eight rows of C at a time, so that eight dependency chains are in flight. */
+static inline void emul_tile_dp(int c, int a, int b) {
+    __m512bh bv[16];
+    const float *bt = emul_tiles[b];
+    for (int p = 0; p < 16; p++) bv[p] = (__m512bh)_mm512_load_si512(bt + 16 * p);
+    const uint32_t *at = (const uint32_t *)emul_tiles[a]; /* row i: 16 pairs of bf16, one 32-bit word each */
+    float *ct = emul_tiles[c];
+    for (int i0 = 0; i0 < 16; i0 += 8) {
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) acc[i] = _mm512_load_ps(ct + 16 * (i0 + i));
+#pragma GCC unroll 16
+        for (int p = 0; p < 16; p++)
+#pragma GCC unroll 8
+            for (int i = 0; i < 8; i++)
+                acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32((int)at[16 * (i0 + i) + p]), bv[p]);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) _mm512_store_ps(ct + 16 * (i0 + i), acc[i]);
+    }
+}
+
+#define _tile_zero(t) memset(emul_tiles[t], 0, sizeof emul_tiles[t])
+#define _tile_loadd(t, p, stride) emul_tile_load((t), (p), (stride))
+#define _tile_stored(t, p, stride) emul_tile_store((t), (p), (stride))
+#define _tile_dpbf16ps(c, a, b) emul_tile_dp((c), (a), (b))
+#define _tile_release() ((void)0)
+#endif /* AF3_AMX_EMUL_H */
