@@ -153,31 +153,6 @@ def test_the_models_take_it_and_stay_as_accurate(monkeypatch):
 
 
 @needs_amx_tiles
-def test_decoding_steps_of_the_engine_take_it_and_answer_as_with_sdpa(monkeypatch):
-    """An Engine decoding 6 bf16 rows through the torch modules (more than the fused step's rows) reads its cache
-    through the AMX decoding attention, riders of a mixed prefill too, and chooses the tokens SDPA's path chooses."""
-    from af3 import AF3Model, AF3Processor
-    from af3.cli import embedded_model_path
-    from af3.generation.engine import Engine
-
-    folder = str(embedded_model_path())  # the embedded model: head size 32, 4 query heads over 2 kv heads
-    model, proc = AF3Model.from_pretrained(folder, dtype=torch.bfloat16), AF3Processor.from_pretrained(folder)
-    convs = [[{"role": "user", "content": f"Say something about the number {i}."}] for i in range(6)]
-    calls = []
-    real = kernel_ops.decode_attention
-    monkeypatch.setattr(kernel_ops, "decode_attention", lambda *a, **k: calls.append(a[3].tolist()) or real(*a, **k))
-    with policy.override(native_fused_rows=0, fused_decode="off"):
-        got = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
-        assert calls
-        with monkeypatch.context() as m:
-            m.setattr(policy.KernelPolicy, "amx_decode_attention", lambda *a, **k: False)
-            calls.clear()
-            want = [o.token_ids for o in Engine(model, proc, max_batch_size=6).generate(convs, max_new_tokens=12)]
-            assert not calls
-    assert got == want
-
-
-@needs_amx_tiles
 def test_the_tile_layout_survives_a_small_caller(tmp_path):
     """amx.h's tiles_on() in a caller small enough for GCC to drop the layout's stores as dead (ldtilecfg reads them,
     which GCC 12 did not see without the barrier): compiled with the kernels' compiler and flags, a loop of tile

@@ -69,8 +69,9 @@ def test_decode_attention_refuses_what_it_cannot_take():
 @needs_kernels
 def test_decoding_steps_take_it_where_the_policy_says_and_answer_as_with_sdpa(monkeypatch):
     """An Engine decoding 6 bf16 rows through the torch modules (the fused step off) reads its cache through af3's
-    decoding attention where ``own_decode_attention`` says so (CPUs with AVX512-BF16 and no AMX: dp_rows > 0), and
-    chooses the tokens SDPA's path chooses."""
+    decoding attention where ``own_decode_attention`` says so (forced here with dp_rows > 0, the rule of CPUs with
+    AVX512-BF16 and no AMX; on AMX machines the AMX kernel answers), riders of a mixed prefill too, and chooses the
+    tokens SDPA's path chooses."""
     from af3 import AF3Model, AF3Processor
     from af3.cli import embedded_model_path
     from af3.generation.engine import Engine

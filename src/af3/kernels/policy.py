@@ -26,7 +26,9 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   and 4 rows, 0.69x and 0.61x at 8 and 16, so ``auto`` takes it up to :data:`NATIVE_FUSED_ROWS` rows there. With
   AMX tile products for 2-16 bf16 rows (level 2) it won at every count, later the same day: 1.60x, 1.49x, 1.48x,
   1.37x and 1.27x at 1, 2, 4, 8 and 16 rows, so up to :data:`AMX_FUSED_ROWS` bf16 rows (the kernels take 16 rows
-  per tile). int8 weights go through af3's int8 kernel in the step, so up to :data:`SMALL_ROWS` rows, as
+  per tile). Where they use AVX512-BF16 pair dot products without AMX (level 1, a 2-vCPU Zen 4 EPYC, 2026-12-06)
+  it won at every count too: 1.45x, 1.31x, 1.61x, 1.22x and 1.09x at 1, 2, 4, 8 and 16 rows, so up to
+  :data:`DP_FUSED_ROWS`. int8 weights go through af3's int8 kernel in the step, so up to :data:`SMALL_ROWS` rows, as
   :meth:`KernelPolicy.own_int8` (in-process: 55.0 against 47.8 tok/s at 8 rows, 86.1 against 92.7 at 16).
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
@@ -42,7 +44,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   rows; 4864 x 896: 0.26-0.30 / 0.28-0.29 / 0.28-0.31 / 0.34 against packed 0.39 / 0.37 / 0.29 / 0.28). So there
   up to :data:`DP_ROWS` bf16 rows take af3's kernel, more the packed copy, and ``W @ x.T`` never
   (:attr:`KernelPolicy.dp_rows`): the batch-1 lm_head, outside the fused step, went from ``torch.mv`` to the kernel,
-  and batch-1 decoding from 19.5 to 35.6 tok/s (``engine_bench``, benchmarks/README.md).
+  and batch-1 decoding from 19.5 to 35.6 tok/s (``engine_bench``, benchmarks/README.md). (After the pair-dot-product
+  tiles kept their accumulators in registers, the kernel and the packed copy were even from 3 to 8 rows.)
 * Once the GEMMs are fast, torch's elementwise ops are a large share of a prefill: RMSNorm alone is six ops, each
   writing and reading back a tensor. af3's row-wise kernels (RMSNorm with the residual add, SiLU * up, rotary) do
   each in one pass, rounding where torch rounds, for any half-precision CPU inference (:meth:`KernelPolicy.rowwise`).
