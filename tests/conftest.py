@@ -135,7 +135,7 @@ def tile_build(request, monkeypatch, emulated_tiles_cache):
     from af3.kernels import binding, ops
 
     if request.param != "native":
-        if not ops.amx_decode_available():
+        if not ops.amx_tiles_native():
             pytest.skip("no AMX here: the native build already runs the emulated tiles, or no tiles at all")
         monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"))
         monkeypatch.setenv("AF3_CACHE", str(emulated_tiles_cache))

@@ -16,7 +16,7 @@ from af3.kernels import policy
 needs_amx = pytest.mark.skipif(not kernel_ops.amx_attention_available(),
                                reason="af3's tile attention needs a CPU with AMX-BF16 and AVX-512 or with AVX512-BF16 "
                                       "(and a C compiler)")
-needs_amx_tiles = pytest.mark.skipif(not kernel_ops.amx_decode_available(),
+needs_amx_tiles = pytest.mark.skipif(not kernel_ops.amx_tiles_native(),
                                      reason="needs real AMX tiles (a CPU with AMX-BF16 and a C compiler)")
 
 

@@ -13,7 +13,7 @@ from af3.kernels import ops as kernel_ops
 from af3.kernels import policy
 
 needs_kernels = pytest.mark.skipif(not binding.available(), reason="af3's CPU kernels do not build here")
-AMX_CHOICES = [False, True] if kernel_ops.amx_decode_available() else [False]
+AMX_CHOICES = [False, True] if kernel_ops.amx_attention_available() else [False]
 
 
 def _case(b, h, g, s, dh, dtype, seed):

@@ -136,7 +136,7 @@ def test_the_fused_step_is_as_accurate_as_the_modules(dtype, int8, prompt):
 
 
 @needs_kernel
-@pytest.mark.skipif(not kernel_ops.amx_decode_available(), reason="af3's AMX attention needs AMX-BF16 and AVX-512")
+@pytest.mark.skipif(not kernel_ops.amx_attention_available(), reason="af3's tile attention needs AVX512-BF16")
 def test_rows_that_attend_to_prefixes_take_the_amx_attention_where_allowed():
     model = copy.deepcopy(random_decoder(head_dim=32)).to(torch.bfloat16)  # the AMX kernel takes Dh % 32 == 0
     for amx in (False, True):

@@ -106,8 +106,8 @@ def amx_attention_available() -> bool:
     return lib is not None and lib.af3_attention_level() > 0
 
 
-def amx_decode_available() -> bool:
-    """af3's AMX decoding attention is built and runs on real tiles (not emulated: a CPU with AMX-BF16)."""
+def amx_tiles_native() -> bool:
+    """af3's tile kernels run on real AMX tiles (a CPU with AMX-BF16), not on tiles emulated with AVX512-BF16."""
     lib = _library()
     return lib is not None and lib.af3_attention_level() == 1
 

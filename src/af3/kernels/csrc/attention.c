@@ -15,8 +15,8 @@
  * (`kv_len`, keys beyond it are padding). Grouped-query heads: head h reads key/value head h / (H / G).
  *
  * Built where the compiler targets AMX-BF16 and AVX-512 (-march=native on such a CPU); where it targets AVX512-BF16
- * without AMX, the prefill kernel runs over tiles emulated with pair dot products (amx_emul.h; the decoding kernel
- * returns -3 there); elsewhere af3_attention_level() is 0 and af3 keeps torch's SDPA.
+ * without AMX, both kernels run over tiles emulated with pair dot products (amx_emul.h); elsewhere
+ * af3_attention_level() is 0 and af3 keeps torch's SDPA.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -43,7 +43,7 @@
 #define LOG2E 1.44269504f
 #define TILE 512     /* bf16 elements in one 16 x 64-byte tile */
 
-/* 1: AMX tiles; 2: tiles emulated with AVX512-BF16 (amx_emul.h), for the prefill attention only. */
+/* 1: AMX tiles; 2: tiles emulated with AVX512-BF16 (amx_emul.h). */
 #ifdef AF3_AMX_EMULATED
 int af3_attention_level(void) { return 2; }
 #else
@@ -303,9 +303,6 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
                          int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
                          int threads) {
     if (B < 1 || G < 1 || H % G || H / G > 16 || S < 1 || Dh % 32 || Dh > 256) return -1;
-#ifdef AF3_AMX_EMULATED
-    return -3; /* (not measured against the fused step's attention there, which the callers then run) */
-#endif
     if (!amx_permitted()) return -3;
     if (threads < 1) threads = 1;
     const ptrdiff_t rep = H / G, padded = (S + 31) & ~(ptrdiff_t)31;
