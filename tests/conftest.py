@@ -114,12 +114,20 @@ def build(request, monkeypatch, avx2_cache):
     from af3.kernels import binding
 
     if request.param == "avx2":
-        monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, "-mno-avx512f"))
-        monkeypatch.setenv("AF3_CACHE", str(avx2_cache))
-        binding._library.cache_clear()
-        assert binding.available()
+        _build_with(monkeypatch, ("-mno-avx512f",), avx2_cache)
     yield request.param
     binding._library.cache_clear()
+
+
+def _build_with(monkeypatch, flags: tuple[str, ...], cache) -> None:
+    """Build and load the kernels with extra compiler flags, in their own cache, for the rest of the test (the
+    fixture clears the loaded library afterwards)."""
+    from af3.kernels import binding
+
+    monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, *flags))
+    monkeypatch.setenv("AF3_CACHE", str(cache))
+    binding._library.cache_clear()
+    assert binding.available()
 
 
 @pytest.fixture(scope="session")
@@ -137,9 +145,7 @@ def tile_build(request, monkeypatch, emulated_tiles_cache):
     if request.param != "native":
         if not ops.amx_tiles_native():
             pytest.skip("no AMX here: the native build already runs the emulated tiles, or no tiles at all")
-        monkeypatch.setattr(binding, "FLAGS", (*binding.FLAGS, "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"))
-        monkeypatch.setenv("AF3_CACHE", str(emulated_tiles_cache))
-        binding._library.cache_clear()
-        assert binding.available() and binding._library().af3_attention_level() == 2
+        _build_with(monkeypatch, ("-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"), emulated_tiles_cache)
+        assert binding._library().af3_attention_level() == 2
     yield request.param
     binding._library.cache_clear()

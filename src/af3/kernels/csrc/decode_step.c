@@ -154,7 +154,8 @@ INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t s
 }
 
 /* Attention of the `rep` query heads q[rep, Dh] that share one key/value head (keys, values: slot s at s * stride)
- * over `width` slots where mask[s] is 1, scores scaled by scale_by; out[rep, Dh] rounded to T. `scores` is
+ * over `width` slots where mask[s] is 1 (every slot where mask is NULL), scores scaled by scale_by; out[rep, Dh]
+ * rounded to T. `scores` is
  * attend_floats(rep, Dh, width) floats of work memory. */
 static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys, const void *values,
                    ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float scale_by, float *scores,
@@ -166,7 +167,7 @@ static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys
         const ptrdiff_t n = width - s0 < 8 ? width - s0 : 8;
         widen_block(keys, s0, n, stride, Dh, kind, block);
         int32_t on[8];
-        for (int j = 0; j < 8; j++) on[j] = j < n && mask[s0 + j] ? -1 : 0;
+        for (int j = 0; j < 8; j++) on[j] = j < n && (!mask || mask[s0 + j]) ? -1 : 0;
         const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)on));
         for (ptrdiff_t r = 0; r < rep; r++) {
             __m256 a[8];
@@ -245,17 +246,13 @@ int af3_decode_attention_any(const void *q, const int64_t *q_strides, const void
         || k_strides[2] != v_strides[2]) /* (attend walks keys and values with one slot stride) */
         return -1;
     if (threads < 1) threads = 1;
-    if (amx && kind == BF16 && af3_decode_attention(q, q_strides, k, k_strides, v, v_strides, out, o_strides, B, H, G, S, Dh,
-                                             kv_len, scale, threads) == 0)
+    if (amx && kind == BF16
+        && af3_decode_attention(q, q_strides, k, k_strides, v, v_strides, out, o_strides, B, H, G, S, Dh, kv_len,
+                                scale, threads) == 0)
         return 0;
     const ptrdiff_t rep = H / G, per = attend_floats(rep, Dh, S) + 2 * rep * Dh;
     float *work = (float *)malloc((size_t)(threads * per) * sizeof(float));
-    uint8_t *ones = (uint8_t *)malloc((size_t)S);
-    if (!work || !ones) {
-        free(work), free(ones);
-        return -2;
-    }
-    memset(ones, 1, (size_t)S);
+    if (!work) return -2;
     const size_t size = 2;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (ptrdiff_t task = 0; task < B * G; task++) {
@@ -273,12 +270,12 @@ int af3_decode_attention_any(const void *q, const int64_t *q_strides, const void
                 qf[r * Dh + d] = load1(q, b * q_strides[0] + (g * rep + r) * q_strides[1] + d, kind);
         const char *kh = (const char *)k + (b * k_strides[0] + g * k_strides[1]) * size;
         const char *vh = (const char *)v + (b * v_strides[0] + g * v_strides[1]) * size;
-        attend(qf, rep, Dh, kh, vh, k_strides[2], n, ones, kind, scale, mine, of);
+        attend(qf, rep, Dh, kh, vh, k_strides[2], n, NULL, kind, scale, mine, of); /* the first n slots */
         for (ptrdiff_t r = 0; r < rep; r++)
             for (ptrdiff_t d = 0; d < Dh; d++)
                 store1(out, b * o_strides[0] + (g * rep + r) * o_strides[1] + d, kind, of[r * Dh + d]);
     }
-    free(work), free(ones);
+    free(work);
     return 0;
 }
 
@@ -305,8 +302,8 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     int64_t *lengths = (int64_t *)(st->scratch + amx_start(st));
     uint16_t *q16 = (uint16_t *)(lengths + M), *o16 = q16 + M * H * Dh; /* the AMX attention's queries, outputs */
     uint16_t *rows16 = (uint16_t *)((float *)lengths + amx_floats(st)); /* bf16 input rows, for the dot products */
-    /* bf16 on AMX, where the caller allows it: attention through the AMX decoding kernel when every row attends to
-     * a prefix of its cache slots (as the Engine's rows do), the kernel the torch modules use for the same steps. */
+    /* bf16 with AMX tiles (real or emulated), where the caller allows it: attention through the AMX decoding kernel
+     * when every row attends to a prefix of its cache slots (as the Engine's rows do), as the torch modules do. */
     int amx = st->amx_attention && T == BF16 && Dh % 32 == 0;
     for (ptrdiff_t m = 0; amx && m < M; m++) {
         const uint8_t *row = st->mask + m * W;
