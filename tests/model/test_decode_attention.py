@@ -32,8 +32,9 @@ def _case(b, h, g, s, dh, dtype, seed):
 @needs_kernels
 @pytest.mark.parametrize("amx", AMX_CHOICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# (query heads per kv head: 7, 1, 7, 2, 16 and 9, which the value sums take in groups of at most 6)
 @pytest.mark.parametrize(("b", "h", "g", "s", "dh"), [(3, 14, 2, 200, 64), (2, 4, 4, 37, 128), (4, 28, 4, 90, 40),
-                                                      (1, 2, 1, 9, 8)])
+                                                      (1, 2, 1, 9, 8), (2, 16, 1, 50, 24), (2, 18, 2, 33, 16)])
 def test_decode_attention_matches_float64_as_sdpa_does(b, h, g, s, dh, dtype, amx):
     q, k, v, kv_len = _case(b, h, g, s, dh, dtype, seed=s + dh)
     # (with amx, what the AMX kernel does not take, fp16 or Dh % 32, falls back to the fused step's attention)

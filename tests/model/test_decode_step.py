@@ -388,3 +388,26 @@ def test_the_plan_keeps_one_scratch_buffer_and_grows_it_when_a_step_needs_more()
         binding.decode_step(plan.decoder.weights, torch.zeros(1, HIDDEN, dtype=torch.bfloat16),
                             torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
                             torch.ones(1, 1, dtype=torch.bool), cache.k, cache.v, small)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_steps_rounding_is_torchs_bit_for_bit(dtype):
+    # The step rounds every activation to bf16/fp16 (8 lanes at a time, the rest one by one): each value must come
+    # out as torch's conversion makes it, over every kind of float (ties, overflow, denormals, infinities), and a
+    # NaN must stay a NaN. 1001 values: the vector path and a scalar tail.
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=1001, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0x00000000, 0x80000000, 0x3f808000, 0x3f818000, 0x3f80c000, 0x7f7fffff, 0xff7fffff,
+                        0x7f800000, 0xff800000, 0x00000001, 0x807fffff, 0x477ff000, 0x477fefff, 0x33000000,
+                        0x7fc00000, 0xffa00001, 0x7f800001], dtype=np.uint32)
+    bits[: len(special)] = special
+    bits[-3:] = special[:3]  # (the scalar tail too)
+    x = torch.from_numpy(bits.view(np.float32).copy())
+    got, want = binding.round_values(x, dtype), x.to(dtype).float()
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan) and nan.sum() > 0
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # the sign of zero included
+    assert np.array_equal(x.numpy().view(np.uint32), bits)  # a copy: the input is untouched
+    with pytest.raises(ValueError):
+        binding.round_values(x, torch.float32)

@@ -101,6 +101,8 @@ def _library() -> ctypes.CDLL | None:
     lib.af3_decode_scratch.argtypes = [ctypes.POINTER(_Step)]
     lib.af3_decode_struct_size.restype = ctypes.c_int64
     lib.af3_decode_struct_size.argtypes = [i]
+    lib.af3_round_values.restype = ctypes.c_int
+    lib.af3_round_values.argtypes = [p, ctypes.c_int64, i]
     for name, args in (("af3_rms_norm", [p, p, p, p, p, n, n, n, i, i, ctypes.c_float, i]),
                        ("af3_silu_mul", [p, p, n, i, i]), ("af3_rotary", [p, n, p, p, p, n, n, n, i, i]),
                        ("af3_argmax", [p, n, n, n, i, p, i])):
@@ -152,6 +154,18 @@ def _operand(t: Tensor | None, n: int, what: str) -> tuple[Tensor | None, int | 
                          f"{list(t.shape)} on {t.device}")
     t = t.detach().contiguous()
     return t, t.data_ptr(), KINDS[t.dtype]
+
+
+def round_values(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A copy of fp32 ``x`` rounded as the decoding step rounds its activations to ``dtype`` (bf16 or fp16) and
+    widened back: the step's own rounding, exposed so that tests hold it to torch's conversions."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("af3's CPU kernels are not available on this machine")
+    out = x.detach().to(torch.float32, copy=True).contiguous()
+    if lib.af3_round_values(out.data_ptr(), out.numel(), KINDS.get(dtype, -1)) != 0:
+        raise ValueError(f"round_values: {dtype} is not bf16 or fp16")
+    return out
 
 
 def small_gemm(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None,

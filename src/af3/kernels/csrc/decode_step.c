@@ -58,10 +58,10 @@ int64_t af3_decode_struct_size(int which) {
 }
 
 /* Floats of scratch one attention task needs: scores over the key slots, a widened block of 8 keys or values,
- * the accumulators and the softmax normalisers of the `rep` heads. */
+ * and the softmax normalisers of the `rep` heads. */
 static ptrdiff_t attend_floats(ptrdiff_t rep, ptrdiff_t Dh, ptrdiff_t width) {
     const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
-    return rep * span + 8 * Dh + rep * Dh + rep;
+    return rep * span + 8 * Dh + rep;
 }
 
 /* Floats of the step's activations (x, normed x, q, k, v, attention output, gate, up, rotary table, o). */
@@ -112,6 +112,18 @@ INLINE __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* 8 fp32 lanes rounded as round_to rounds each (the value stored as bf16 or fp16, widened back), bit for bit. */
+INLINE __m256 round8(__m256 v, int kind) {
+    if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    const __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i even = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), high);
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x400000));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(even, quiet, nan));
+}
+
 /* RMSNorm of one row as decoder.RMSNorm computes it: y = T(w * T(x * rsqrt(mean(x^2) + eps))). */
 static void rms_norm(const float *x, float *y, ptrdiff_t D, const void *w, int kind, float eps) {
     __m256 acc = _mm256_setzero_ps();
@@ -123,12 +135,20 @@ static void rms_norm(const float *x, float *y, ptrdiff_t D, const void *w, int k
     float ss = hsum(acc);
     for (; i < D; i++) ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (i = 0; i < D; i++) y[i] = round_to(load1(w, i, kind) * round_to(x[i] * r, kind), kind);
+    const __m256 rv = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= D; i += 8) {
+        const __m256 n = round8(_mm256_mul_ps(_mm256_loadu_ps(x + i), rv), kind);
+        _mm256_storeu_ps(y + i, round8(_mm256_mul_ps(load8(w, i, kind), n), kind));
+    }
+    for (; i < D; i++) y[i] = round_to(load1(w, i, kind) * round_to(x[i] * r, kind), kind);
 }
 
 /* x = T(x + d) for n values. */
 static void add_residual(float *x, const float *d, ptrdiff_t n, int kind) {
-    for (ptrdiff_t i = 0; i < n; i++) x[i] = round_to(x[i] + d[i], kind);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(x + i, round8(_mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(d + i)), kind));
+    for (; i < n; i++) x[i] = round_to(x[i] + d[i], kind);
 }
 
 /* Rotary embedding of `heads` heads of one row in place: x * cos + rotate_half(x) * sin, each term rounded to T. */
@@ -136,7 +156,16 @@ static void rotate(float *x, ptrdiff_t heads, ptrdiff_t Dh, const float *cs, con
     ptrdiff_t half = Dh / 2;
     for (ptrdiff_t h = 0; h < heads; h++) {
         float *v = x + h * Dh;
-        for (ptrdiff_t j = 0; j < half; j++) {
+        ptrdiff_t j = 0;
+        for (; j + 8 <= half; j += 8) {
+            const __m256 a = _mm256_loadu_ps(v + j), b = _mm256_loadu_ps(v + j + half);
+            const __m256 c = _mm256_loadu_ps(cs + j), s = _mm256_loadu_ps(sn + j);
+            _mm256_storeu_ps(v + j, round8(_mm256_sub_ps(round8(_mm256_mul_ps(a, c), kind),
+                                                         round8(_mm256_mul_ps(b, s), kind)), kind));
+            _mm256_storeu_ps(v + j + half, round8(_mm256_add_ps(round8(_mm256_mul_ps(b, c), kind),
+                                                                round8(_mm256_mul_ps(a, s), kind)), kind));
+        }
+        for (; j < half; j++) {
             float a = v[j], b = v[j + half];
             v[j] = round_to(round_to(a * cs[j], kind) - round_to(b * sn[j], kind), kind);
             v[j + half] = round_to(round_to(b * cs[j], kind) + round_to(a * sn[j], kind), kind);
@@ -153,6 +182,43 @@ INLINE void widen_block(const void *base, ptrdiff_t s0, ptrdiff_t n, ptrdiff_t s
     for (ptrdiff_t j = n; j < 8; j++) memset(dst + j * Dh, 0, (size_t)Dh * sizeof(float));
 }
 
+/* out[r, :] = T(inv[r] * sum over slots s < width of p[r * span + s] * values[s]) for NR (1 to 6, a constant
+ * where inlined) heads: 16 columns of every head accumulate in registers over all slots, each value vector widened
+ * once per pass (the same fp32 sums, in the same slot order, as one head at a time). */
+INLINE void weigh_values(const float *p, ptrdiff_t span, const int NR, const void *values, ptrdiff_t stride,
+                         ptrdiff_t width, ptrdiff_t Dh, int kind, const float *inv, float *out) {
+    for (ptrdiff_t c = 0; c < Dh; c += 16) {
+        const int two = c + 16 <= Dh; /* else 8 columns (Dh % 16 == 8) */
+        __m256 a[6][2];
+#pragma GCC unroll 6
+        for (int r = 0; r < NR; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+        for (ptrdiff_t s = 0; s < width; s++) {
+            const __m256 v0 = load8(values, s * stride + c, kind);
+            const __m256 v1 = two ? load8(values, s * stride + c + 8, kind) : v0;
+#pragma GCC unroll 6
+            for (int r = 0; r < NR; r++) {
+                const __m256 b = _mm256_broadcast_ss(p + r * span + s);
+                a[r][0] = _mm256_fmadd_ps(b, v0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(b, v1, a[r][1]);
+            }
+        }
+        float f[6][16];
+#pragma GCC unroll 6
+        for (int r = 0; r < NR; r++) {
+            _mm256_storeu_ps(f[r], a[r][0]);
+            _mm256_storeu_ps(f[r] + 8, a[r][1]);
+        }
+        for (int r = 0; r < NR; r++)
+            for (int d = 0; d < (two ? 16 : 8); d++) out[r * Dh + c + d] = round_to(f[r][d] * inv[r], kind);
+    }
+}
+
+/* How far ahead of the scores' block `attend` prefetches keys (into L1) and values (into L2, for the sums that
+ * follow). A decoding step streams ~1 GB of weights between two layers' attention, so each layer's cache comes
+ * from memory; without prefetching the attention of a batch-1 step of the benchmark model (~900 slots, AVX2 EPYC)
+ * took 1.9-2.5 ms of the step, with it 1.35-1.6 ms at 32 slots ahead, 1.65-1.75 at 64 or 128. */
+#define AHEAD_SLOTS 32
+
 /* Attention of the `rep` query heads q[rep, Dh] that share one key/value head (keys, values: slot s at s * stride)
  * over `width` slots where mask[s] is 1 (every slot where mask is NULL), scores scaled by scale_by; out[rep, Dh]
  * rounded to T. `scores` is
@@ -161,11 +227,16 @@ static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys
                    ptrdiff_t stride, ptrdiff_t width, const uint8_t *mask, int kind, float scale_by, float *scores,
                    float *out) {
     const ptrdiff_t span = (width + 7) & ~(ptrdiff_t)7;
-    float *block = scores + rep * span, *acc = block + 8 * Dh, *inv = acc + rep * Dh;
+    float *block = scores + rep * span, *inv = block + 8 * Dh;
     const __m256 scale = _mm256_set1_ps(scale_by), minus_inf = _mm256_set1_ps(-INFINITY);
     for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* scores = q . k / sqrt(Dh), -inf where masked */
         const ptrdiff_t n = width - s0 < 8 ? width - s0 : 8;
         widen_block(keys, s0, n, stride, Dh, kind, block);
+        for (ptrdiff_t j = 0; j < 8; j++) /* keys and values AHEAD_SLOTS on (see there; prefetches do not fault) */
+            for (ptrdiff_t c = 0; c < Dh * 2; c += 64) {
+                _mm_prefetch((const char *)keys + (s0 + AHEAD_SLOTS + j) * stride * 2 + c, _MM_HINT_T0);
+                _mm_prefetch((const char *)values + (s0 + AHEAD_SLOTS + j) * stride * 2 + c, _MM_HINT_T1);
+            }
         int32_t on[8];
         for (int j = 0; j < 8; j++) on[j] = j < n && (!mask || mask[s0 + j]) ? -1 : 0;
         const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i *)on));
@@ -180,8 +251,12 @@ static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys
         }
     }
     for (ptrdiff_t r = 0; r < rep; r++) { /* scores -> exp(score - max); inv[r] = 1 / their sum */
-        float *sr = scores + r * span, top = -INFINITY;
-        for (ptrdiff_t s = 0; s < width; s++) top = sr[s] > top ? sr[s] : top;
+        float *sr = scores + r * span;
+        __m256 most = minus_inf; /* (slots past width hold -inf too; a NaN score is passed over, as `>` does) */
+        for (ptrdiff_t s = 0; s < span; s += 8) most = _mm256_max_ps(_mm256_loadu_ps(sr + s), most);
+        most = _mm256_max_ps(most, _mm256_permute2f128_ps(most, most, 1));
+        most = _mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0x4e));
+        const float top = _mm256_cvtss_f32(_mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0xb1)));
         __m256 total = _mm256_setzero_ps();
         for (ptrdiff_t s = 0; s < span; s += 8) {
             const __m256 v = _mm256_loadu_ps(sr + s);
@@ -195,34 +270,40 @@ static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys
         const float sum = hsum(total);
         inv[r] = sum > 0 ? 1.0f / sum : 0.0f;
     }
-    memset(acc, 0, (size_t)(rep * Dh) * sizeof(float));
-    for (ptrdiff_t s0 = 0; s0 < width; s0 += 8) { /* acc = sum over slots of p * v */
-        widen_block(values, s0, width - s0 < 8 ? width - s0 : 8, stride, Dh, kind, block);
-        for (ptrdiff_t r = 0; r < rep; r++) {
-            const float *p = scores + r * span + s0;
-            for (ptrdiff_t c = 0; c < Dh; c += 8) {
-                __m256 a = _mm256_loadu_ps(acc + r * Dh + c);
-                for (int j = 0; j < 8; j++)
-                    a = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(block + j * Dh + c), a);
-                _mm256_storeu_ps(acc + r * Dh + c, a);
-            }
+    /* out = (sum over slots of p * v) * inv: up to 6 heads at a time, 16 columns of them in registers */
+    for (ptrdiff_t r0 = 0; r0 < rep;) {
+        const ptrdiff_t left = rep - r0, nr = left <= 6 ? left : left <= 12 ? (left + 1) / 2 : 6;
+        switch (nr) {
+        case 1: weigh_values(scores + r0 * span, span, 1, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+        case 2: weigh_values(scores + r0 * span, span, 2, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+        case 3: weigh_values(scores + r0 * span, span, 3, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+        case 4: weigh_values(scores + r0 * span, span, 4, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+        case 5: weigh_values(scores + r0 * span, span, 5, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+        default: weigh_values(scores + r0 * span, span, 6, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
         }
+        r0 += nr;
     }
-    for (ptrdiff_t r = 0; r < rep; r++)
-        for (ptrdiff_t d = 0; d < Dh; d++) out[r * Dh + d] = round_to(acc[r * Dh + d] * inv[r], kind);
 }
 
 /* g = T(T(silu(g)) * u) for n values; silu(g) = g / (1 + exp(-g)) in fp32. */
 static void silu_mul(float *g, const float *u, ptrdiff_t n, int kind) {
     ptrdiff_t i = 0;
-    float tmp[8];
     for (; i + 8 <= n; i += 8) {
         __m256 v = _mm256_loadu_ps(g + i);
         v = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
-        _mm256_storeu_ps(tmp, v);
-        for (int j = 0; j < 8; j++) g[i + j] = round_to(round_to(tmp[j], kind) * u[i + j], kind);
+        _mm256_storeu_ps(g + i, round8(_mm256_mul_ps(round8(v, kind), _mm256_loadu_ps(u + i)), kind));
     }
     for (; i < n; i++) g[i] = round_to(round_to(g[i] / (1.0f + expf(-g[i])), kind) * u[i], kind);
+}
+
+/* The step's rounding, exported for tests: x[i] = round_to(x[i], kind) for n values, 8 at a time (round8) and the
+ * rest one by one. Returns 0; -1 for a kind other than bf16 or fp16. */
+int af3_round_values(float *x, int64_t n, int kind) {
+    if (kind != BF16 && kind != F16) return -1;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, round8(_mm256_loadu_ps(x + i), kind));
+    for (; i < n; i++) x[i] = round_to(x[i], kind);
+    return 0;
 }
 
 /* x [n] (values that bf16 holds exactly: the step rounded them to T = bf16) as bf16 in buf; NULL when buf is. */
@@ -384,6 +465,11 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
 }
 
 #else
+
+int af3_round_values(float *x, int64_t n, int kind) {
+    (void)x; (void)n; (void)kind;
+    return -1;
+}
 
 int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     (void)st; (void)layers; (void)nlayers;
