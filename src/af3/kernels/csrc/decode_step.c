@@ -273,14 +273,16 @@ static void attend(const float *q, ptrdiff_t rep, ptrdiff_t Dh, const void *keys
     /* out = (sum over slots of p * v) * inv: up to 6 heads at a time, 16 columns of them in registers */
     for (ptrdiff_t r0 = 0; r0 < rep;) {
         const ptrdiff_t left = rep - r0, nr = left <= 6 ? left : left <= 12 ? (left + 1) / 2 : 6;
-        switch (nr) {
-        case 1: weigh_values(scores + r0 * span, span, 1, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
-        case 2: weigh_values(scores + r0 * span, span, 2, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
-        case 3: weigh_values(scores + r0 * span, span, 3, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
-        case 4: weigh_values(scores + r0 * span, span, 4, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
-        case 5: weigh_values(scores + r0 * span, span, 5, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
-        default: weigh_values(scores + r0 * span, span, 6, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh); break;
+#define WEIGH(NR) weigh_values(scores + r0 * span, span, NR, values, stride, width, Dh, kind, inv + r0, out + r0 * Dh)
+        switch (nr) { /* (NR a constant in each, so that the accumulators stay in registers) */
+        case 1: WEIGH(1); break;
+        case 2: WEIGH(2); break;
+        case 3: WEIGH(3); break;
+        case 4: WEIGH(4); break;
+        case 5: WEIGH(5); break;
+        default: WEIGH(6); break;
         }
+#undef WEIGH
         r0 += nr;
     }
 }
