@@ -22,24 +22,43 @@ def _encoder() -> AudioEncoder:
     return enc
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-half-gemms", "widened-to-fp32"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_stem_as_gemms_matches_the_convolutions(dtype):
+def test_the_stem_as_gemms_matches_the_convolutions(dtype, native):
+    """Half-precision inference takes the GEMMs on every CPU: with oneDNN's native half GEMM (AVX-512-BF16/AMX),
+    or in fp32 over widened weights where it has none (AVX2, where torch's half convolution is its slow generic
+    path). Either is as close to float64 as torch's own half convolutions."""
     enc = _encoder()
     x = torch.randn(2, 16, 81)  # an odd length, as a cut window has (2 * cut + 1 frames)
     exact = F.gelu(enc.conv2.double()(F.gelu(enc.conv1.double()(x.double())))).transpose(1, 2)
     enc = enc.double().to(dtype)
     with torch.inference_mode():
-        with policy.override(native_half=frozenset({dtype})):
+        conv = F.gelu(enc.conv2(F.gelu(enc.conv1(x.to(dtype))))).transpose(1, 2)  # torch's half convolutions
+        with policy.override(native_half=frozenset({dtype}) if native else frozenset()):
             assert policy.current().conv_as_gemm(x.to(dtype))
+            assert policy.current().widens_half(dtype, x.device) is not native
             gemm = enc.stem(x.to(dtype))
-        with policy.override(native_half=frozenset()):
-            assert not policy.current().conv_as_gemm(x.to(dtype))
-            conv = enc.stem(x.to(dtype))
     assert gemm.shape == conv.shape == exact.shape == (2, 41, 64)
     assert gemm.dtype == dtype and gemm.is_contiguous()
     err, err_conv = (gemm.double() - exact).abs(), (conv.double() - exact).abs()
     assert err.max() <= 2 * err_conv.max() + 1e-6
     assert err.mean() <= 1.2 * err_conv.mean() + 1e-6
+
+
+def test_a_short_window_stem_widened_to_fp32_is_the_fp32_stem_rounded():
+    """Where half GEMMs are widened (AVX2), the stem's products are fp32 products of the same half values: with
+    exact half inputs and weights they equal the fp32 convolutions rounded once, for any number of frames (here 5
+    and 3 conv frames, fewer rows than the chunked product's threshold for decoder weights)."""
+    enc = _encoder().bfloat16()
+    x = torch.randn(1, 16, 5).bfloat16()
+    with torch.inference_mode(), policy.override(native_half=frozenset()):
+        assert policy.current().conv_as_gemm(x)
+        got = enc.stem(x)
+        f32 = enc.float()
+        h1 = F.gelu(f32.conv1(x.float()).bfloat16())
+        want = F.gelu(f32.conv2(h1.float()).bfloat16()).transpose(1, 2)
+    assert got.shape == (1, 3, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_the_stem_stays_convolutions_in_fp32_and_with_autograd():

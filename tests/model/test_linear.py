@@ -215,3 +215,17 @@ def test_few_native_bf16_rows_take_afs_kernel_where_dp_rows_says(bias, monkeypat
             exact = F.linear(x.double(), layer.weight.double(), None if layer.bias is None else layer.bias.double())
             assert out.shape == (rows, 1, 40) and out.dtype == dtype
             assert torch.allclose(out.double(), exact, rtol=1e-2, atol=1e-2), (dtype, rows)
+
+
+def test_the_fp32_product_cuts_a_weight_into_equal_pieces():
+    """linear_via_fp32 cuts columns (and rows) into the fewest pieces of at most the cap, all of one size but the
+    last (which is short by less than the piece count), never a full run of pieces and a sliver."""
+    assert linear._even_pieces(4864, (1 << 22) // 896) == 2432  # a gate projection: 2 x 2432, not 4681 + 183
+    assert linear._even_pieces(896, (1 << 22) // 4864) == 448  # a down projection: 2 x 448, not 862 + 34
+    assert linear._even_pieces(7, 0) == 1 and linear._even_pieces(10, 20) == 10
+    for total in range(1, 120):
+        for most in range(1, 40):
+            size = linear._even_pieces(total, most)
+            pieces = -(-total // size)
+            assert size <= most and pieces == -(-total // most)  # within the cap, and no more pieces than needed
+            assert total - (pieces - 1) * size >= size - pieces + 1  # the last piece is nearly full

@@ -194,10 +194,14 @@ class KernelPolicy:
 
         return available()
 
+    def widens_half(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """``dtype`` is a half precision that this CPU has no native GEMMs for (AVX2): its products of many rows are
+        faster in fp32 over a widened copy of the weight."""
+        return device.type == "cpu" and dtype in HALF_DTYPES and dtype not in self.native_half
+
     def converts_to_fp32(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` weights runs in fp32 with the weight widened in chunks."""
-        return (device.type == "cpu" and rows >= self.convert_rows and dtype in HALF_DTYPES
-                and dtype not in self.native_half)
+        return rows >= self.convert_rows and self.widens_half(dtype, device)
 
     def own_gemm(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel: where the
@@ -226,12 +230,14 @@ class KernelPolicy:
                 and dtype in self.native_half)
 
     def conv_as_gemm(self, x: torch.Tensor) -> bool:
-        """The audio encoder's two convolutions on x run as GEMMs over unfolded windows: half-precision CPU inference
-        where oneDNN has native half GEMMs. On a 2-vCPU AMX Xeon a 30 s window's bf16 conv1 took 6.8-7.2 ms as a
-        convolution and 0.96-1.0 ms as a GEMM, conv2 3.5 against 2.3-2.5 ms (the same results); in fp32 the
-        convolutions were faster (4.1 against 4.4 ms, 7.9 against 9.3), and CPUs without native half GEMMs were not
-        measured, so both keep them."""
-        return (x.device.type == "cpu" and x.dtype in self.native_half and not torch.is_grad_enabled())
+        """The audio encoder's two convolutions on x run as GEMMs over unfolded windows: half-precision CPU inference.
+        Where oneDNN has native half GEMMs: on a 2-vCPU AMX Xeon a 30 s window's bf16 conv1 took 6.8-7.2 ms as a
+        convolution and 0.96-1.0 ms as a GEMM, conv2 3.5 against 2.3-2.5 ms (the same results). Where it has none
+        (:meth:`widens_half`), torch runs a half convolution through its slow generic path: on a 2-vCPU Zen 3 EPYC
+        (AVX2) AF3-8B's stem (1280 channels) took 23-25 s per 30 s window as convolutions and 0.13 s as GEMMs in
+        fp32, the mid-size benchmark's (512) 1.5-2.2 s against 0.027 s. In fp32 the convolutions were faster (AMX
+        Xeon: 4.1 against 4.4 ms, 7.9 against 9.3), so fp32 keeps them, as training does."""
+        return x.device.type == "cpu" and x.dtype in HALF_DTYPES and not torch.is_grad_enabled()
 
     def rowwise(self, x: torch.Tensor) -> bool:
         """The decoder's row-wise steps on ``x`` (RMSNorm, SiLU * up, rotary) run as af3's one-pass C kernels

@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from ..features import conv_output_lengths
 from ..kernels import ops as kernel_ops
 from ..kernels import policy as kernel_policy
-from .linear import Linear
+from .linear import Linear, linear_via_fp32
 
 
 class EncoderAttention(nn.Module):
@@ -67,8 +67,11 @@ class EncoderLayer(nn.Module):
 
 
 def _windows_product(windows: Tensor, conv: nn.Conv1d) -> Tensor:
-    """``conv`` (kernel k) as a product: windows [N, L, k * C_in] (tap-major) → [N, L, C_out]."""
+    """``conv`` (kernel k) as a product: windows [N, L, k * C_in] (tap-major) → [N, L, C_out]; in fp32 over a widened
+    weight where the CPU has no native GEMMs for its dtype (each result rounded once, as the convolution's)."""
     weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # [C_out, k * C_in], tap-major
+    if kernel_policy.current().widens_half(weight.dtype, weight.device):
+        return linear_via_fp32(windows, weight, conv.bias)
     return F.linear(windows, weight, conv.bias)
 
 
@@ -102,9 +105,9 @@ class AudioEncoder(nn.Module):
 
     def stem(self, x: Tensor) -> Tensor:
         """gelu(conv2(gelu(conv1(x)))) for mel frames x [N, mel, L] → [N, L', D], time-major. Where the policy says
-        so (half-precision CPU inference with native half GEMMs), each convolution runs as one GEMM over its
-        unfolded windows (the same products, each result rounded once), one input at a time: the unfolded copy
-        is 3x the convolution's input (AF3-8B: 11.5 MB for a 30 s window's conv2)."""
+        so (half-precision CPU inference), each convolution runs as one GEMM over its unfolded windows (the same
+        products, each result rounded once), one input at a time: the unfolded copy is 3x the convolution's input
+        (AF3-8B: 11.5 MB for a 30 s window's conv2)."""
         if not kernel_policy.current().conv_as_gemm(x):
             return F.gelu(self.conv2(F.gelu(self.conv1(x)))).transpose(1, 2)
         if x.shape[0] > 1:
