@@ -18,6 +18,9 @@ Each system runs in its own process, one after the other, only where ``MemAvaila
   an fp32 GEMV, probed before the runs);
 * **encoder s per 30 s window** (the audio tower alone on one window, best of 2 after a warm-up);
 * **load s** and **peak RSS** (the process's VmHWM, weights included) and the weight bytes.
+
+A child reports after each measurement; one stopped at ``--timeout`` keeps what it measured before (marked as
+stopped in the table: on an AVX2 CPU transformers' load and encoder, without its decoding rates).
 """
 
 from __future__ import annotations
@@ -117,6 +120,12 @@ def vm_hwm() -> int:
     return _proc_kib("/proc/self/status", "VmHWM")
 
 
+def report(out: dict) -> None:
+    """A child's results so far, as one JSON line: the parent keeps the last one, also from a child it had to stop
+    at ``--timeout`` (transformers on a CPU without native bf16 GEMMs still gives its load and encoder times)."""
+    print(json.dumps({**out, "peak_rss": vm_hwm()}), flush=True)
+
+
 # ------------------------------------------------------------------------------------------ children
 def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dict:
     from af3 import AF3Model, AF3Processor
@@ -131,15 +140,17 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
     batch = proc.apply_chat_template([conversation(30.0, 1)], tokenize=True, add_generation_prompt=True,
                                      return_dict=True)
     feats, mask = batch["input_features"].to(torch.bfloat16), batch["input_features_mask"]
+    report(out)
     with torch.inference_mode():
         out["encoder_s"] = _best(lambda: model.audio_tower(feats, mask))
+    report(out)
     for rows in rows_list:
         convs = [conversation(AUDIO_S, 10 * rows + i) for i in range(rows)]
         engine_decode(Engine(model, proc, max_batch_size=rows), convs, 4)  # warm-up (packs, plans, caches)
         run = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
         out[f"decode{rows}"] = run.rate
         out[f"ttft{rows}"] = run.ttft
-    out["peak_rss"] = vm_hwm()
+        report(out)
     return out
 
 
@@ -159,15 +170,17 @@ def child_hf(folder: Path, tokens: int, rows_list: list[int]) -> dict:
             "cpu", dtype=torch.bfloat16)
 
     tower = getattr(getattr(model, "model", model), "audio_tower", None) or model.audio_tower
+    report(out)
     b = inputs([conversation(30.0, 1)])
     with torch.inference_mode():
         out["encoder_s"] = _best(lambda: tower(b["input_features"], b["input_features_mask"]))
+        report(out)
         for rows in rows_list:
             x = inputs([conversation(AUDIO_S, 10 * rows + i) for i in range(rows)])
             hf_decode(model, x, 4)
             run = hf_decode(model, x, tokens)
             out[f"ttft{rows}"], out[f"decode{rows}"] = run.ttft, run.rate
-    out["peak_rss"] = vm_hwm()
+            report(out)
     return out
 
 
@@ -195,6 +208,13 @@ def system(name: str) -> tuple[str, str, float, dict[str, str]]:
     return *SYSTEMS[base], ({"AF3_FUSED_DECODE": fused} if fused else {})
 
 
+def last_report(stdout: str | bytes | None) -> dict | None:
+    """The last JSON line a child printed (:func:`report`), or None."""
+    text = stdout.decode(errors="replace") if isinstance(stdout, bytes) else stdout or ""
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
 def run(args) -> dict:
     folder = build_checkpoint()
     torch.set_num_threads(args.threads)
@@ -214,15 +234,18 @@ def run(args) -> dict:
         try:
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=args.timeout,
                                   env={**os.environ, **env})
-        except subprocess.TimeoutExpired:
-            results["systems"][name] = {"skipped": f"timed out after {args.timeout} s"}
+        except subprocess.TimeoutExpired as stopped:
+            got = last_report(stopped.stdout)
+            results["systems"][name] = ({"skipped": f"timed out after {args.timeout} s"} if got is None
+                                        else {**got, "partial": f"stopped at the {args.timeout} s limit"})
+            print(f"[full_size] {name}: {results['systems'][name]}", file=sys.stderr, flush=True)
             continue
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode != 0 or not lines:
+        got = last_report(done.stdout)
+        if done.returncode != 0 or got is None:
             tail = " / ".join(done.stderr.strip().splitlines()[-3:])
             results["systems"][name] = {"skipped": f"exit {done.returncode}: {tail[-300:]}"}
         else:
-            results["systems"][name] = json.loads(lines[-1])
+            results["systems"][name] = got
         print(f"[full_size] {name}: {results['systems'][name]}", file=sys.stderr, flush=True)
     return results
 
@@ -246,11 +269,18 @@ def table(r: dict) -> str:
         roof = bandwidth * 1e9 / per_token
 
         def vs(key: str, s: dict = s, name: str = name) -> str:
-            return f"{s[key] / hf[key]:.2f}x" if key in hf and name != "hf-bf16" else "–"
+            return f"{s[key] / hf[key]:.2f}x" if key in hf and key in s and name != "hf-bf16" else "–"
 
-        more = "".join(f"{s[f'decode{n}']:.2f} | {vs(f'decode{n}')} | " for n in r["rows"][1:])
-        lines.append(f"| {name} | {per_token / 1e9:.2f} | {s['decode1']:.2f} | {s['decode1'] / roof:.0%} | "
-                     f"{vs('decode1')} | {more}{s['encoder_s']:.2f} | {s['load_s']:.1f} | {s['peak_rss'] / 1e9:.1f} |")
+        def num(key: str, s: dict = s) -> str:  # "–": not measured before a stopped child's limit
+            return f"{s[key]:.2f}" if key in s else "–"
+
+        more = "".join(f"{num(f'decode{n}')} | {vs(f'decode{n}')} | " for n in r["rows"][1:])
+        share = f"{s['decode1'] / roof:.0%}" if "decode1" in s else "–"
+        label = f"{name} ({s['partial']})" if "partial" in s else name
+        encoder_vs = (f" ({hf['encoder_s'] / s['encoder_s']:.1f}x faster)" if "encoder_s" in hf and "encoder_s" in s
+                      and name != "hf-bf16" else "")
+        lines.append(f"| {label} | {per_token / 1e9:.2f} | {num('decode1')} | {share} | {vs('decode1')} | {more}"
+                     f"{num('encoder_s')}{encoder_vs} | {s['load_s']:.1f} | {s['peak_rss'] / 1e9:.1f} |")
     return "\n".join(lines)
 
 
