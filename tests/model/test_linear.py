@@ -40,7 +40,8 @@ def test_few_bf16_rows_match_f_linear(rows, bias, monkeypatch, kernel_policy):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [CONVERT_ROWS, 300])
 def test_many_half_rows_in_fp32_match_f_linear(rows, dtype, monkeypatch, kernel_policy):
-    monkeypatch.setattr(linear, "CONVERT_CHUNK", 1000)  # several weight chunks and output row blocks
+    for name, value in (("CONVERT_CHUNK", 1000), ("PIECE_COLS", 1), ("OUTPUT_BLOCK", 1000)):
+        monkeypatch.setattr(linear, name, value)  # several weight pieces and output row blocks
     calls, original = [], linear.linear_via_fp32
     monkeypatch.setattr(linear, "linear_via_fp32", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(rows)
@@ -220,12 +221,13 @@ def test_few_native_bf16_rows_take_afs_kernel_where_dp_rows_says(bias, monkeypat
 def test_the_fp32_product_cuts_a_weight_into_equal_pieces():
     """linear_via_fp32 cuts columns (and rows) into the fewest pieces of at most the cap, all of one size but the
     last (which is short by less than the piece count), never a full run of pieces and a sliver."""
-    assert linear._even_pieces(4864, (1 << 22) // 896) == 2432  # a gate projection: 2 x 2432, not 4681 + 183
-    assert linear._even_pieces(896, (1 << 22) // 4864) == 448  # a down projection: 2 x 448, not 862 + 34
-    assert linear._even_pieces(7, 0) == 1 and linear._even_pieces(10, 20) == 10
+    assert linear.even_pieces(4864, (1 << 22) // 896) == 2432  # a gate projection: 2 x 2432, not 4681 + 183
+    assert linear.even_pieces(896, (1 << 22) // 4864) == 448  # a down projection: 2 x 448, not 862 + 34
+    assert linear.even_pieces(3584, max((1 << 20) // 18944, 256)) == 256  # AF3-8B's down: 14 x 256 channels
+    assert linear.even_pieces(7, 0) == 1 and linear.even_pieces(10, 20) == 10
     for total in range(1, 120):
         for most in range(1, 40):
-            size = linear._even_pieces(total, most)
+            size = linear.even_pieces(total, most)
             pieces = -(-total // size)
             assert size <= most and pieces == -(-total // most)  # within the cap, and no more pieces than needed
             assert total - (pieces - 1) * size >= size - pieces + 1  # the last piece is nearly full

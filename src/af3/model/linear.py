@@ -28,8 +28,16 @@ from ..kernels import policy as kernel_policy
 from ..kernels.policy import HALF_DTYPES
 from ..system import available_memory, physical_memory
 
-#: Largest fp32 piece (elements) of a converted weight, and of a block of its output.
-CONVERT_CHUNK = 1 << 22
+#: Largest fp32 piece (elements) of a converted weight, unless that would be fewer than :data:`PIECE_COLS` output
+#: channels: a piece the GEMM still finds in the CPU's caches. On a 2-vCPU Zen 3 EPYC, 780 rows through AF3-8B's
+#: gate (18944 x 3584) and down (3584 x 18944) projections ran at 114-126 and 113-131 GFLOP/s in pieces of 4M
+#: elements and 125-139 and 125-147 in pieces of 1M or 256 channels; 3000 rows through the gate 79 against 110; the
+#: mid-size benchmark's and the Whisper-large encoder's shapes within the noise (interleaved, medians of 5).
+CONVERT_CHUNK = 1 << 20
+#: Fewest output channels of a converted piece (a GEMM over a thin sliver of columns is slow).
+PIECE_COLS = 256
+#: Largest fp32 block (elements) of the output, computed at a time.
+OUTPUT_BLOCK = 1 << 22
 #: The row count oneDNN is told to pack a weight for (decode batches); the packed copy serves every row count.
 PACK_ROWS = 16
 #: Packed copies by module: (the weight's storage, version) they were made from, and the copy (None: no room).
@@ -64,7 +72,7 @@ def packed_weight(module: nn.Linear) -> Tensor | None:
     return packed
 
 
-def _even_pieces(total: int, most: int) -> int:
+def even_pieces(total: int, most: int) -> int:
     """The size of the fewest equal pieces of ``total`` of at most ``most`` each (at least 1). Equal pieces, not
     full ones and a remainder: a sliver of a GEMM costs far more than its share (AVX2 Zen 3, 780 rows by 896, the
     4864 outputs as 4681 + 183 columns: 87 ms; as 2 x 2432: 57 ms; all at once: 58)."""
@@ -79,8 +87,8 @@ def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     x2 = x.reshape(-1, k).float()  # [M, K]
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    cols = _even_pieces(n, CONVERT_CHUNK // k)
-    rows = _even_pieces(m, CONVERT_CHUNK // cols)
+    cols = even_pieces(n, max(CONVERT_CHUNK // k, PIECE_COLS))
+    rows = even_pieces(m, OUTPUT_BLOCK // cols)
     for a in range(0, n, cols):
         b = min(n, a + cols)
         w = weight[a:b].float()  # [n', K]

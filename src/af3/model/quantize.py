@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
+from .linear import even_pieces
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
         compute = torch.float32
     xc = x.to(compute)
     n, k = qweight.shape
-    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    rows = even_pieces(n, CHUNK_ELEMENTS // max(k, 1))
     if n <= rows:
         return (F.linear(xc, qweight.to(compute)) * scales.to(compute)).to(dtype)  # [M, N]
     out = x.new_empty(x.shape[0], n, dtype=dtype)  # [M, N]
