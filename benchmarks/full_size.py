@@ -221,6 +221,8 @@ def run(args) -> dict:
     results: dict = {"cpu": cpu_description(), "weights_bytes": weight_bytes(folder), "bandwidth_gbs": bandwidth_gbs(),
                      **bandwidth_checks(), "tokens": args.tokens, "threads": args.threads,
                      "rows": [int(n) for n in args.rows.split(",")], "systems": {}}
+    print(f"[full_size] {results['cpu']}; fp32 sum {results['bandwidth_gbs']:.1f} GB/s, "
+          f"copy {results['copy_gbs']:.1f}, GEMV {results['gemv_gbs']:.1f}", file=sys.stderr, flush=True)
     for name in args.only.split(","):
         kind, mode, share, env = system(name)
         need = int(results["weights_bytes"] * share * 1.1) + (1 << 30)
@@ -300,13 +302,12 @@ def main() -> None:
         kind, mode, _, _ = system(args.child)
         folder = build_checkpoint()
         rows = [int(n) for n in args.rows.split(",")]
-        print(json.dumps(child_af3(folder, mode, args.tokens, rows) if kind == "af3"
-                         else child_hf(folder, args.tokens, rows)))
+        report(child_af3(folder, mode, args.tokens, rows) if kind == "af3" else child_hf(folder, args.tokens, rows))
         return
     results = run(args)
-    print(table(results))
-    if args.json:
+    if args.json:  # first: the raw numbers survive whatever the table does
         Path(args.json).write_text(json.dumps(results, indent=2))
+    print(table(results))
 
 
 if __name__ == "__main__":

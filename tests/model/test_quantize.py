@@ -184,21 +184,37 @@ def test_bf16_kernel_is_not_used_when_k_is_not_a_multiple_of_16(monkeypatch, ker
     check_error_bound(x, y, lin)
 
 
-def test_fallback_chunks_large_weights(monkeypatch):
-    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 64 * 10)  # 10 rows per chunk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fallback_chunks_large_weights(monkeypatch, dtype, kernel_policy):
+    """Chunks of at most 10 weight rows: fp32 products in pieces of CONVERT_CHUNK elements (at least PIECE_COLS
+    rows), half ones in chunks of CHUNK_ELEMENTS; 45 rows make 5 equal pieces of 9 either way."""
+    kernel_policy(native_half=frozenset({torch.bfloat16}))  # bf16 computes in bf16 here
+    for name in ("CHUNK_ELEMENTS", "CONVERT_CHUNK"):
+        monkeypatch.setattr(Q, name, 64 * 10)
+    monkeypatch.setattr(Q, "PIECE_COLS", 1)
+    widths, real_linear = [], torch.nn.functional.linear
+    monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: widths.append(w.shape[0]) or real_linear(x, w, *a))
     lin = varied_linear(64, 45, True, torch.float32)
     q = Int8Linear.from_linear(lin)
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
-        y = q(x)
+        got = Q.int8_linear(x.to(dtype), q.qweight, q.scales, q.bias, fused=False)
+    assert widths == [9] * 5 and got.dtype == dtype
+    if dtype != torch.float32:  # within bf16 rounding of the exact product of the same (rounded) inputs
+        deq = q.qweight.double() * q.scales.double()[:, None]
+        exact = x.to(dtype).double() @ deq.T + q.bias.double()
+        assert torch.allclose(got.double(), exact, rtol=1e-2, atol=1e-2)
+        return
+    y = got
     check_error_bound(x, y, lin)
     assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [Q.CHUNK_ELEMENTS, 64 * 10])
+@pytest.mark.parametrize("chunk", [(Q.CONVERT_CHUNK, Q.PIECE_COLS), (64 * 10, 1)])
 def test_fallback_computes_many_bf16_rows_in_fp32_where_bf16_gemm_is_not_native(monkeypatch, chunk, kernel_policy):
     policy = kernel_policy(native_half=frozenset())  # as on an AVX2 CPU
-    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(Q, "CONVERT_CHUNK", chunk[0])
+    monkeypatch.setattr(Q, "PIECE_COLS", chunk[1])
     seen = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real_linear(x, w, *a))
