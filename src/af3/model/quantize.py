@@ -61,7 +61,8 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     n, k = qweight.shape
     # fp32 pieces as linear_via_fp32 cuts them: small enough to stay in the caches while the GEMM reads them (AF3-8B's
     # gate, 18944 x 3584, on a 2-vCPU Zen 3 EPYC: 100 rows 470 -> 234 ms, 780 rows 1631 -> 1042 ms against pieces of
-    # CHUNK_ELEMENTS; its down projection 322 -> 151 and 1160 -> 929). Half-precision pieces were not measured.
+    # CHUNK_ELEMENTS; its down projection 322 -> 151 and 1160 -> 929). Measured there only; fp32 products elsewhere
+    # (fp16 activations, fp32 models) take the same pieces, half-precision ones keep CHUNK_ELEMENTS (not measured).
     most = max(CONVERT_CHUNK // max(k, 1), PIECE_COLS) if compute == torch.float32 else CHUNK_ELEMENTS // max(k, 1)
     rows = even_pieces(n, most)
     if n <= rows:
