@@ -20,6 +20,7 @@ from af3.errors import InputError
 from af3.kernels import policy as kernel_policy_module
 from af3.kernels.policy import HALF_DTYPES
 from af3.model import quantize as Q
+from af3.model import linear as L
 from af3.features import conv_output_lengths
 from af3.model.quantize import Int8Embedding, Int8Linear
 
@@ -189,9 +190,9 @@ def test_fallback_chunks_large_weights(monkeypatch, dtype, kernel_policy):
     """Chunks of at most 10 weight rows: fp32 products in pieces of CONVERT_CHUNK elements (at least PIECE_COLS
     rows), half ones in chunks of CHUNK_ELEMENTS; 45 rows make 5 equal pieces of 9 either way."""
     kernel_policy(native_half=frozenset({torch.bfloat16}))  # bf16 computes in bf16 here
-    for name in ("CHUNK_ELEMENTS", "CONVERT_CHUNK"):
-        monkeypatch.setattr(Q, name, 64 * 10)
-    monkeypatch.setattr(Q, "PIECE_COLS", 1)
+    monkeypatch.setattr(Q, "CHUNK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(L, "CONVERT_CHUNK", 64 * 10)
+    monkeypatch.setattr(L, "PIECE_COLS", 1)
     widths, real_linear = [], torch.nn.functional.linear
     monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: widths.append(w.shape[0]) or real_linear(x, w, *a))
     lin = varied_linear(64, 45, True, torch.float32)
@@ -210,11 +211,11 @@ def test_fallback_chunks_large_weights(monkeypatch, dtype, kernel_policy):
     assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [(Q.CONVERT_CHUNK, Q.PIECE_COLS), (64 * 10, 1)])
+@pytest.mark.parametrize("chunk", [(L.CONVERT_CHUNK, L.PIECE_COLS), (64 * 10, 1)])
 def test_fallback_computes_many_bf16_rows_in_fp32_where_bf16_gemm_is_not_native(monkeypatch, chunk, kernel_policy):
     policy = kernel_policy(native_half=frozenset())  # as on an AVX2 CPU
-    monkeypatch.setattr(Q, "CONVERT_CHUNK", chunk[0])
-    monkeypatch.setattr(Q, "PIECE_COLS", chunk[1])
+    monkeypatch.setattr(L, "CONVERT_CHUNK", chunk[0])
+    monkeypatch.setattr(L, "PIECE_COLS", chunk[1])
     seen = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(Q.F, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real_linear(x, w, *a))

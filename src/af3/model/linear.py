@@ -80,6 +80,12 @@ def even_pieces(total: int, most: int) -> int:
     return -(-total // pieces)
 
 
+def fp32_piece(n: int, k: int) -> int:
+    """Output channels per piece of an [n, k] weight widened to fp32: equal pieces of at most CONVERT_CHUNK elements,
+    never under PIECE_COLS channels (linear_via_fp32 and int8's dequantized product)."""
+    return even_pieces(n, max(CONVERT_CHUNK // max(k, 1), PIECE_COLS))
+
+
 def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` computed in fp32 with the weight converted a chunk of output channels at a time; the result is
     in ``x``'s dtype. x [..., K], weight [N, K] → [..., N]."""
@@ -87,7 +93,7 @@ def linear_via_fp32(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     x2 = x.reshape(-1, k).float()  # [M, K]
     m = x2.shape[0]
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    cols = even_pieces(n, max(CONVERT_CHUNK // k, PIECE_COLS))
+    cols = fp32_piece(n, k)
     rows = even_pieces(m, OUTPUT_BLOCK // cols)
     for a in range(0, n, cols):
         b = min(n, a + cols)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
-from .linear import CONVERT_CHUNK, PIECE_COLS, even_pieces
+from .linear import even_pieces, fp32_piece
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ def _dequant_mm(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     # gate, 18944 x 3584, on a 2-vCPU Zen 3 EPYC: 100 rows 470 -> 234 ms, 780 rows 1631 -> 1042 ms against pieces of
     # CHUNK_ELEMENTS; its down projection 322 -> 151 and 1160 -> 929). Measured there only; fp32 products elsewhere
     # (fp16 activations, fp32 models) take the same pieces, half-precision ones keep CHUNK_ELEMENTS (not measured).
-    most = max(CONVERT_CHUNK // max(k, 1), PIECE_COLS) if compute == torch.float32 else CHUNK_ELEMENTS // max(k, 1)
-    rows = even_pieces(n, most)
+    rows = fp32_piece(n, k) if compute == torch.float32 else even_pieces(n, CHUNK_ELEMENTS // max(k, 1))
     if n <= rows:
         return (F.linear(xc, qweight.to(compute)) * scales.to(compute)).to(dtype)  # [M, N]
     out = x.new_empty(x.shape[0], n, dtype=dtype)  # [M, N]
