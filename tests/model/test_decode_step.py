@@ -63,12 +63,12 @@ class Calls:
 
 
 def decode_once(model: D.Qwen2Model, dtype: torch.dtype, fused: bool, prompt: int = 9, max_len: int = 48,
-                padded: bool = True, amx: bool = False) -> tuple[torch.Tensor, KVCache]:
-    """Prefill ``prompt`` random embeddings for 3 rows (``padded``: rows 1 and 2 left-padded by 3 and 5) with the
-    modules, then one decoding step through the fused plan (``amx``: allowed to attend through the AMX kernel) or
-    the modules; returns the step's hidden states [3, 1, D] (fp32) and the cache."""
+                padded: bool = True, amx: bool = False, rows: int = 3) -> tuple[torch.Tensor, KVCache]:
+    """Prefill ``prompt`` random embeddings for ``rows`` rows (``padded``: rows 1 and 2 left-padded by 3 and 5) with
+    the modules, then one decoding step through the fused plan (``amx``: allowed to attend through the AMX kernel) or
+    the modules; returns the step's hidden states [rows, 1, D] (fp32) and the cache."""
     g = torch.Generator().manual_seed(1)
-    b = 3
+    b = rows
     hidden = model.norm.weight.numel()
     x = torch.randn(b, prompt, hidden, generator=g).to(dtype)
     step = torch.randn(b, 1, hidden, generator=g).to(dtype)
@@ -99,12 +99,13 @@ def quantized(model: D.Qwen2Model) -> D.Qwen2Model:
     return model
 
 
-def errors(model: D.Qwen2Model, dtype: torch.dtype, prompt: int = 9, **how) -> tuple[float, float, float, float]:
+def errors(model: D.Qwen2Model, dtype: torch.dtype, prompt: int = 9, rows: int = 3,
+           **how) -> tuple[float, float, float, float]:
     """(max, mean) error of the fused step and of the modules against float64 arithmetic on the same weights."""
     truth_model = copy.deepcopy(model).double()
-    fused, _ = decode_once(model, dtype, True, prompt, **how)
-    modules, _ = decode_once(model, dtype, False, prompt, padded=how.get("padded", True))
-    truth, _ = decode_once(truth_model, torch.float64, False, prompt, padded=how.get("padded", True))
+    fused, _ = decode_once(model, dtype, True, prompt, rows=rows, **how)
+    modules, _ = decode_once(model, dtype, False, prompt, padded=how.get("padded", True), rows=rows)
+    truth, _ = decode_once(truth_model, torch.float64, False, prompt, padded=how.get("padded", True), rows=rows)
     f, m = (fused - truth).abs(), (modules - truth).abs()
     return float(f.max()), float(f.mean()), float(m.max()), float(m.mean())
 
@@ -133,6 +134,17 @@ def test_the_fused_step_is_as_accurate_as_the_modules(dtype, int8, prompt):
         assert torch.equal(a[:, :, prompt + 1:], b[:, :, prompt + 1:])
         assert (a[:, :, prompt] - b[:, :, prompt]).abs().max() <= 0.05 * b[:, :, prompt].abs().max()
         assert a[:, :, prompt].abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_fused_step_is_as_accurate_as_the_modules_for_many_rows(int8):
+    """Without native half GEMMs "auto" takes the step up to CONVERT_ROWS - 1 rows: 70 rows (17 tiles of 4 and a
+    tail of 2) through it, and through the modules (af3's kernel there too), against float64."""
+    model = copy.deepcopy(random_decoder()).to(torch.bfloat16)
+    if int8:
+        quantized(model)
+    assert as_accurate(errors(model, torch.bfloat16, 9, rows=70))
 
 
 @needs_kernel
@@ -320,7 +332,7 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, DP_FUSED_ROWS
     # where they use AVX512-BF16 pair dot products without AMX, else NATIVE_FUSED_ROWS; int8 weights up to
     # SMALL_ROWS (af3's int8 kernel's own crossover).
-    from af3.kernels.policy import AMX_FUSED_ROWS, DP_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
+    from af3.kernels.policy import AMX_FUSED_ROWS, CONVERT_ROWS, DP_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
 
     level = binding.bf16_rows_level()
     bf16_limit = AMX_FUSED_ROWS if level == 2 else DP_FUSED_ROWS if level == 1 else NATIVE_FUSED_ROWS
@@ -334,8 +346,17 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
                             dp_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")
     assert forced.fused_decode_takes(1, torch.bfloat16, cpu) == kernels.available()
-    assert not forced.fused_decode_takes(1, torch.float32, cpu) and not forced.fused_decode_takes(64, torch.bfloat16,
-                                                                                                  cpu)
+    assert forced.fused_decode_takes(CONVERT_ROWS - 1, torch.bfloat16, cpu) == kernels.available()
+    assert not forced.fused_decode_takes(1, torch.float32, cpu)
+    assert not forced.fused_decode_takes(CONVERT_ROWS, torch.bfloat16, cpu)
+    # Without native half GEMMs (AVX2), "auto" runs the step wherever af3's kernel would multiply the rows: below
+    # CONVERT_ROWS, the measured crossover with the fp32 path (which serves from there).
+    avx2 = KernelPolicy()
+    for dtype, int8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+        assert avx2.fused_decode_takes(CONVERT_ROWS - 1, dtype, cpu, int8=int8) == kernels.available()
+        assert not avx2.fused_decode_takes(CONVERT_ROWS, dtype, cpu, int8=int8)
+    assert avx2.converts_to_fp32(CONVERT_ROWS, torch.bfloat16, cpu)
+    assert not avx2.converts_to_fp32(CONVERT_ROWS - 1, torch.bfloat16, cpu)
 
 
 def test_a_half_precision_cpu_engine_loads_the_kernels_when_it_is_built(tiny_bf16, monkeypatch):

@@ -9,8 +9,16 @@ an AVX2 CPU would, whatever this one is) instead of patching module globals.
 Why the rules are what they are (measurements in ``benchmarks/README.md``, ``benchmarks/gemv_bench.py``):
 
 * CPUs without native bf16/fp16 matrix instructions (AVX2; oneDNN reports no support) run torch's half-precision
-  GEMMs far below the fp32 ones: from :attr:`KernelPolicy.convert_rows` rows a half weight is widened to fp32 a
-  chunk at a time; below it (decoding) af3's own kernel widens it in registers, at memory bandwidth.
+  GEMMs far below the fp32 ones: from :data:`CONVERT_ROWS` rows a half weight is widened to fp32 a chunk at a time;
+  below it af3's own kernel widens it in registers (at memory bandwidth for a few rows). The crossover was measured
+  on a 2-vCPU Zen 3 EPYC (2026-12-07), decoding steps of the mid-size benchmark model with the paths alternating step
+  by step on the same batch (tok/s summed over the rows, fp32 path / af3's kernel in the modules / the fused step):
+  32 rows 30.3 / 49.9 / 57.9, 48 rows 41.3 / 53.7 / 59.7, 64 rows 45.3 / 60.0 / 61.9, 96 rows 55.9 / 62.5 / 72.1,
+  128 rows 55.8 / 55.4 / 62.1, 192 rows 58.8 / 54.8 / 59.6, 256 rows 88.6 / 80.8 / 70.6; int8 weights at 32 rows
+  65.3 / 94.4 / 104.2, 96 rows 71.5 / 85.3 / 89.9. The product alone (weights in the caches) agreed: af3's kernel won
+  up to 48-64 rows on the mid-size shapes, up to 96 on AF3-8B's gate and 128 on its down projection, whose fp32
+  path ran at 21-56 GFLOP/s between 32 and 128 rows. (The bound was 32 before, where fp32 first beat torch's bf16
+  GEMM; one AF3-8B layer took 187 ms for 31 rows and 480 for 32.)
 * On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
 * int8 weights: af3's few-row kernel reads them near memory bandwidth on every x86 CPU where it builds, native half
   GEMMs or not. On a 2-vCPU Xeon with AMX (``benchmarks/gemv_bench.py --only int8``, weights streamed from memory,
@@ -79,6 +87,10 @@ HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 FUSED_MODES = ("auto", "always", "off")
 #: Rows up to which CPU half-precision linears compute ``W @ x.T`` where that is faster (AVX-512).
 SMALL_ROWS = 8
+#: Where the CPU has no native half GEMMs (AVX2): from this many rows a product widens its half or int8 weight to
+#: fp32 in pieces and multiplies it with torch's fp32 GEMM; below it af3's kernel (and the fused step) serves. The
+#: measured crossover (module docstring).
+CONVERT_ROWS = 128
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
 #: crossover, module docstring).
 NATIVE_FUSED_ROWS = 4
@@ -145,7 +157,7 @@ class KernelPolicy:
     #: Up to this many rows, CPU half-precision linears compute ``W @ x.T`` (AVX-512 only; 0 = never).
     gemv_rows: int = 0
     #: From this many rows, half weights without a native GEMM are widened to fp32 and multiplied by torch.
-    convert_rows: int = 32
+    convert_rows: int = CONVERT_ROWS
     #: Up to this many rows, int8 weights with bf16 activations use torch's fused ``_weight_int8pack_mm`` on the
     #: CPU (its cost grows with the rows; beyond ~8 dequantize + GEMM wins); 0 = never (no such kernel here).
     int8pack_rows: int = 0

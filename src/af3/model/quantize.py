@@ -7,7 +7,7 @@ kept as it was. The audio encoder and the projector keep their dtype.
 Kernels, as ``af3.kernels.policy`` chooses them (measurements in ``benchmarks/README.md``, from
 ``benchmarks/quantize_bench.py`` and ``benchmarks/gemv_bench.py``):
 
-* few rows on x86 CPUs where af3's kernels build (up to 31 rows without native bf16 matrix instructions, up to 8
+* few rows on x86 CPUs where af3's kernels build (up to 127 rows without native bf16 matrix instructions, up to 8
   with them): af3's own C kernel (``af3.kernels``), which reads the int8 weight once for up to 4 rows at a time and
   applies the scales in fp32;
 * few bf16 rows elsewhere on the CPU: torch's ``_weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``, which
