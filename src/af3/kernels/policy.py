@@ -12,7 +12,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   GEMMs far below the fp32 ones: from :data:`CONVERT_ROWS` rows a half weight is widened to fp32 a chunk at a time;
   below it af3's own kernel widens it in registers (at memory bandwidth for a few rows). The crossover was measured
   on a 2-vCPU Zen 3 EPYC (2026-12-07), decoding steps of the mid-size benchmark model with the paths alternating step
-  by step on the same batch (tok/s summed over the rows, fp32 path / af3's kernel in the modules / the fused step):
+  by step on the same batch (``benchmarks/rows_bench.py``; a second run is in benchmarks/README.md; tok/s summed over
+  the rows, fp32 path / af3's kernel in the modules / the fused step):
   32 rows 30.3 / 49.9 / 57.9, 48 rows 41.3 / 53.7 / 59.7, 64 rows 45.3 / 60.0 / 61.9, 96 rows 55.9 / 62.5 / 72.1,
   128 rows 55.8 / 55.4 / 62.1, 192 rows 58.8 / 54.8 / 59.6, 256 rows 88.6 / 80.8 / 70.6; int8 weights at 32 rows
   65.3 / 94.4 / 104.2, 96 rows 71.5 / 85.3 / 89.9. The product alone (weights in the caches) agreed: af3's kernel won
