@@ -16,7 +16,7 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   the rows, fp32 path / af3's kernel in the modules / the fused step):
   32 rows 30.3 / 49.9 / 57.9, 48 rows 41.3 / 53.7 / 59.7, 64 rows 45.3 / 60.0 / 61.9, 96 rows 55.9 / 62.5 / 72.1,
   128 rows 55.8 / 55.4 / 62.1, 192 rows 58.8 / 54.8 / 59.6, 256 rows 88.6 / 80.8 / 70.6; int8 weights at 32 rows
-  65.3 / 94.4 / 104.2, 96 rows 71.5 / 85.3 / 89.9. The product alone (weights in the caches) agreed: af3's kernel won
+  65.3 / 94.4 / 104.2, 96 rows 71.5 / 85.3 / 89.9. The products alone agreed: af3's kernel won
   up to 48-64 rows on the mid-size shapes, up to 96 on AF3-8B's gate and 128 on its down projection, whose fp32
   path ran at 21-56 GFLOP/s between 32 and 128 rows. (The bound was 32 before, where fp32 first beat torch's bf16
   GEMM; one AF3-8B layer took 187 ms for 31 rows and 480 for 32.)
