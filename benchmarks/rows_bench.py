@@ -36,7 +36,9 @@ def step_rates(model, proc, rows: int, repeats: int) -> dict[str, float]:
     from benchmarks.engine_bench import conversation
 
     engine = Engine(model, proc, max_batch_size=rows)
-    tokens = 3 * (repeats + 2) * len(PATHS)
+    # Rows admitted first decode while later ones prefill: room for that, and a check below that no row ended
+    # (the KV cache grows with what is held, not with max_new_tokens).
+    tokens = 512
     reqs = [engine.submit(conversation(2.0, 600 + i), max_new_tokens=tokens, min_new_tokens=tokens)
             for i in range(rows)]
     while not all(r.tokens for r in reqs):
@@ -49,6 +51,8 @@ def step_rates(model, proc, rows: int, repeats: int) -> dict[str, float]:
                 t = time.perf_counter()
                 engine.step()
                 times[path].append(time.perf_counter() - t)
+    if any(r.done.is_set() for r in reqs):
+        raise RuntimeError(f"a request ended before the timed steps did: raise tokens above {tokens}")
     for r in reqs:
         engine.cancel(r)
     return {p: rows / statistics.median(v) for p, v in times.items()}

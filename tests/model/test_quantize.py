@@ -210,9 +210,8 @@ def test_fallback_chunks_large_weights(monkeypatch, dtype, kernel_policy):
         tol = 2**-8 * (xd.abs() @ deq.abs().T + q.bias.double().abs() + exact.abs())
         assert ((got.double() - exact).abs() <= tol).all(), float(((got.double() - exact).abs() / tol).max())
         return
-    y = got
-    check_error_bound(x, y, lin)
-    assert torch.allclose(y, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
+    check_error_bound(x, got, lin)
+    assert torch.allclose(got, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [(L.CONVERT_CHUNK, L.PIECE_COLS), (64 * 10, 1)])
