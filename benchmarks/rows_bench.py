@@ -1,5 +1,5 @@
-"""Decoding steps by row count: which CPU path is fastest for a batch of n rows (the crossover behind
-``af3.kernels.policy.CONVERT_ROWS``).
+"""Decoding steps by row count: which CPU path is fastest for a batch of n rows (the measurements behind
+``af3.kernels.policy.KERNEL_ROWS`` and ``FUSED_ROWS``).
 
     python -m benchmarks.rows_bench [--rows 16,32,48,64,96,128,192,256] [--repeats 5] [--int8] [--json PATH]
 
@@ -8,8 +8,9 @@ prefilled; then its decoding steps run with the paths alternating step by step o
 path sees the same rows, cache lengths and machine state (this VM's memory speed drifts by tens of percent between
 runs, so separate runs cannot be compared at this resolution):
 
-* ``fp32``: every product widens its half (or int8) weight to fp32 in pieces and runs torch's fp32 GEMM;
-* ``kernel``: af3's few-row kernel in each module (``fused_decode=off``);
+* ``fp32``: every product widens its half (or int8) weight to fp32 in pieces and runs torch's fp32 GEMM (the path
+  where af3's kernel is not usable; below ``CONVERT_ROWS`` rows that is torch's half GEMM instead);
+* ``kernel``: af3's kernel in each module (``fused_decode=off``);
 * ``fused``: the whole step in one C call (``fused_decode=always``).
 
 Reported: decode tok/s summed over the rows (n / the median step). On CPUs with native half GEMMs the policy never
@@ -25,8 +26,8 @@ import time
 
 import torch
 
-PATHS = {"fp32": dict(convert_rows=1, fused_decode="off"), "kernel": dict(convert_rows=1 << 30, fused_decode="off"),
-         "fused": dict(convert_rows=1 << 30, fused_decode="always")}
+PATHS = {"fp32": dict(kernel_rows=0, fused_decode="off"), "kernel": dict(fused_decode="off"),
+         "fused": dict(fused_decode="always", fused_rows=1 << 30)}
 
 
 def step_rates(model, proc, rows: int, repeats: int) -> dict[str, float]:

@@ -83,11 +83,36 @@ def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", range(24, 30))  # from PACK_ROWS: every height of the last row tile (6 rows each)
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (150, 600), (64, 256), (16, 8)])
+def test_many_row_products_through_packed_panels_match_float64(rows, n, k):
+    """Products of many rows widen the weight into panels of 16 channels, 256 inputs at a time (many_rows.h): tails
+    of channels (37, 150), of inputs within a panel (29) and of chunks (600 = 256 + 256 + 88), and exact fits."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g)
+    scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    weights = {torch.bfloat16: torch.randn(n, k, generator=g).bfloat16(),
+               torch.float16: torch.randn(n, k, generator=g).half(),
+               torch.int8: torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)}
+    for dtype, w in weights.items():
+        exact = x.double() @ w.double().T
+        # an fp32 sum of k products is within k * 2^-24 of the sum of their magnitudes
+        bound = k * 2**-24 * (x.double().abs() @ w.double().abs().T)
+        got = cpu_kernels.small_gemm(x, w)
+        assert got.shape == (rows, n) and ((got.double() - exact).abs() <= bound).all(), dtype
+        want = exact * scale.double() + bias.double()
+        got = cpu_kernels.small_gemm(x, w, scale, bias)
+        slack = bound * scale.double() + 2**-23 * want.abs() + 2**-23 * bias.double().abs()
+        assert ((got.double() - want).abs() <= slack).all(), dtype
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [5, 30])  # the few-row tiles and the packed panels (each epilogue)
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_half_inputs_operands_and_outputs_round_once(half):
+def test_half_inputs_operands_and_outputs_round_once(half, rows):
     g = torch.Generator().manual_seed(7)
     w = torch.randint(-127, 128, (70, 48), generator=g, dtype=torch.int8)
-    x = torch.randn(5, 48, generator=g).to(half)
+    x = torch.randn(rows, 48, generator=g).to(half)
     scale, bias = (torch.rand(70, generator=g) + 0.1).to(half), torch.randn(70, generator=g).to(half)
     wide = cpu_kernels.small_gemm(x.float(), w, scale.float(), bias.float())  # fp32 operands, fp32 result
     got = cpu_kernels.small_gemm(x, w, scale, bias, out_dtype=half)  # the same numbers given in half precision
@@ -95,7 +120,7 @@ def test_half_inputs_operands_and_outputs_round_once(half):
     # Half values widen exactly, so the fp32 sums are the same, and the result is rounded once, as torch rounds.
     assert torch.equal(got, wide.to(half))
     assert torch.equal(cpu_kernels.small_gemm(x, w, scale, bias), wide)
-    nan = cpu_kernels.small_gemm(torch.full((1, 48), float("nan")), w, out_dtype=half)
+    nan = cpu_kernels.small_gemm(torch.full((rows, 48), float("nan")), w, out_dtype=half)
     assert torch.isnan(nan).all()
     with pytest.raises(ValueError, match="bias must be 70"):
         cpu_kernels.small_gemm(x, w, bias=torch.zeros(69))
@@ -120,7 +145,7 @@ def test_leading_dimensions_and_input_dtypes():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, monkeypatch, kernel_policy):
+def test_linear_takes_the_kernel_for_any_rows_without_a_native_half_gemm(dtype, monkeypatch, kernel_policy):
     kernel_policy(native_half=HALF_DTYPES - {dtype})  # as on an AVX2 CPU, whatever this one is
     calls, original = [], cpu_kernels.small_gemm
     monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -135,9 +160,16 @@ def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, 
     assert torch.allclose(out.float(), whole.float(), rtol=1e-2, atol=1e-2)
     assert torch.allclose(out.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
     calls.clear()
-    xs = torch.randn(1, policy.current().convert_rows, 96, dtype=dtype)
+    xs = torch.randn(2, 150, 96, dtype=dtype)  # a prefill: packed panels (many_rows.h), still the kernel
     with torch.inference_mode():
-        layer(xs)  # many rows: the fp32 conversion path, not the kernel
+        many = layer(xs)
+    assert calls
+    whole = F.linear(xs.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+    assert torch.allclose(many.float(), whole.float(), rtol=1e-2, atol=1e-2)
+    calls.clear()
+    kernel_policy(native_half=HALF_DTYPES - {dtype}, kernel_rows=300)
+    with torch.inference_mode():
+        layer(xs)  # from kernel_rows on, the fp32 conversion path
     assert not calls
     kernel_policy(native_half=HALF_DTYPES)  # a CPU with native half GEMMs: torch's kernels
     with torch.inference_mode():
@@ -146,7 +178,7 @@ def test_linear_takes_the_kernel_for_few_rows_without_a_native_half_gemm(dtype, 
 
 
 @needs_kernel
-def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(monkeypatch, kernel_policy):
+def test_int8_linear_takes_the_kernel_without_a_native_bf16_gemm(monkeypatch, kernel_policy):
     kernel_policy(native_half=frozenset())  # as on an AVX2 CPU
     calls, original = [], cpu_kernels.small_gemm
     monkeypatch.setattr(cpu_kernels, "small_gemm", lambda *a, **kw: calls.append(1) or original(*a, **kw))
@@ -163,8 +195,15 @@ def test_int8_linear_takes_the_kernel_for_few_rows_without_a_native_bf16_gemm(mo
     calls.clear()
     with torch.no_grad():
         Q.int8_linear(x, q.qweight, q.scales, q.bias, fused=False)  # forced fallback: not the kernel
-        many = torch.randn(policy.current().convert_rows, 64).bfloat16()
-        Q.int8_linear(many, q.qweight, q.scales, q.bias)  # many rows: not the kernel
+    assert not calls
+    many = torch.randn(200, 64).bfloat16()
+    with torch.no_grad():
+        y = Q.int8_linear(many, q.qweight, q.scales, q.bias)  # many rows: the kernel too
+    assert calls and torch.allclose(y.double(), many.double() @ deq.T + q.bias.double(), rtol=1e-2, atol=1e-2)
+    calls.clear()
+    kernel_policy(native_half=frozenset(), kernel_rows=200)
+    with torch.no_grad():
+        Q.int8_linear(many, q.qweight, q.scales, q.bias)  # from kernel_rows on: dequantized
     assert not calls
 
 

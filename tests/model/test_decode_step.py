@@ -139,8 +139,8 @@ def test_the_fused_step_is_as_accurate_as_the_modules(dtype, int8, prompt):
 @needs_kernel
 @pytest.mark.parametrize("int8", [False, True])
 def test_the_fused_step_is_as_accurate_as_the_modules_for_many_rows(int8):
-    """Without native half GEMMs "auto" takes the step up to CONVERT_ROWS - 1 rows: 70 rows (17 tiles of 4 and a
-    tail of 2) through it, and through the modules (af3's kernel there too), against float64."""
+    """Without native half GEMMs "auto" takes the step up to FUSED_ROWS rows: 70 rows (packed panels: 11 row tiles
+    of 6 and a tail of 4) through it, and through the modules (af3's kernel there too), against float64."""
     model = copy.deepcopy(random_decoder()).to(torch.bfloat16)
     if int8:
         quantized(model)
@@ -332,7 +332,8 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, DP_FUSED_ROWS
     # where they use AVX512-BF16 pair dot products without AMX, else NATIVE_FUSED_ROWS; int8 weights up to
     # SMALL_ROWS (af3's int8 kernel's own crossover).
-    from af3.kernels.policy import AMX_FUSED_ROWS, CONVERT_ROWS, DP_FUSED_ROWS, NATIVE_FUSED_ROWS, SMALL_ROWS
+    from af3.kernels.policy import (AMX_FUSED_ROWS, CONVERT_ROWS, DP_FUSED_ROWS, FUSED_ROWS, NATIVE_FUSED_ROWS,
+                                    SMALL_ROWS)
 
     level = binding.bf16_rows_level()
     bf16_limit = AMX_FUSED_ROWS if level == 2 else DP_FUSED_ROWS if level == 1 else NATIVE_FUSED_ROWS
@@ -346,17 +347,22 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
                             dp_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")
     assert forced.fused_decode_takes(1, torch.bfloat16, cpu) == kernels.available()
-    assert forced.fused_decode_takes(CONVERT_ROWS - 1, torch.bfloat16, cpu) == kernels.available()
+    assert forced.fused_decode_takes(FUSED_ROWS, torch.bfloat16, cpu) == kernels.available()
     assert not forced.fused_decode_takes(1, torch.float32, cpu)
-    assert not forced.fused_decode_takes(CONVERT_ROWS, torch.bfloat16, cpu)
-    # Without native half GEMMs (AVX2), "auto" runs the step wherever af3's kernel would multiply the rows: below
-    # CONVERT_ROWS, the measured crossover with the fp32 path (which serves from there).
+    assert not forced.fused_decode_takes(FUSED_ROWS + 1, torch.bfloat16, cpu)
+    # Without native half GEMMs (AVX2), "auto" runs the step wherever af3's kernel would multiply the rows (every
+    # count) up to FUSED_ROWS, the most it was measured faster than the modules at.
     avx2 = KernelPolicy()
     for dtype, int8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
-        assert avx2.fused_decode_takes(CONVERT_ROWS - 1, dtype, cpu, int8=int8) == kernels.available()
-        assert not avx2.fused_decode_takes(CONVERT_ROWS, dtype, cpu, int8=int8)
-    assert avx2.converts_to_fp32(CONVERT_ROWS, torch.bfloat16, cpu)
-    assert not avx2.converts_to_fp32(CONVERT_ROWS - 1, torch.bfloat16, cpu)
+        assert avx2.fused_decode_takes(FUSED_ROWS, dtype, cpu, int8=int8) == kernels.available()
+        assert not avx2.fused_decode_takes(FUSED_ROWS + 1, dtype, cpu, int8=int8)
+        assert not KernelPolicy(kernel_rows=FUSED_ROWS).fused_decode_takes(FUSED_ROWS, dtype, cpu, int8=int8)
+    # Products: af3's kernel at every row count where it is usable; the fp32 path only where it is not.
+    for rows in (1, 31, 32, 5000):
+        assert avx2.own_gemm(rows, torch.bfloat16, cpu) == kernels.available()
+    off = KernelPolicy(cpu_kernels=False)
+    assert off.converts_to_fp32(CONVERT_ROWS, torch.bfloat16, cpu) and not off.own_gemm(5000, torch.bfloat16, cpu)
+    assert not off.converts_to_fp32(CONVERT_ROWS - 1, torch.bfloat16, cpu)
 
 
 def test_a_half_precision_cpu_engine_loads_the_kernels_when_it_is_built(tiny_bf16, monkeypatch):

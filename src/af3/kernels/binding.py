@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by all.
 SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c", KERNELS / "attention.c")
-HEADERS = (KERNELS / "gemm.h", KERNELS / "bf16_rows.h", KERNELS / "amx.h", KERNELS / "amx_emul.h")
+HEADERS = (KERNELS / "gemm.h", KERNELS / "many_rows.h", KERNELS / "bf16_rows.h", KERNELS / "amx.h",
+           KERNELS / "amx_emul.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2, torch.float32: 3}

@@ -9,17 +9,22 @@ an AVX2 CPU would, whatever this one is) instead of patching module globals.
 Why the rules are what they are (measurements in ``benchmarks/README.md``, ``benchmarks/gemv_bench.py``):
 
 * CPUs without native bf16/fp16 matrix instructions (AVX2; oneDNN reports no support) run torch's half-precision
-  GEMMs far below the fp32 ones: from :data:`CONVERT_ROWS` rows a half weight is widened to fp32 a chunk at a time;
-  below it af3's own kernel widens it in registers (at memory bandwidth for a few rows). The crossover was measured
-  on a 2-vCPU Zen 3 EPYC (2026-12-07), decoding steps of the mid-size benchmark model with the paths alternating step
-  by step on the same batch (``benchmarks/rows_bench.py``; a second run is in benchmarks/README.md; tok/s summed over
-  the rows, fp32 path / af3's kernel in the modules / the fused step):
-  32 rows 30.3 / 49.9 / 57.9, 48 rows 41.3 / 53.7 / 59.7, 64 rows 45.3 / 60.0 / 61.9, 96 rows 55.9 / 62.5 / 72.1,
-  128 rows 55.8 / 55.4 / 62.1, 192 rows 58.8 / 54.8 / 59.6, 256 rows 88.6 / 80.8 / 70.6; int8 weights at 32 rows
-  65.3 / 94.4 / 104.2, 96 rows 71.5 / 85.3 / 89.9. The products alone agreed: af3's kernel won
-  up to 48-64 rows on the mid-size shapes, up to 96 on AF3-8B's gate and 128 on its down projection, whose fp32
-  path ran at 21-56 GFLOP/s between 32 and 128 rows. (The bound was 32 before, where fp32 first beat torch's bf16
-  GEMM; one AF3-8B layer took 187 ms for 31 rows and 480 for 32.)
+  GEMMs far below the fp32 ones. There af3's kernel multiplies half and int8 weights at every row count: below
+  24 rows it widens the weight in registers (at memory bandwidth for a few rows), from 24 rows it widens a chunk at
+  a time into fp32 panels multiplied in 6 x 16 register tiles (``kernels/csrc/many_rows.h``). On a 2-vCPU Zen 3
+  EPYC (2026-12-07, products alone, interleaved, ms, af3's kernel / torch's fp32 GEMM over the weight widened in
+  pieces, the fp32 path): the mid-size benchmark's 4864 x 896 at 32, 128, 780 and 3000 rows 3.2 / 4.9, 8.3 / 10.3,
+  42.2 / 47.0, 163.5 / 202.2; its 896 x 4864 at 32 and 1500 rows 2.9 / 5.1, 81.0 / 84.2; AF3-8B's gate
+  (18944 x 3584) at 32, 256 and 780 rows 38.0 / 60.2, 231.2 / 319.6, 750.9 / 768.1, its down projection at 32 and
+  780 rows 40.9 / 88.0, 697.3 / 731.4, its 3584 x 3584 at 780 and 3000 rows 118.5 / 136.3, 491.0 / 514.4. So
+  :data:`KERNEL_ROWS` sets no bound, and the fp32 path serves (from :data:`CONVERT_ROWS` rows, where it beats
+  torch's half GEMM) only where af3's kernel is not usable. Before the panels the kernel re-read each weight block
+  for every 4 rows (~90-100 GFLOP/s), and the fp32 path took over at 128 rows (2026-12-07, ``rows_bench``), at 32
+  before that.
+* The fused decoding step runs the same products; on that EPYC (``benchmarks/rows_bench.py``, decoding steps of the
+  mid-size model alternating step by step on one batch, tok/s summed over the rows, fp32 path / af3's kernel in the
+  modules / the fused step) 32 rows 60.8 / 87.3 / 106.2, 128 rows 89.7 / 134.3 / 143.7, 192 rows 100.0 / 128.1 /
+  134.8, 256 rows 91.1 / 122.3 / 131.3; so it takes up to :data:`FUSED_ROWS` rows, the most measured.
 * On AVX-512 CPUs ``W @ x.T`` reads a weight faster than ``F.linear`` for a few rows; on AVX2 it is slower.
 * int8 weights: af3's few-row kernel reads them near memory bandwidth on every x86 CPU where it builds, native half
   GEMMs or not. On a 2-vCPU Xeon with AMX (``benchmarks/gemv_bench.py --only int8``, weights streamed from memory,
@@ -73,6 +78,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -88,10 +94,16 @@ HALF_DTYPES = frozenset({torch.bfloat16, torch.float16})
 FUSED_MODES = ("auto", "always", "off")
 #: Rows up to which CPU half-precision linears compute ``W @ x.T`` where that is faster (AVX-512).
 SMALL_ROWS = 8
-#: Where the CPU has no native half GEMMs (AVX2): from this many rows a product widens its half or int8 weight to
-#: fp32 in pieces and multiplies it with torch's fp32 GEMM; below it af3's kernel (and the fused step) serves. The
-#: measured crossover (module docstring).
-CONVERT_ROWS = 128
+#: Where the CPU has no native half GEMMs (AVX2) and af3's kernel does not serve a product: from this many rows it
+#: widens its half or int8 weight to fp32 in pieces and multiplies it with torch's fp32 GEMM, which is faster there
+#: than torch's half GEMM (module docstring).
+CONVERT_ROWS = 32
+#: Where the CPU has no native half GEMMs: products of fewer rows than this take af3's kernel. No bound: it was
+#: faster than the fp32 path at every count measured, 1 to 3000 rows (module docstring).
+KERNEL_ROWS = sys.maxsize
+#: The most rows a decoding step runs as one fused C call, in any mode (faster than the modules up to there, the
+#: most measured; module docstring).
+FUSED_ROWS = 256
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for a dtype with native CPU GEMMs (the measured
 #: crossover, module docstring).
 NATIVE_FUSED_ROWS = 4
@@ -157,8 +169,13 @@ class KernelPolicy:
     native_half: frozenset = frozenset()
     #: Up to this many rows, CPU half-precision linears compute ``W @ x.T`` (AVX-512 only; 0 = never).
     gemv_rows: int = 0
-    #: From this many rows, half weights without a native GEMM are widened to fp32 and multiplied by torch.
+    #: Where there is no native half GEMM: products of fewer rows take af3's kernel (when it is usable).
+    kernel_rows: int = KERNEL_ROWS
+    #: From this many rows, half weights without a native GEMM that af3's kernel does not take are widened to fp32
+    #: and multiplied by torch.
     convert_rows: int = CONVERT_ROWS
+    #: The fused decoding step takes at most this many rows (in every mode).
+    fused_rows: int = FUSED_ROWS
     #: Up to this many rows, int8 weights with bf16 activations use torch's fused ``_weight_int8pack_mm`` on the
     #: CPU (its cost grows with the rows; beyond ~8 dequantize + GEMM wins); 0 = never (no such kernel here).
     int8pack_rows: int = 0
@@ -213,7 +230,8 @@ class KernelPolicy:
         return device.type == "cpu" and dtype in HALF_DTYPES and dtype not in self.native_half
 
     def converts_to_fp32(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """A product of ``rows`` rows with ``dtype`` weights runs in fp32 with the weight widened in chunks."""
+        """A product of ``rows`` rows with ``dtype`` weights that af3's kernel does not take (:meth:`own_gemm`, asked
+        first) runs in fp32 with the weight widened in chunks."""
         return rows >= self.convert_rows and self.widens_half(dtype, device)
 
     def own_gemm(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -223,7 +241,7 @@ class KernelPolicy:
             return False
         if dtype in self.native_half:
             return rows <= self.dp_rows and dtype == torch.bfloat16 and self.kernels_usable()
-        return rows < self.convert_rows and self.kernels_usable()
+        return rows < self.kernel_rows and self.kernels_usable()
 
     def own_int8(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's few-row C
@@ -305,7 +323,7 @@ class KernelPolicy:
     def fused_decode_takes(self, rows: int, dtype: torch.dtype, device: torch.device, int8: bool = False) -> bool:
         """A decoding step of ``rows`` rows in ``dtype`` may run as one fused C call (when the decoder is plain;
         ``int8``: its linear weights are int8)."""
-        if self.fused_decode == "off" or device.type != "cpu" or dtype not in HALF_DTYPES or rows >= self.convert_rows:
+        if self.fused_decode == "off" or device.type != "cpu" or dtype not in HALF_DTYPES or rows > self.fused_rows:
             return False
         if self.fused_decode == "always":
             return self.kernels_usable()

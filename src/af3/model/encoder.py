@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..config import EncoderConfig
 from ..errors import CheckpointError
 from ..features import conv_output_lengths
+from ..kernels import binding as cpu_kernels
 from ..kernels import ops as kernel_ops
 from ..kernels import policy as kernel_policy
 from .linear import Linear, linear_via_fp32
@@ -67,10 +68,14 @@ class EncoderLayer(nn.Module):
 
 
 def _windows_product(windows: Tensor, conv: nn.Conv1d) -> Tensor:
-    """``conv`` (kernel k) as a product: windows [N, L, k * C_in] (tap-major) → [N, L, C_out]; in fp32 over a widened
-    weight where the CPU has no native GEMMs for its dtype (each result rounded once, as the convolution's)."""
+    """``conv`` (kernel k) as a product: windows [N, L, k * C_in] (tap-major) → [N, L, C_out]; where the CPU has no
+    native GEMMs for its dtype, in af3's kernel or else in fp32 over a widened weight, as ``Linear`` (each result
+    rounded once, as the convolution's)."""
     weight = conv.weight.permute(0, 2, 1).reshape(conv.out_channels, -1)  # [C_out, k * C_in], tap-major
-    if kernel_policy.current().widens_half(weight.dtype, weight.device):
+    policy = kernel_policy.current()
+    if policy.own_gemm(windows.numel() // windows.shape[-1], weight.dtype, weight.device):
+        return cpu_kernels.small_gemm(windows, weight, bias=conv.bias, out_dtype=windows.dtype)
+    if policy.widens_half(weight.dtype, weight.device):
         return linear_via_fp32(windows, weight, conv.bias)
     return F.linear(windows, weight, conv.bias)
 

@@ -3,9 +3,11 @@
 Which path a product takes is decided by ``af3.kernels.policy`` (the rules and their reasons are written there;
 the measurements are in ``benchmarks/README.md`` from ``benchmarks/gemv_bench.py``):
 
-* many rows of a half weight on a CPU without native half GEMMs (AVX2): :func:`linear_via_fp32`, the weight widened
-  to fp32 a chunk at a time (torch's bf16 GEMM is several times slower there than its fp32 one);
-* few rows on such a CPU: af3's own C kernel (``af3.kernels``), which widens the weight in registers;
+* a half weight on a CPU without native half GEMMs (AVX2): af3's own C kernel (``af3.kernels``), which widens the
+  weight in registers for few rows and into fp32 panels a chunk at a time for many;
+* many rows on such a CPU where af3's kernel is not usable (no C compiler, ``AF3_CPU_KERNELS=0``):
+  :func:`linear_via_fp32`, the weight widened to fp32 a chunk at a time (torch's bf16 GEMM is several times slower
+  there than its fp32 one);
 * CPUs with native half GEMMs (AVX-512-BF16/AMX): a copy of the weight packed once in oneDNN's layout
   (:func:`packed_weight`), where ``F.linear`` would reorder it at every call;
 * few rows on other AVX-512 CPUs: ``W @ x.T`` (``torch.mv`` for one row), which reads the weight faster than
@@ -116,10 +118,10 @@ class Linear(nn.Linear):
         policy = kernel_policy.current()
         if policy.packed(rows, w.dtype, x.device) and (packed := packed_weight(self)) is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
-        if policy.converts_to_fp32(rows, w.dtype, x.device):
-            return linear_via_fp32(x, w, self.bias)
         if policy.own_gemm(rows, w.dtype, x.device):
             return cpu_kernels.small_gemm(x, w, bias=self.bias, out_dtype=x.dtype)
+        if policy.converts_to_fp32(rows, w.dtype, x.device):
+            return linear_via_fp32(x, w, self.bias)
         if not policy.gemv(rows, w.dtype, x.device):
             return F.linear(x, w, self.bias)
         x2 = x.reshape(rows, x.shape[-1])  # [M, K]

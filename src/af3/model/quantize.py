@@ -7,9 +7,9 @@ kept as it was. The audio encoder and the projector keep their dtype.
 Kernels, as ``af3.kernels.policy`` chooses them (measurements in ``benchmarks/README.md``, from
 ``benchmarks/quantize_bench.py`` and ``benchmarks/gemv_bench.py``):
 
-* few rows on x86 CPUs where af3's kernels build (up to 127 rows without native bf16 matrix instructions, up to 8
-  with them): af3's own C kernel (``af3.kernels``), which reads the int8 weight once for up to 4 rows at a time and
-  applies the scales in fp32;
+* x86 CPUs where af3's kernels build (every row count without native bf16 matrix instructions, up to 8 rows with
+  them): af3's own C kernel (``af3.kernels``), which reads the int8 weight once for up to 4 rows at a time, or from
+  24 rows widens it into fp32 panels a chunk at a time, and applies the scales in fp32;
 * few bf16 rows elsewhere on the CPU: torch's ``_weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])``, which
   computes ``(x @ w.T) * scales`` without a float weight (x 2-D and contiguous, scales in x's dtype; its bf16 CPU
   kernel is wrong unless K % 16 == 0, which the policy checks; its fp32/fp16 CPU kernels are scalar, so unused);

@@ -112,18 +112,6 @@ INLINE __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* 8 fp32 lanes rounded as round_to rounds each (the value stored as bf16 or fp16, widened back), bit for bit. */
-INLINE __m256 round8(__m256 v, int kind) {
-    if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    const __m256i u = _mm256_castps_si256(v), high = _mm256_set1_epi32((int)0xffff0000u);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i even = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), high);
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    const __m256i quiet = _mm256_or_si256(_mm256_and_si256(u, high), _mm256_set1_epi32(0x400000));
-    return _mm256_castsi256_ps(_mm256_blendv_epi8(even, quiet, nan));
-}
-
 /* RMSNorm of one row as decoder.RMSNorm computes it: y = T(w * T(x * rsqrt(mean(x^2) + eps))). */
 static void rms_norm(const float *x, float *y, ptrdiff_t D, const void *w, int kind, float eps) {
     __m256 acc = _mm256_setzero_ps();

@@ -99,6 +99,51 @@ INLINE void finish(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, float s) {
     store1(e->out, row * e->stride + n, e->out_kind, e->out_kind == F32 ? round_to(s, e->round_kind) : s);
 }
 
+/* 8 values at p + i (bf16, fp16 or fp32), widened to fp32. */
+INLINE __m256 get8(const void *p, ptrdiff_t i, int kind) {
+    if (kind == F32) return _mm256_loadu_ps((const float *)p + i);
+    return load8(p, i, kind);
+}
+
+/* 8 fp32 lanes rounded to `kind` and stored at p + i. */
+INLINE void put8(void *p, ptrdiff_t i, int kind, __m256 v) {
+    if (kind == F32) {
+        _mm256_storeu_ps((float *)p + i, v);
+    } else if (kind == F16) {
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else { /* bf16, nearest even; NaN stays a quiet NaN (as to_bf16) */
+        __m256i u = _mm256_castps_si256(v);
+        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+        __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        r = _mm256_blendv_epi8(r, q, nan);
+        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(packed));
+    }
+}
+
+/* The value 8 fp32 lanes take when stored as `kind` and read back (round_to for 8 lanes, bit for bit). */
+INLINE __m256 round8(__m256 v, int kind) {
+    if (kind == F32) return v;
+    if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    __m256i u = _mm256_castps_si256(v); /* bf16 rounding as put8's, kept in the high half of each lane */
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* finish() for the 8 channels n..n+7 of one row, s their sums. */
+INLINE void finish8(const Epilogue *e, ptrdiff_t row, ptrdiff_t n, __m256 s) {
+    if (e->scale) s = _mm256_mul_ps(s, get8(e->scale, n, e->scale_kind));
+    if (e->bias) s = _mm256_add_ps(s, get8(e->bias, n, e->bias_kind));
+    put8(e->out, row * e->stride + n, e->out_kind, e->out_kind == F32 ? round8(s, e->round_kind) : s);
+}
+
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -275,9 +320,17 @@ INLINE void row1_i8(const float *x, ptrdiff_t K, const int8_t *w, ptrdiff_t n, c
 }
 #endif
 
-/* Output channels [n0, n1) for all M rows: row tiles of 4 inside each tile of output channels. */
+/* Output channels per parallel task: a multiple of 16 (every tile width) so only the last task has a tail. */
+#define TASK_CHANNELS 64
+
+/* block_packed: from PACK_ROWS rows, the weight widened into fp32 panels first. */
+#include "many_rows.h"
+
+/* Output channels [n0, n1) (at most TASK_CHANNELS) for all M rows: from PACK_ROWS rows through packed panels
+ * (many_rows.h); below, row tiles of 4 inside each tile of output channels, over the weight as stored. */
 INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdiff_t n0, ptrdiff_t n1, int kind,
                   const Epilogue *e) {
+    if (M >= PACK_ROWS && block_packed(x, M, K, w, n0, n1, kind, e) == 0) return;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 4) {
         const float *xm = x + m0 * K;
         ptrdiff_t n = n0;
@@ -306,9 +359,6 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
         }
     }
 }
-
-/* Output channels per parallel task: a multiple of 8 (every tile width) so only the last task has a tail. */
-#define TASK_CHANNELS 64
 
 /* One product of a multi-product run: weight [N, K] and where its results go. */
 typedef struct {
@@ -381,10 +431,21 @@ static void run_jobs(const float *x, const uint16_t *xb, ptrdiff_t M, ptrdiff_t 
     }
 #endif
     (void)xb;
-    switch (w_kind) {
-    case BF16: run_bf16(x, M, K, jobs, njobs, threads); break;
-    case F16: run_f16(x, M, K, jobs, njobs, threads); break;
-    default: run_i8(x, M, K, jobs, njobs, threads); break;
+    /* Rows in passes of at most PASS_ROWS (many_rows.h), evenly split: each task reads all the rows of its pass, and
+       every rows' fp32 copy must stay in the caches while the tasks go over it. */
+    const ptrdiff_t passes = (M + PASS_ROWS - 1) / PASS_ROWS, per = passes > 1 ? (M + passes - 1) / passes : M;
+    for (ptrdiff_t m0 = 0; m0 < M; m0 += per) {
+        const ptrdiff_t rows = M - m0 < per ? M - m0 : per;
+        Job part[MAX_JOBS];
+        for (int j = 0; j < njobs; j++) {
+            part[j] = jobs[j];
+            part[j].e.out = (char *)jobs[j].e.out + m0 * jobs[j].e.stride * (jobs[j].e.out_kind == F32 ? 4 : 2);
+        }
+        switch (w_kind) {
+        case BF16: run_bf16(x + m0 * K, rows, K, part, njobs, threads); break;
+        case F16: run_f16(x + m0 * K, rows, K, part, njobs, threads); break;
+        default: run_i8(x + m0 * K, rows, K, part, njobs, threads); break;
+        }
     }
 }
 

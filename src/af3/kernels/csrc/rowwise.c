@@ -25,44 +25,6 @@
 /* Work (elements) below which a call stays on one thread: waking the others costs more. */
 #define PARALLEL_MIN 32768
 
-/* 8 activations at p + i, widened to fp32. */
-INLINE __m256 get8(const void *p, ptrdiff_t i, int kind) {
-    if (kind == F32) return _mm256_loadu_ps((const float *)p + i);
-    return load8(p, i, kind);
-}
-
-/* 8 fp32 lanes rounded to `kind` and stored at p + i. */
-INLINE void put8(void *p, ptrdiff_t i, int kind, __m256 v) {
-    if (kind == F32) {
-        _mm256_storeu_ps((float *)p + i, v);
-    } else if (kind == F16) {
-        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    } else { /* bf16, nearest even; NaN stays a quiet NaN (as to_bf16) */
-        __m256i u = _mm256_castps_si256(v);
-        __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                         _mm256_set1_epi32(0x7f800000));
-        __m256i q = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-        r = _mm256_blendv_epi8(r, q, nan);
-        __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-        _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_castsi256_si128(packed));
-    }
-}
-
-/* The value an fp32 lane takes when stored as `kind` and read back. */
-INLINE __m256 round8(__m256 v, int kind) {
-    if (kind == F32) return v;
-    if (kind == F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    __m256i u = _mm256_castps_si256(v); /* bf16 rounding as put8's, kept in the high half of each lane */
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
-}
-
 #ifdef __AVX512F__
 /* The value of 16 fp32 lanes rounded to bf16 (bf16_bits16's rounding), as fp32. */
 INLINE __m512 round16(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16)); }

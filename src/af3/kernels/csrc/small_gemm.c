@@ -39,7 +39,10 @@ int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const vo
     if (x_kind != F32) {
         wide = (float *)malloc((size_t)(M * K > 0 ? M * K : 1) * sizeof(float));
         if (!wide) return -2;
-        for (ptrdiff_t i = 0; i < M * K; i++) wide[i] = load1(x, i, x_kind);
+        const ptrdiff_t n = M * K, vectors = n / 8;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= (1 << 18))
+        for (ptrdiff_t v = 0; v < vectors; v++) _mm256_storeu_ps(wide + v * 8, load8(x, v * 8, x_kind));
+        for (ptrdiff_t i = vectors * 8; i < n; i++) wide[i] = load1(x, i, x_kind);
         xf = wide;
     }
     run_jobs(xf, NULL, M, K, w_kind, &job, 1, threads);
