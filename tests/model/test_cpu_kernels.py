@@ -34,16 +34,22 @@ def test_the_kernel_builds_wherever_it_can():
     assert cpu_kernels.available() == _can_build()
 
 
-@needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 31])
-@pytest.mark.parametrize(("n", "k"), [(37, 29), (130, 264), (8, 8)])
-def test_products_match_float64(rows, n, k):
-    g = torch.Generator().manual_seed(rows * 1000 + n)
+def _operands(rows: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Random fp32 rows x [rows, k], scale and bias [n], and a weight [n, k] of each kind the kernel takes."""
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g)
     scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
     weights = {torch.bfloat16: torch.randn(n, k, generator=g).bfloat16(),
                torch.float16: torch.randn(n, k, generator=g).half(),
                torch.int8: torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)}
+    return x, scale, bias, weights
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 31])
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (130, 264), (8, 8)])
+def test_products_match_float64(rows, n, k):
+    x, scale, bias, weights = _operands(rows, n, k, rows * 1000 + n)
     for dtype, w in weights.items():
         exact = x.double() @ w.double().T  # the weights are exact in float64; only fp32 summation differs
         got = cpu_kernels.small_gemm(x, w)
@@ -88,12 +94,7 @@ def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
 def test_many_row_products_through_packed_panels_match_float64(rows, n, k):
     """Products of many rows widen the weight into panels of 16 channels, 256 inputs at a time (many_rows.h): tails
     of channels (37, 150), of inputs within a panel (29) and of chunks (600 = 256 + 256 + 88), and exact fits."""
-    g = torch.Generator().manual_seed(rows * 1000 + n + k)
-    x = torch.randn(rows, k, generator=g)
-    scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
-    weights = {torch.bfloat16: torch.randn(n, k, generator=g).bfloat16(),
-               torch.float16: torch.randn(n, k, generator=g).half(),
-               torch.int8: torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)}
+    x, scale, bias, weights = _operands(rows, n, k, rows * 1000 + n + k)
     for dtype, w in weights.items():
         exact = x.double() @ w.double().T
         # an fp32 sum of k products is within k * 2^-24 of the sum of their magnitudes

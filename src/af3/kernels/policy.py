@@ -16,7 +16,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   pieces, the fp32 path): the mid-size benchmark's 4864 x 896 at 32, 128, 780 and 3000 rows 3.2 / 4.9, 8.3 / 10.3,
   42.2 / 47.0, 163.5 / 202.2; its 896 x 4864 at 32 and 1500 rows 2.9 / 5.1, 81.0 / 84.2; AF3-8B's gate
   (18944 x 3584) at 32, 256 and 780 rows 38.0 / 60.2, 231.2 / 319.6, 750.9 / 768.1, its down projection at 32 and
-  780 rows 40.9 / 88.0, 697.3 / 731.4, its 3584 x 3584 at 780 and 3000 rows 118.5 / 136.3, 491.0 / 514.4. So
+  780 rows 40.9 / 88.0, 697.3 / 731.4, its 3584 x 3584 at 780 and 3000 rows 118.5 / 136.3, 520.4 / 564.3 (at 1500
+  rows, the one point the fp32 path won, 261.1 / 254.7, and 231.0 / 252.6 in another run). So
   :data:`KERNEL_ROWS` sets no bound, and the fp32 path serves (from :data:`CONVERT_ROWS` rows, where it beats
   torch's half GEMM) only where af3's kernel is not usable. Before the panels the kernel re-read each weight block
   for every 4 rows (~90-100 GFLOP/s), and the fp32 path took over at 128 rows (2026-12-07, ``rows_bench``), at 32

@@ -5,12 +5,13 @@
  * loads and 2 widenings for 8 FMAs and re-read every weight block once per 4 rows. The panel of one chunk (16 KB)
  * stays in L1 while every row tile passes over it; the sums wait in a per-thread scratch between chunks.
  *
- * Packing costs about as much per weight element as ~4 rows of FMAs, so it pays from a couple of dozen rows. On a
+ * Packing costs about as much per weight element as 3-4 rows of FMAs, so it pays from a couple of dozen rows. On a
  * 2-vCPU Zen 3 EPYC (AVX2; weights streamed from memory, 2026-12-07, C harness, GFLOP/s tiles -> packed): AF3-8B's
- * gate 18944 x 3584 at 16 / 24 / 32 / 64 / 128 rows 96 -> 94, 92 -> 118, 99 -> 129, 100 -> 153, 99 -> 168; its down
+ * gate 18944 x 3584 at 16 / 20 / 32 / 64 / 128 rows 96 -> 94, 96 -> 105, 99 -> 129, 100 -> 153, 99 -> 168; its down
  * projection 3584 x 18944 at 32 / 128 / 256 rows 96 -> 126, 95 -> 162, 86 -> 157; the mid-size benchmark's
  * 4864 x 896 at 16 / 24 / 64 / 128 rows 101 -> 97, 83 -> 88, 91 -> 139, 92 -> 153; its 151936 x 896 lm_head at 24 /
- * 32 / 48 rows 116 -> 109, 115 -> 112, 92 -> 136. (Torch's fp32 GEMM reaches ~150 here, after widening the weight.)
+ * 32 / 48 rows 116 -> 109, 115 -> 112, 92 -> 136 (benchmarks/README.md). Torch's fp32 GEMM reaches ~150 here, after
+ * widening the weight.
  *
  * Every sum is accumulated in fp32 over k in order (each output one FMA chain); the tiles' sums go 8 lanes apart
  * and are added at the end, so the two paths can differ in the last bits of a sum, as any two GEMMs do.
