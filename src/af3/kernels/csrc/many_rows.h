@@ -2,8 +2,9 @@
  * computed a chunk of PACK_KC inputs at a time. Each chunk of the task's weight rows is first widened to fp32 and
  * transposed into panels of 16 channels ([k][16], pack_panel); then 6 rows of x times one panel accumulate in 12
  * registers (micro): per input, 2 loads of the panel, 6 broadcasts of x and 12 FMAs, where gemm.h's tiles need 6
- * loads and 2 widenings for 8 FMAs and re-read every weight block once per 4 rows. The panel of one chunk (16 KB)
- * stays in L1 while every row tile passes over it; the sums wait in a per-thread scratch between chunks.
+ * loads and 2 widenings for 8 FMAs and re-read every weight block once per 4 rows. One panel (16 channels of a
+ * chunk, 16 KB) stays in L1 while every row tile passes over it; the sums wait in a per-thread scratch between
+ * chunks.
  *
  * Packing costs about as much per weight element as 3-4 rows of FMAs, so it pays from a couple of dozen rows. On a
  * 2-vCPU Zen 3 EPYC (AVX2; weights streamed from memory, 2026-12-07, C harness, GFLOP/s tiles -> packed): AF3-8B's
