@@ -1,4 +1,4 @@
-"""af3's own CPU kernels: products with few rows and bf16, fp16 or int8 weights (``kernels/small_gemm.c``), a
+"""af3's own CPU kernels: products with bf16, fp16 or int8 weights (``kernels/small_gemm.c``), a
 whole decoding step of the Qwen2 decoder (``kernels/decode_step.c``), and the library's build and loading for the
 decoder's row-wise steps (``kernels/rowwise.c``) and AMX attention (``kernels/attention.c``), whose Python entry
 points are in :mod:`.ops`.
@@ -6,7 +6,8 @@ points are in :mod:`.ops`.
 On x86 CPUs without native bf16/fp16 matrix instructions (AVX2 only; oneDNN reports no bf16 support), torch's
 half-precision ``F.linear`` with a handful of rows reads the weight at a fraction of memory bandwidth, and decoding
 is bound by reading weights (``benchmarks/gemv_bench.py``). The C kernel loads each weight vector once, widens it to
-fp32 in registers and multiplies it into up to 4 rows at a time, accumulating in fp32.
+fp32 in registers and multiplies it into up to 4 rows at a time, accumulating in fp32; from 24 rows it widens the
+weight into fp32 panels a chunk at a time instead (``kernels/csrc/many_rows.h``).
 
 The kernel is compiled at first use with the system C compiler (``$CC``, else ``cc``/``gcc``) and
 ``-O3 -march=native`` for the machine it runs on, then cached under ``$AF3_CACHE`` (default
@@ -81,7 +82,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        log.info("no C compiler found: af3's CPU kernel for few-row bf16/fp16/int8 products is off")
+        log.info("no C compiler found: af3's CPU kernel for bf16/fp16/int8 products is off")
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))

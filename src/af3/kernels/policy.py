@@ -163,7 +163,7 @@ class KernelPolicy:
 
     #: af3's C kernels may be used (``$AF3_CPU_KERNELS=0`` turns them off); they must also build (:func:`available`).
     cpu_kernels: bool = True
-    #: ``"auto"``: the fused decoding step where af3's few-row kernel runs; ``"always"``: on every x86 CPU where the
+    #: ``"auto"``: the fused decoding step where af3's kernel runs; ``"always"``: on every x86 CPU where the
     #: kernels build; ``"off"``: never (``$AF3_FUSED_DECODE``).
     fused_decode: str = "auto"
     #: Half dtypes with native CPU GEMMs (torch's kernels are fast for them at every row count).
@@ -236,8 +236,9 @@ class KernelPolicy:
         return rows >= self.convert_rows and self.widens_half(dtype, device)
 
     def own_gemm(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """A product of ``rows`` rows with ``dtype`` activations goes through af3's few-row C kernel: where the
-        dtype has no native GEMM, and for up to :attr:`dp_rows` bf16 rows where it has."""
+        """A product of ``rows`` rows with ``dtype`` activations goes through af3's C kernel: where the dtype has
+        no native GEMM (below :attr:`kernel_rows`, no bound by default), and for up to :attr:`dp_rows` bf16 rows where
+        it has."""
         if device.type != "cpu" or dtype not in HALF_DTYPES:
             return False
         if dtype in self.native_half:
@@ -245,9 +246,9 @@ class KernelPolicy:
         return rows < self.kernel_rows and self.kernels_usable()
 
     def own_int8(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's few-row C
-        kernel: wherever half weights would, and up to :data:`SMALL_ROWS` rows on CPUs with native half GEMMs too
-        (neither oneDNN nor torch has a faster int8-weight product for few rows there; module docstring)."""
+        """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's C kernel:
+        wherever half weights would, and up to :data:`SMALL_ROWS` rows on CPUs with native half GEMMs too (neither
+        oneDNN nor torch has a faster int8-weight product for few rows there; module docstring)."""
         return self.own_gemm(rows, dtype, device) or (
             device.type == "cpu" and rows <= SMALL_ROWS and dtype in HALF_DTYPES and self.kernels_usable())
 

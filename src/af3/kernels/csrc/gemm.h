@@ -1,4 +1,4 @@
-/* af3's CPU kernels, shared part: few-row matrix products out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N]
+/* af3's CPU kernels, shared part: matrix products out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N]
  * for weights stored as bf16, fp16 or int8, accumulated in fp32, on x86 CPUs with AVX2 + FMA + F16C. Included by
  * small_gemm.c (one product, called from Python) and decode_step.c (a whole decoding step of the Qwen2 decoder).
  *
@@ -7,8 +7,8 @@
  * the whole weight. Here each weight vector is loaded once, widened to fp32 in registers (bf16: shift left by 16;
  * fp16: vcvtph2ps; int8: sign-extend and convert) and multiplied into up to 4 rows of x at a time; the rows of one
  * tile of weights stay in L1 while the other row tiles of x use them. A single row reads each weight row front to
- * back. Output channels are split across OpenMP threads (the same libgomp runtime as torch's when torch is loaded
- * first).
+ * back. From PACK_ROWS rows the weight is widened into fp32 panels a chunk at a time instead (many_rows.h). Output
+ * channels are split across OpenMP threads (the same libgomp runtime as torch's when torch is loaded first).
  *
  * Where the compiler targets AVX512-BF16 (and AMX), bf16 rows meet bf16 weights without widening: pair dot products
  * for one row, AMX tile products for 2-16 rows (block_dp, run_amx below).

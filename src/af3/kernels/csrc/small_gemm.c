@@ -1,4 +1,4 @@
-/* One few-row product out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N], called from Python
+/* One product out[M, N] = (x[M, K] . w[N, K]^T) * scale[N] + bias[N], called from Python
  * (af3/kernels/binding.py: small_gemm). x, scale, bias and out may be bf16, fp16 or fp32: x is widened once per
  * call and each result is rounded once, to nearest even, so that the caller needs no conversions of its own. */
 #include "gemm.h"
