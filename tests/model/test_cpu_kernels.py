@@ -239,6 +239,16 @@ def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
     assert cpu_kernels._build(compiler) == first
 
 
+@pytest.mark.parametrize(("vendor", "amd"), [("AuthenticAMD", True), ("GenuineIntel", False), (None, False)])
+def test_the_build_names_an_amd_cpu(vendor, amd, monkeypatch):
+    """``-march=native`` names no vendor, and the one-row products' software prefetch is tuned per vendor (gemm.h's
+    AHEAD_BYTES): the build says AF3_AMD on AMD CPUs only, and the flags are part of the build's cache key."""
+    monkeypatch.setattr(cpu_kernels, "cpuinfo", lambda field: vendor if field == "vendor_id" else None)
+    flags = cpu_kernels.build_flags()
+    assert flags[: len(cpu_kernels.FLAGS)] == cpu_kernels.FLAGS
+    assert ("-DAF3_AMD" in flags) == amd and len(flags) == len(cpu_kernels.FLAGS) + amd
+
+
 @pytest.mark.parametrize(("flags", "native", "dp"), [
     ("avx2 avx512f avx512_bf16", {torch.bfloat16}, True),  # AVX512-BF16 without AMX (a Zen 4 EPYC)
     ("avx2 avx512f avx512_bf16 amx_tile amx_bf16", {torch.bfloat16}, False),  # AMX: its own measured rules

@@ -42,8 +42,16 @@ KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by all.
 SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c", KERNELS / "attention.c")
 HEADERS = (KERNELS / "gemm.h", KERNELS / "many_rows.h", KERNELS / "bf16_rows.h", KERNELS / "amx.h",
-           KERNELS / "amx_emul.h")
+           KERNELS / "amx_emul.h", KERNELS / "decode_dp.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def build_flags() -> tuple[str, ...]:
+    """FLAGS, and ``-DAF3_AMD`` on AMD CPUs: ``-march=native`` names no vendor (GCC 12 calls a Zen 4 "znver3"), and
+    the one-row products' software prefetch is tuned per vendor (gemm.h, AHEAD_BYTES)."""
+    return FLAGS + (("-DAF3_AMD",) if cpuinfo("vendor_id") == "AuthenticAMD" else ())
+
+
 #: Element types the kernel reads and writes, as it numbers them (``enum`` in the C source).
 KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.int8: 2, torch.float32: 3}
 #: Weight dtypes it multiplies; the inputs, scales, biases and outputs are bf16, fp16 or fp32.
@@ -58,7 +66,8 @@ def cache_dir() -> Path:
 def _build(compiler: str) -> Path:
     """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library's path. The CPU's
     feature flags are part of the key, so a cache shared by different machines keeps one build per CPU."""
-    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(),
+    flags = build_flags()
+    key = hashlib.sha256(b"\0".join([*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(flags).encode(),
                                      compiler.encode(), (cpuinfo("flags") or platform.processor()).encode()]))
     target = cache_dir() / "kernels" / f"af3_kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
@@ -67,7 +76,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([*shlex.split(compiler), *FLAGS, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
+        subprocess.run([*shlex.split(compiler), *flags, "-o", tmp, *map(str, SOURCES)], check=True, capture_output=True,
                        text=True, timeout=120)
         os.replace(tmp, target)  # atomic: a concurrent process sees no half-written library
     finally:

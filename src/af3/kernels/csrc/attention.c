@@ -15,8 +15,9 @@
  * (`kv_len`, keys beyond it are padding). Grouped-query heads: head h reads key/value head h / (H / G).
  *
  * Built where the compiler targets AMX-BF16 and AVX-512 (-march=native on such a CPU); where it targets AVX512-BF16
- * without AMX, both kernels run over tiles emulated with pair dot products (amx_emul.h); elsewhere
- * af3_attention_level() is 0 and af3 keeps torch's SDPA.
+ * without AMX, the many-query kernel runs over tiles emulated with pair dot products (amx_emul.h) and the decoding
+ * kernel is written in pair dot products directly (decode_dp.h); elsewhere af3_attention_level() is 0 and af3 keeps
+ * torch's SDPA.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -292,17 +293,26 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
     return 0;
 }
 
+#ifdef AF3_AMX_EMULATED
+#include "decode_dp.h" /* the decoding attention in pair dot products, where the tiles would be emulated */
+#endif
+
 /* Decoding attention: one query per row and head. q [B, H, Dh] and out [B, H, Dh] (strides b, head), key/value
  * caches [B, G, S, Dh] (strides b, head, slot; Dh contiguous), kv_len [B]: the valid keys of each row, a prefix.
  * Per row and kv head, the rep = H / G queries that share it: scores as S^T = K Q^T (the A operand is 16 cached keys
  * read straight from the cache, B the queries packed once), softmax over the keys with one lane per query, the
  * probabilities transposed into the A operand of O = P V, and V interleaved by key pairs into B tiles. rep <= 16, Dh
- * a multiple of 32 up to 256. Returns 0, -1 for shapes it does not take, -2 without memory, -3 without AMX. */
+ * a multiple of 32 up to 256. Returns 0, -1 for shapes it does not take, -2 without memory, -3 without AMX. Where the
+ * tiles would be emulated, decode_dp.h does the same in pair dot products. */
 int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k, const int64_t *k_strides,
                          const uint16_t *v, const int64_t *v_strides, uint16_t *out, const int64_t *o_strides,
                          int64_t B, int64_t H, int64_t G, int64_t S, int64_t Dh, const int64_t *kv_len, float scale,
                          int threads) {
     if (B < 1 || G < 1 || H % G || H / G > 16 || S < 1 || Dh % 32 || Dh > 256) return -1;
+#ifdef AF3_AMX_EMULATED
+    return decode_attention_dp(q, q_strides, k, k_strides, v, v_strides, out, o_strides, B, H, G, S, Dh, kv_len, scale,
+                               threads < 1 ? 1 : threads);
+#endif
     if (!amx_permitted()) return -3;
     if (threads < 1) threads = 1;
     const ptrdiff_t rep = H / G, padded = (S + 31) & ~(ptrdiff_t)31;
