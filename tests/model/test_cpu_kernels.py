@@ -241,8 +241,9 @@ def test_a_build_is_cached_and_reused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("vendor", "amd"), [("AuthenticAMD", True), ("GenuineIntel", False), (None, False)])
 def test_the_build_names_an_amd_cpu(vendor, amd, monkeypatch):
-    """``-march=native`` names no vendor, and the one-row products' software prefetch is tuned per vendor (gemm.h's
-    AHEAD_BYTES): the build says AF3_AMD on AMD CPUs only, and the flags are part of the build's cache key."""
+    """``-march=native`` names no vendor, and the one-row pair dot products' software prefetch is tuned per vendor
+    (bf16_rows.h's DP_AHEAD_BYTES): the build says AF3_AMD on AMD CPUs only, and the flags are part of the build's
+    cache key."""
     monkeypatch.setattr(cpu_kernels, "cpuinfo", lambda field: vendor if field == "vendor_id" else None)
     flags = cpu_kernels.build_flags()
     assert flags[: len(cpu_kernels.FLAGS)] == cpu_kernels.FLAGS

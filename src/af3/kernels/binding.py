@@ -48,7 +48,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 def build_flags() -> tuple[str, ...]:
     """FLAGS, and ``-DAF3_AMD`` on AMD CPUs: ``-march=native`` names no vendor (GCC 12 calls a Zen 4 "znver3"), and
-    the one-row products' software prefetch is tuned per vendor (gemm.h, AHEAD_BYTES)."""
+    the one-row pair-dot-product software prefetch is tuned per vendor (bf16_rows.h, DP_AHEAD_BYTES)."""
     return FLAGS + (("-DAF3_AMD",) if cpuinfo("vendor_id") == "AuthenticAMD" else ())
 
 

@@ -73,15 +73,29 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
         for (int j = 0; j < NT; j++) finish(e, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
 }
 
-/* out[m0, n] for one bf16 row: the weight row read front to back, prefetched as row1 does, every line (a batch-1
- * decoding step 40.5 -> 36.0 ms against every other line, interleaved). */
+/* row1_dp's software prefetch distance. On Intel (a Sapphire Rapids Xeon) row1's 8 KB into L2, every line (a batch-1
+ * decoding step 40.5 -> 36.0 ms against every other line, interleaved). On AMD (AF3_AMD comes from the build, by
+ * /proc/cpuinfo's vendor; a 2-vCPU EPYC Zen 4) none: there the hardware prefetchers keep up with a product that does
+ * not widen its weights, and any software prefetch slowed it down when the memory was fast (that VM's bandwidth
+ * moves by the minute). One-row products over 272 MB-1 GB read 49-60 GB/s without, 42-44 with 8 KB into L2 and 37-41
+ * with 4 KB into L1, while torch's fp32 sum read 51-53; a batch-1 decoding step of the benchmark model 40-44 against
+ * 36-39 tok/s (the same in slow minutes, ~30 both). */
+#ifndef DP_AHEAD_BYTES
+#ifdef AF3_AMD
+#define DP_AHEAD_BYTES 0
+#else
+#define DP_AHEAD_BYTES AHEAD_BYTES(BF16)
+#endif
+#endif
+
+/* out[m0, n] for one bf16 row: the weight row read front to back, prefetched DP_AHEAD_BYTES ahead, every line. */
 INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_t n, const Epilogue *e,
                     ptrdiff_t m0) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     const uint16_t *wr = w + n * K;
     ptrdiff_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        AHEAD(wr + k, BF16, 1); /* both lines of this step's ahead */
+        AHEAD(wr + k, DP_AHEAD_BYTES, 1); /* both lines of this step's ahead */
         a0 = _mm512_dpbf16_ps(a0, dp_load(wr + k, 32), dp_load(xb + k, 32));
         a1 = _mm512_dpbf16_ps(a1, dp_load(wr + k + 32, 32), dp_load(xb + k + 32, 32));
     }

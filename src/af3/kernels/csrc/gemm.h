@@ -223,38 +223,28 @@ INLINE __m256i bf16x16_from(__m512 v, int denormals_matter) {
 INLINE __m512 exp16_nonpositive(__m512 x) { return exp16_poly(x, 6); }
 #endif
 
-/* Software prefetch along a weight row, for one-row products (row1, row1_i8, row1_dp; tiles prefetch the next tile
- * instead, see NEXT_TILE). How far ahead, into which cache, and whether at all was measured on each CPU class
- * (benchmarks/README.md); AHEAD_BYTES 0 means none:
- * - AVX2 (a 2-vCPU AMD EPYC Zen 3): 1 KB ahead for bf16/fp16 and 2 KB for int8 weights, into L1; the hardware
- *   prefetchers alone left a DRAM-bound one-row product well below the bandwidth it can reach.
- * - AVX-512 on Intel (a 2-vCPU Sapphire Rapids Xeon): 8 KB ahead into L2. 1 KB left a single row at ~21 GB/s against
+/* Software prefetch along a weight row, for one-row products (row1, row1_i8; tiles prefetch the next tile instead,
+ * see NEXT_TILE; bf16_rows.h's row1_dp has its own distance, DP_AHEAD_BYTES): the hardware prefetchers alone leave a
+ * DRAM-bound one-row product that widens its weights well below the bandwidth it can reach. How far ahead, and into
+ * which cache, was measured on each CPU class (benchmarks/README.md):
+ * - AVX2 (a 2-vCPU AMD EPYC Zen 3): 1 KB ahead for bf16/fp16 and 2 KB for int8 weights, into L1;
+ * - AVX-512 (a 2-vCPU Sapphire Rapids Xeon): 8 KB ahead into L2. 1 KB left a single row at ~21 GB/s against
  *   28-30 at 4-16 KB (a C loop over 550 MB), and a batch-1 decoding step of the benchmark model took 38.5-40 ms
- *   at 4-16 KB against 47-48.7 at 1 KB (interleaved in one process; int8: 24.0 against 25.7).
- * - AVX-512 on AMD (a 2-vCPU EPYC Zen 4; AF3_AMD comes from the build, by /proc/cpuinfo's vendor): none. Its
- *   hardware prefetchers reach the memory's speed on their own, and any software prefetch slowed a stream down
- *   when the memory was fast (it varies by the minute on that VM): one-row products over 272 MB-1 GB weights read
- *   49-60 GB/s without, 42-44 with 8 KB into L2, 37-41 with 4 KB into L1, while torch's fp32 sum read 51-53. */
-#ifndef AHEAD_BYTES
-#if defined(__AVX512F__) && defined(AF3_AMD)
-#define AHEAD_BYTES(kind) 0
-#elif defined(__AVX512F__)
-#define AHEAD_BYTES(kind) 8192
-#else
-#define AHEAD_BYTES(kind) ((kind) == I8 ? 2048 : 1024)
-#endif
-#endif
+ *   at 4-16 KB against 47-48.7 at 1 KB (interleaved in one process; int8: 24.0 against 25.7). On a Zen 4 EPYC
+ *   without it, int8 decoding steps of the benchmark model ran at 37-40 tok/s against 54-68 with it. */
 #ifdef __AVX512F__
+#define AHEAD_BYTES(kind) 8192
 #define AHEAD_HINT _MM_HINT_T1
 #else
+#define AHEAD_BYTES(kind) ((kind) == I8 ? 2048 : 1024)
 #define AHEAD_HINT _MM_HINT_T0
 #endif
-/* Prefetches the line AHEAD_BYTES past p (and the one after it, with `two`), where AHEAD_BYTES asks for any. */
-#define AHEAD(p, kind, two)                                                                                       \
+/* Prefetches the line `bytes` past p (and the one after it, with `two`), unless `bytes` is 0. */
+#define AHEAD(p, bytes, two)                                                                                      \
     do {                                                                                                          \
-        if (AHEAD_BYTES(kind) > 0) {                                                                              \
-            _mm_prefetch((const char *)(p) + AHEAD_BYTES(kind), AHEAD_HINT);                                      \
-            if (two) _mm_prefetch((const char *)(p) + AHEAD_BYTES(kind) + 64, AHEAD_HINT);                        \
+        if ((bytes) > 0) {                                                                                        \
+            _mm_prefetch((const char *)(p) + (bytes), AHEAD_HINT);                                                \
+            if (two) _mm_prefetch((const char *)(p) + (bytes) + 64, AHEAD_HINT);                                  \
         }                                                                                                         \
     } while (0)
 
@@ -306,7 +296,7 @@ INLINE void row1(const float *x, ptrdiff_t K, const void *w, ptrdiff_t n, int ki
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     ptrdiff_t k = 0, base = n * K;
     for (; k + 32 <= K; k += 32) {
-        AHEAD((const char *)w + (base + k) * size, kind, 0);
+        AHEAD((const char *)w + (base + k) * size, AHEAD_BYTES(kind), 0);
         a0 = _mm256_fmadd_ps(load8(w, base + k, kind), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(load8(w, base + k + 8, kind), _mm256_loadu_ps(x + k + 8), a1);
         a2 = _mm256_fmadd_ps(load8(w, base + k + 16, kind), _mm256_loadu_ps(x + k + 16), a2);
@@ -326,7 +316,7 @@ INLINE void row1_i8(const float *x, ptrdiff_t K, const int8_t *w, ptrdiff_t n, c
     const int8_t *wr = w + n * K;
     ptrdiff_t k = 0;
     for (; k + 64 <= K; k += 64) {
-        AHEAD(wr + k, I8, 0);
+        AHEAD(wr + k, AHEAD_BYTES(I8), 0);
 #define I8X16(o) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + k + (o)))))
         a0 = _mm512_fmadd_ps(I8X16(0), _mm512_loadu_ps(x + k), a0);
         a1 = _mm512_fmadd_ps(I8X16(16), _mm512_loadu_ps(x + k + 16), a1);
