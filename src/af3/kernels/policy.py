@@ -69,8 +69,9 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   (:meth:`KernelPolicy.amx_attention`), and decoding steps of the torch modules (five rows and more) read the cache
   straight into tiles (:meth:`KernelPolicy.amx_decode_attention`). On CPUs with AVX512-BF16 and no AMX the same
   prefill kernel runs over tiles emulated with pair dot products (``kernels/csrc/amx_emul.h``; on a 2-vCPU Zen 4
-  EPYC 1.7-2.6x SDPA, where SDPA was 57% of a 5-minute prefill), and so does the decoding kernel (8 rows over ~850
-  cached keys 0.30 against 0.37 ms in the fused step's own attention, a whole 8-row fused step 54.9 against 55.7 ms).
+  EPYC 1.7-2.6x SDPA, where SDPA was 57% of a 5-minute prefill), and the decoding kernel is written in pair dot
+  products directly (``kernels/csrc/decode_dp.h``; 8 rows over ~850 cached keys 0.165 ms against 0.25-0.27 in the
+  fused step's generic attention and 0.30 over emulated tiles).
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ class KernelPolicy:
                              head_dim: int) -> bool:
         """A decoding step's attention (one query per row and head) runs in af3's AMX kernel: bf16 CPU inference, Dh
         a multiple of 32 up to 256, at most 16 query heads per kv head, a CPU with AMX-BF16 (16 rows over ~820 cached
-        keys: 0.26 against SDPA's 0.76 ms per layer on a 2-vCPU Xeon) or with AVX512-BF16, over emulated tiles."""
+        keys: 0.26 against SDPA's 0.76 ms per layer on a 2-vCPU Xeon) or with AVX512-BF16 alone, in pair dot products
+        (``kernels/csrc/decode_dp.h``)."""
         if (device.type != "cpu" or dtype != torch.bfloat16 or torch.is_grad_enabled() or head_dim % 32
                 or head_dim > 256 or heads % kv_heads or heads // kv_heads > 16 or not self.kernels_usable()):
             return False
