@@ -293,6 +293,18 @@ int af3_attention(const uint16_t *q, const int64_t *q_strides, const uint16_t *k
     return 0;
 }
 
+/* _mm512_permutex2var_epi16 indices that interleave two rows of 32 values r0, r1 into pairs (r0[d], r1[d]): *lo for
+ * dims 0-15, *hi for 16-31 (the values of two keys as a pair operand). */
+static inline void pair_indices(__m512i *lo, __m512i *hi) {
+    uint16_t a[32], b[32];
+    for (int j = 0; j < 16; j++) {
+        a[2 * j] = (uint16_t)j, a[2 * j + 1] = (uint16_t)(32 + j);
+        b[2 * j] = (uint16_t)(16 + j), b[2 * j + 1] = (uint16_t)(48 + j);
+    }
+    *lo = _mm512_loadu_si512(a);
+    *hi = _mm512_loadu_si512(b);
+}
+
 #ifdef AF3_AMX_EMULATED
 #include "decode_dp.h" /* the decoding attention in pair dot products, where the tiles would be emulated */
 #endif
@@ -321,16 +333,8 @@ int af3_decode_attention(const uint16_t *q, const int64_t *q_strides, const uint
     const ptrdiff_t per = (Dh / 32) * TILE + padded * 16 * 2 + 16 * padded + padded * Dh + 16 * Dh * 2 + 16 * Dh;
     uint16_t *work = (uint16_t *)aligned_alloc(64, ((size_t)(threads * per) * 2 + 63) / 64 * 64);
     if (!work) return -2;
-    __m512i lo_idx, hi_idx; /* interleave two rows of 32 values: dims 0-15, then 16-31, as pairs */
-    {
-        uint16_t a[32], b[32];
-        for (int j = 0; j < 16; j++) {
-            a[2 * j] = (uint16_t)j, a[2 * j + 1] = (uint16_t)(32 + j);
-            b[2 * j] = (uint16_t)(16 + j), b[2 * j + 1] = (uint16_t)(48 + j);
-        }
-        lo_idx = _mm512_loadu_si512(a);
-        hi_idx = _mm512_loadu_si512(b);
-    }
+    __m512i lo_idx, hi_idx;
+    pair_indices(&lo_idx, &hi_idx);
 #pragma omp parallel num_threads(threads)
     {
         tiles_on();

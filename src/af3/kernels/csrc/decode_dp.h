@@ -92,16 +92,8 @@ static int decode_attention_dp(const uint16_t *q, const int64_t *q_strides, cons
     const ptrdiff_t per = (pairs + S + key_pairs) * 16;
     float *work = (float *)aligned_alloc(64, ((size_t)(threads * per) * 4 + 63) / 64 * 64);
     if (!work) return -2;
-    __m512i lo_idx, hi_idx; /* two rows of 32 values interleaved as pairs: dims 0-15, then 16-31 */
-    {
-        uint16_t a[32], b[32];
-        for (int j = 0; j < 16; j++) {
-            a[2 * j] = (uint16_t)j, a[2 * j + 1] = (uint16_t)(32 + j);
-            b[2 * j] = (uint16_t)(16 + j), b[2 * j + 1] = (uint16_t)(48 + j);
-        }
-        lo_idx = _mm512_loadu_si512(a);
-        hi_idx = _mm512_loadu_si512(b);
-    }
+    __m512i lo_idx, hi_idx; /* attention.c's pair_indices */
+    pair_indices(&lo_idx, &hi_idx);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (ptrdiff_t task = 0; task < B * G; task++) {
 #ifdef _OPENMP
