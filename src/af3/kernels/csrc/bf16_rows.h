@@ -21,9 +21,9 @@ INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
 }
 
 /* How many tiles ahead tile_dp prefetches (see there). On a 2-vCPU EPYC Zen 4, 8 rows over the benchmark decoder's
- * 24 layers of weights streamed from memory ran at 124-126 GMAC/s two tiles ahead, 120-125 at four or eight, 95-97 at
- * one (the tile after) and 58-60 with no prefetch, in minutes when torch's fp32 sum read 50-52 GB/s (108-114 against
- * 94 in slower minutes; into L1 instead of L2: 80). */
+ * 24 layers of weights streamed from memory ran at 124-126 GMAC/s two tiles ahead, 118-125 at four or eight, 95-98 at
+ * one (the tile after) and 56-60 with no prefetch, in minutes when torch's fp32 sum read 44-52 GB/s (107-114 against
+ * 93-95 in slower minutes; one tile ahead into L1 instead of L2: 79-82). */
 #ifndef DP_AHEAD_TILES
 #define DP_AHEAD_TILES 2
 #endif
@@ -79,7 +79,7 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
  * not widen its weights, and any software prefetch slowed it down when the memory was fast (that VM's bandwidth
  * moves by the minute). One-row products over 272 MB-1 GB read 49-60 GB/s without, 42-44 with 8 KB into L2 and 37-41
  * with 4 KB into L1, while torch's fp32 sum read 51-53; a batch-1 decoding step of the benchmark model 40-44 against
- * 36-39 tok/s (the same in slow minutes, ~30 both). */
+ * 33-39 tok/s (alike in slow minutes, 27-31 both). */
 #ifndef DP_AHEAD_BYTES
 #ifdef AF3_AMD
 #define DP_AHEAD_BYTES 0
