@@ -90,12 +90,13 @@ def bandwidth_checks() -> dict[str, float]:
     return {"copy_gbs": copy, "gemv_gbs": _best_gbs(lambda: torch.mv(w, v), w.numel() * w.element_size())}
 
 
-def bracketed_share(run, decoder_bytes: int, repeats: int = 3) -> tuple[object, float]:
+def bracketed_share(run, decoder_bytes: int, repeats: int = 3, probe_bytes: int = 2**30) -> tuple[object, float]:
     """``run()``'s result and the share of the bandwidth its decoding read: decode tok/s (``.rate``) x weight bytes
-    per token over the higher of two fp32 sums over 1 GiB, one just before and one just after the run. On a shared
-    VM the bandwidth moves by up to 2x from minute to minute (a Zen 4 EPYC read 31-35 GB/s in some minutes, 52-61 in
-    others): a decoding run compared with a probe taken minutes apart measures the neighbours as much as the code."""
-    x = torch.ones(256 * 1024**2, dtype=torch.float32)
+    per token over the higher of two fp32 sums over ``probe_bytes`` (far above any L3), one just before and one just
+    after the run. On a shared VM the bandwidth moves by up to 2x from minute to minute (a Zen 4 EPYC read 27-35
+    GB/s in some minutes, 50-61 in others): a decoding run compared with a probe taken minutes apart measures the
+    neighbours as much as the code."""
+    x = torch.ones(probe_bytes // 4, dtype=torch.float32)
     before = _best_gbs(x.sum, x.numel() * 4, repeats)
     out = run()
     after = _best_gbs(x.sum, x.numel() * 4, repeats)

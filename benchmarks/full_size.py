@@ -15,7 +15,8 @@ Each system runs in its own process, one after the other, only where ``MemAvaila
   audio per request, timed from the step where every request has its first tokens (af3:
   ``engine_bench.engine_decode``; transformers: ``generate`` with a clock in its stopping criteria); batch 1's rate
   also as a share of the roofline (bandwidth ÷ decoder bytes read per token; the best of an fp32 sum, a copy and
-  an fp32 GEMV, probed before the runs);
+  an fp32 GEMV, probed before the runs) and, for af3, of the bandwidth read just before and after each run
+  (``engine_bench.bracketed_share``);
 * **encoder s per 30 s window** (the audio tower alone on one window, best of 2 after a warm-up);
 * **load s** and **peak RSS** (the process's VmHWM, weights included) and the weight bytes.
 
@@ -37,7 +38,8 @@ from pathlib import Path
 import torch
 
 from af3.system import cpu_description
-from benchmarks.engine_bench import bandwidth_checks, bandwidth_gbs, conversation, engine_decode, hf_decode
+from benchmarks.engine_bench import (bandwidth_checks, bandwidth_gbs, bracketed_share, conversation, engine_decode,
+                                     hf_decode)
 
 CACHE = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "bench-af3-full"
 SHARD_BYTES = 2 * 1024**3
@@ -147,8 +149,13 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
     for rows in rows_list:
         convs = [conversation(AUDIO_S, 10 * rows + i) for i in range(rows)]
         engine_decode(Engine(model, proc, max_batch_size=rows), convs, 4)  # warm-up (packs, plans, caches)
-        run = engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
+        def one(rows=rows, convs=convs):
+            return engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
+
+        # (probes of 256 MB: bf16 AF3-8B leaves no room for 1 GiB more)
+        run, share = bracketed_share(one, out["decoder_bytes"], probe_bytes=2**28)
         out[f"decode{rows}"] = run.rate
+        out[f"bracketed{rows}"] = share
         out[f"ttft{rows}"] = run.ttft
         report(out)
     return out
@@ -278,6 +285,8 @@ def table(r: dict) -> str:
 
         more = "".join(f"{num(f'decode{n}')} | {vs(f'decode{n}')} | " for n in r["rows"][1:])
         share = f"{s['decode1'] / roof:.0%}" if "decode1" in s else "–"
+        if "bracketed1" in s:  # (engine_bench.bracketed_share: the bandwidth read just before and after the run)
+            share += f" ({s['bracketed1']:.0%} bracketed)"
         label = f"{name} ({s['partial']})" if "partial" in s else name
         encoder_vs = (f" ({hf['encoder_s'] / s['encoder_s']:.1f}x faster)" if "encoder_s" in hf and "encoder_s" in s
                       and name != "hf-bf16" else "")
