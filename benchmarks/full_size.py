@@ -155,7 +155,8 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
         # (probes of 256 MB: bf16 AF3-8B leaves no room for 1 GiB more)
         run, share = bracketed_share(one, out["decoder_bytes"], probe_bytes=2**28)
         out[f"decode{rows}"] = run.rate
-        out[f"bracketed{rows}"] = share
+        if rows == 1:  # (a share of the bandwidth only where one row reads each weight once per token)
+            out["bracketed1"] = share
         out[f"ttft{rows}"] = run.ttft
         report(out)
     return out
