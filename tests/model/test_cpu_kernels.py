@@ -68,13 +68,65 @@ def test_the_bf16_row_products_take_the_fastest_instructions_this_cpu_has():
     assert cpu_kernels.bf16_rows_level() == want
 
 
+def test_the_int8_row_products_take_the_fastest_instructions_this_cpu_has():
+    flags = set((cpuinfo("flags") or "").split())
+    want = int(cpu_kernels.available() and {"avx512_bf16", "avx512vbmi"} <= flags)
+    assert cpu_kernels.int8_rows_level() == want
+
+
+@pytest.fixture(scope="module")
+def no_vbmi_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("kernels-no-vbmi")  # one build without AVX512-VBMI for the module
+
+
+@pytest.fixture(params=["native", "no-vbmi", "avx2"])
+def int8_build(request, monkeypatch, avx2_cache, no_vbmi_cache):
+    """The kernels as built for this CPU, without AVX512-VBMI (int8 weights widened to fp32 next to bf16 pair dot
+    products, as on a Cooper Lake Xeon) and without AVX-512."""
+    from conftest import _build_with
+
+    if request.param == "no-vbmi":
+        if cpu_kernels.int8_rows_level() == 0:
+            pytest.skip("the native build already widens int8 weights")
+        _build_with(monkeypatch, ("-mno-avx512vbmi",), no_vbmi_cache)
+        assert cpu_kernels.int8_rows_level() == 0 and cpu_kernels.bf16_rows_level() >= 1
+    elif request.param == "avx2":
+        _build_with(monkeypatch, ("-mno-avx512f",), avx2_cache)
+    yield request.param
+    cpu_kernels._library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 23])
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (70, 200), (64, 128), (9, 8200)])
+def test_int8_weights_times_bf16_rows_match_float64_on_each_build(rows, n, k, int8_build):
+    """int8 weights times bf16 rows: each weight turned into bf16 by byte lookups (every value from -128 to 127),
+    rows permuted per 64 inputs, tails of inputs (29, 200 = 3 x 64 + 8) and of channels; one row with k = 8200 reads
+    4 weight rows at once (ROWS_TOGETHER_K), n = 9 leaving one channel to the one-row loop. Also the widening builds."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    w.view(-1)[:256] = torch.arange(-128, 128, dtype=torch.int8)[torch.randperm(256, generator=g)][: w.numel()]
+    scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    exact = x.double() @ w.double().T
+    bound = k * 2**-24 * (x.double().abs() @ w.double().abs().T)  # an fp32 sum of k exact products
+    got = cpu_kernels.small_gemm(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert ((got.double() - exact).abs() <= bound).all()
+    want = exact * scale.double() + bias.double()
+    got = cpu_kernels.small_gemm(x, w, scale, bias, out_dtype=torch.bfloat16)
+    slack = 2**-8 * want.abs() + bound * scale.double() + 2**-23 * bias.double().abs()
+    assert ((got.double() - want).abs() <= slack).all()
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17])
-@pytest.mark.parametrize(("n", "k"), [(37, 29), (200, 256), (64, 96)])
+@pytest.mark.parametrize(("n", "k"), [(37, 29), (200, 256), (64, 96), (9, 8200)])
 def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
     """bf16 rows times bf16 weights, on every path this CPU has: widened to fp32 (the AVX2 build), AVX512-BF16 pair
-    dot products (one row; K % 32 != 0; 17 rows), AMX tile products (2-16 rows with K % 32 == 0, the channels past
-    the last whole 16 by pair dot products: n = 200 is 3 x 64 + 8)."""
+    dot products (one row; K % 32 != 0; 17 rows; one row with k = 8200 reading 4 weight rows at once, n = 9 leaving
+    one channel to the one-row loop), AMX tile products (2-16 rows with K % 32 == 0, the channels past the last whole
+    16 by pair dot products: n = 200 is 3 x 64 + 8)."""
     g = torch.Generator().manual_seed(rows * 1000 + n)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
     scale, bias = torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
@@ -118,9 +170,14 @@ def test_half_inputs_operands_and_outputs_round_once(half, rows):
     wide = cpu_kernels.small_gemm(x.float(), w, scale.float(), bias.float())  # fp32 operands, fp32 result
     got = cpu_kernels.small_gemm(x, w, scale, bias, out_dtype=half)  # the same numbers given in half precision
     assert got.dtype == half
-    # Half values widen exactly, so the fp32 sums are the same, and the result is rounded once, as torch rounds.
-    assert torch.equal(got, wide.to(half))
-    assert torch.equal(cpu_kernels.small_gemm(x, w, scale, bias), wide)
+    full = cpu_kernels.small_gemm(x, w, scale, bias)
+    assert torch.equal(got, full.to(half))  # the result is rounded once, as torch rounds
+    if half == torch.bfloat16 and rows < 24 and cpu_kernels.int8_rows_level() == 1:
+        # bf16 rows stay bf16 (int8_rows.h): the same exact products, summed in another order
+        bound = 48 * 2**-24 * (x.double().abs() @ w.double().abs().T) * scale.double() + 2**-23 * full.double().abs()
+        assert ((full.double() - wide.double()).abs() <= bound).all()
+    else:  # half values widen exactly, so the fp32 sums are the same
+        assert torch.equal(full, wide)
     nan = cpu_kernels.small_gemm(torch.full((rows, 48), float("nan")), w, out_dtype=half)
     assert torch.isnan(nan).all()
     with pytest.raises(ValueError, match="bias must be 70"):

@@ -42,7 +42,7 @@ KERNELS = Path(__file__).with_name("csrc")
 #: Compiled together into one library; the header is shared by all.
 SOURCES = (KERNELS / "small_gemm.c", KERNELS / "decode_step.c", KERNELS / "rowwise.c", KERNELS / "attention.c")
 HEADERS = (KERNELS / "gemm.h", KERNELS / "many_rows.h", KERNELS / "bf16_rows.h", KERNELS / "amx.h",
-           KERNELS / "amx_emul.h", KERNELS / "decode_dp.h")
+           KERNELS / "amx_emul.h", KERNELS / "decode_dp.h", KERNELS / "int8_rows.h")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -103,7 +103,7 @@ def _library() -> ctypes.CDLL | None:
     if lib.af3_small_gemm_level() < 1:
         log.info("this CPU lacks AVX2/FMA/F16C: af3's CPU kernel is off")
         return None
-    lib.af3_small_gemm.restype = lib.af3_bf16_rows_level.restype = ctypes.c_int
+    lib.af3_small_gemm.restype = lib.af3_bf16_rows_level.restype = lib.af3_int8_rows_level.restype = ctypes.c_int
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t
     lib.af3_small_gemm.argtypes = [p, i, n, n, p, i, n, p, i, p, i, p, i, i]
     lib.af3_decode_step.restype = ctypes.c_int
@@ -154,6 +154,14 @@ def bf16_rows_level() -> int:
     1 with AVX512-BF16's pair dot products, 2 those for one row and AMX tile products for 2-16 rows (``gemm.h``)."""
     lib = _library()
     return 0 if lib is None else lib.af3_bf16_rows_level()
+
+
+def int8_rows_level() -> int:
+    """How the kernels multiply int8 weights by bf16 rows (fewer than 24, ``PACK_ROWS``): 0 each weight widened to
+    fp32 and the rows given as fp32, 1 each weight turned into bf16 by byte lookups and multiplied with AVX512-BF16's
+    pair dot products, the rows staying bf16 (``int8_rows.h``; AVX512-BF16 and AVX512-VBMI)."""
+    lib = _library()
+    return 0 if lib is None else lib.af3_int8_rows_level()
 
 
 def _operand(t: Tensor | None, n: int, what: str) -> tuple[Tensor | None, int | None, int]:

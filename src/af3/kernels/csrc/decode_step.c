@@ -394,7 +394,7 @@ int af3_decode_step(const Step *st, const Layer *layers, int nlayers) {
     for (int l = 0; l < nlayers; l++) {
         const Layer *L = layers + l;
         const int wk = L->q.w_kind;
-        uint16_t *b16 = T == BF16 && wk == BF16 && have_dp() ? rows16 : NULL;
+        uint16_t *b16 = T == BF16 && rows_as_bf16(wk, M) ? rows16 : NULL;
         for (ptrdiff_t m = 0; m < M; m++) rms_norm(x + m * D, h + m * D, D, L->norm1, T, st->eps);
         Job qkv[3] = {job(&L->q, q, T), job(&L->k, k, T), job(&L->v, v, T)};
         run_jobs(h, as_bf16(h, M * D, b16), M, D, wk, qkv, 3, threads);

@@ -418,6 +418,9 @@ DEFINE_RUN(run_i8, float, block, I8,)
 /* bf16 rows times bf16 weights on AVX512-BF16 and AMX (block_dp, run_dp, run_amx; HAVE_DP, HAVE_AMX_ROWS). */
 #include "bf16_rows.h"
 
+/* int8 weights times bf16 rows on AVX512-BF16 + AVX512-VBMI (block_i8dp, run_i8dp; HAVE_I8DP). */
+#include "int8_rows.h"
+
 /* 1 when run_jobs multiplies bf16 weights by bf16 rows (given as xb) with AVX512-BF16's pair dot products. */
 static inline int have_dp(void) {
 #ifdef HAVE_DP
@@ -427,17 +430,40 @@ static inline int have_dp(void) {
 #endif
 }
 
+/* 1 when run_jobs multiplies int8 weights by bf16 rows (given as xb) with pair dot products, for fewer than PACK_ROWS
+ * rows. */
+static inline int have_i8dp(void) {
+#ifdef HAVE_I8DP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 1 when run_jobs takes weights of w_kind with M rows given as bf16 only (x NULL). */
+static inline int rows_as_bf16(int w_kind, ptrdiff_t M) {
+    return (w_kind == BF16 && have_dp()) || (w_kind == I8 && have_i8dp() && M < PACK_ROWS);
+}
+
 /* Runs `njobs` (<= MAX_JOBS) products of x [M, K] (fp32) with weights of w_kind. xb: the same rows as bf16 (each
- * value of x exactly a bf16 value), or NULL; where given, bf16 weights take the pair dot products (have_dp). */
-static void run_jobs(const float *x, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, int w_kind, const Job *jobs,
-                     int njobs, int threads) {
+ * value of x exactly a bf16 value), or NULL; where given, bf16 weights take the pair dot products (have_dp) and int8
+ * weights theirs (have_i8dp, fewer than PACK_ROWS rows). x may be NULL where rows_as_bf16(w_kind, M). Returns 0, or
+ * -2 when x is NULL and memory for the int8 products' rows could not be had. */
+static int run_jobs(const float *x, const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, int w_kind, const Job *jobs,
+                    int njobs, int threads) {
 #ifdef HAVE_DP
     if (xb && w_kind == BF16) {
 #ifdef HAVE_AMX_ROWS
-        if (run_amx(xb, M, K, jobs, njobs, threads) == 0) return;
+        if (run_amx(xb, M, K, jobs, njobs, threads) == 0) return 0;
 #endif
         run_dp(xb, M, K, jobs, njobs, threads);
-        return;
+        return 0;
+    }
+#endif
+#ifdef HAVE_I8DP
+    if (xb && w_kind == I8 && M < PACK_ROWS) {
+        if (run_i8dp(xb, M, K, jobs, njobs, threads) == 0) return 0;
+        if (!x) return -2;
     }
 #endif
     (void)xb;
@@ -457,6 +483,7 @@ static void run_jobs(const float *x, const uint16_t *xb, ptrdiff_t M, ptrdiff_t 
         default: run_i8(x + m0 * K, rows, K, part, njobs, threads); break;
         }
     }
+    return 0;
 }
 
 #endif /* AVX2 && FMA && F16C */

@@ -7,6 +7,9 @@
 
 int af3_small_gemm_level(void) { return 1; }
 
+/* 1 when int8 weights meet bf16 rows (fewer than PACK_ROWS) with pair dot products, 0 when widened to fp32. */
+int af3_int8_rows_level(void) { return have_i8dp(); }
+
 /* How bf16 weights meet bf16 rows here: 0 widened to fp32 (AVX2), 1 AVX512-BF16 pair dot products, 2 those for one
  * row and AMX tile products for 2-16 rows (the OS permitting AMX). */
 int af3_bf16_rows_level(void) {
@@ -18,8 +21,8 @@ int af3_bf16_rows_level(void) {
 
 /* x [M, K] of x_kind (bf16, fp16 or fp32), w [N, K] of w_kind (bf16, fp16 or int8), scale and bias [N] of their
  * kinds (bf16, fp16 or fp32) or NULL, out [M, N] of out_kind (bf16, fp16 or fp32); all row-major and contiguous.
- * Returns 0, -1 for a kind that is not allowed where it was given, -2 when memory for the widened x could not be
- * allocated. */
+ * Returns 0, -1 for a kind that is not allowed where it was given, -2 when memory for the widened x (or the int8
+ * products' permuted rows) could not be allocated. */
 int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const void *w, int w_kind, ptrdiff_t N,
                    const void *scale, int scale_kind, const void *bias, int bias_kind, void *out, int out_kind,
                    int threads) {
@@ -30,10 +33,8 @@ int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const vo
         return -1;
     if (threads < 1) threads = 1;
     Job job = {w, N, {scale, bias, out, scale_kind, bias_kind, out_kind, F32, N}};
-    if (x_kind == BF16 && w_kind == BF16 && have_dp()) { /* bf16 pair dot products: x as given */
-        run_jobs(NULL, (const uint16_t *)x, M, K, w_kind, &job, 1, threads);
-        return 0;
-    }
+    if (x_kind == BF16 && rows_as_bf16(w_kind, M)) /* pair dot products: x as given */
+        return run_jobs(NULL, (const uint16_t *)x, M, K, w_kind, &job, 1, threads);
     const float *xf = (const float *)x;
     float *wide = NULL;
     if (x_kind != F32) {
@@ -55,6 +56,8 @@ int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const vo
 int af3_small_gemm_level(void) { return 0; }
 
 int af3_bf16_rows_level(void) { return 0; }
+
+int af3_int8_rows_level(void) { return 0; }
 
 int af3_small_gemm(const void *x, int x_kind, ptrdiff_t M, ptrdiff_t K, const void *w, int w_kind, ptrdiff_t N,
                    const void *scale, int scale_kind, const void *bias, int bias_kind, void *out, int out_kind,

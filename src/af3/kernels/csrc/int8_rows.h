@@ -1,0 +1,187 @@
+/* Part of gemm.h (included by it after bf16_rows.h): products of bf16 rows with int8 weights that turn each weight
+ * into bf16 with two byte lookups and multiply it with AVX512-BF16's pair dot products, where the compiler targets
+ * AVX512-BF16 and AVX512-VBMI (Zen 4, Sapphire Rapids and newer). run_jobs takes them for fewer than PACK_ROWS rows
+ * when the caller gives its rows as bf16.
+ *
+ * Why: the widening path (gemm.h's row1_i8 and tiles) turns 16 weights into fp32 with two instructions and then
+ * needs the rows in fp32, 4 bytes of x for every byte of weight. On a 2-vCPU EPYC Zen 4 a one-row product over 1 GB
+ * of int8 weights read 30-48 GB/s with K = 3584 but only 13-19 GB/s with K = 18944 (AF3-8B's down projection),
+ * whose 75 KB of fp32 x no longer fit in L1. Here the rows stay bf16 (2 bytes per input), 64 weights take 5
+ * instructions to become two vectors of 32 bf16, and the products are exact in fp32 as before: 40-53 GB/s with
+ * K = 3584 and 36-41 with K = 18944 in the same minutes (benchmarks/README.md).
+ *
+ * How: a weight byte b (-128..127) is bf16(b) exactly. Its two bytes come from 128-entry tables indexed by |b|
+ * (vpermi2b): the low byte (one exponent bit and 7 mantissa bits) as it is, the high byte (sign and 7 exponent bits)
+ * masked to zero for b = 0 (entry 0 serves |b| = 128) with b's sign or'ed in. Interleaving low and high bytes
+ * (vpunpcklbw/vpunpckhbw, within each 128-bit lane) gives 64 weights as two vectors of 32 bf16 in the order
+ * [0-7, 16-23, 32-39, 48-55] and [8-15, 24-31, 40-47, 56-63]; the rows are copied once per call in that order
+ * (i8_permute), so the weights are never reordered. */
+#ifndef AF3_INT8_ROWS_H
+#define AF3_INT8_ROWS_H
+
+#if defined(HAVE_DP) && defined(__AVX512VBMI__)
+#define HAVE_I8DP 1
+
+/* The rows of one call: bf16, permuted per 64 inputs (i8_permute) and zero-padded to K64 = K rounded up to 64,
+ * with the lookup tables: the high bytes of bf16(v) for v = 128, 1, .., 127, then the low bytes. */
+typedef struct {
+    const uint16_t *x;
+    ptrdiff_t K64;
+    uint8_t table[256];
+} I8Rows;
+
+static void i8_tables(uint8_t table[256]) {
+    for (int v = 0; v < 128; v++) {
+        union { float f; uint32_t u; } b = {v ? (float)v : 128.0f};
+        table[v] = (uint8_t)(b.u >> 24);
+        table[128 + v] = (uint8_t)(b.u >> 16);
+    }
+}
+
+/* x [M, K] bf16 -> dst [M, K64]: for every 64 inputs, the 32 that i8_bf16's first vector pairs with, then the
+ * other 32; zeros past K. */
+static void i8_permute(const uint16_t *x, ptrdiff_t M, ptrdiff_t K, ptrdiff_t K64, uint16_t *dst) {
+    for (ptrdiff_t m = 0; m < M; m++)
+        for (ptrdiff_t k0 = 0; k0 < K64; k0 += 64)
+            for (int i = 0; i < 64; i++) {
+                const int lane = i % 32 / 8, half = i / 32, j = i % 8;
+                const ptrdiff_t k = k0 + lane * 16 + half * 8 + j;
+                dst[m * K64 + k0 + i] = k < K ? x[m * K + k] : 0;
+            }
+}
+
+/* The lookup tables in registers. */
+typedef struct {
+    __m512i hi0, hi1, lo0, lo1;
+} I8Table;
+
+INLINE I8Table i8_table(const uint8_t *t) {
+    I8Table r = {_mm512_loadu_si512(t), _mm512_loadu_si512(t + 64), _mm512_loadu_si512(t + 128),
+                 _mm512_loadu_si512(t + 192)};
+    return r;
+}
+
+/* 64 int8 weights -> bf16, as two vectors of 32 (the order above). */
+INLINE void i8_bf16(__m512i b, const I8Table *t, __m512bh *first, __m512bh *second) {
+    const __m512i a = _mm512_abs_epi8(b); /* -128 -> 0x80, which indexes entry 0 */
+    __m512i hi = _mm512_maskz_permutex2var_epi8(_mm512_test_epi8_mask(b, b), t->hi0, a, t->hi1);
+    hi = _mm512_ternarylogic_epi32(hi, b, _mm512_set1_epi8((char)0x80), 0xF8); /* hi | (b & 0x80) */
+    const __m512i lo = _mm512_permutex2var_epi8(t->lo0, a, t->lo1);
+    *first = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+    *second = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+
+/* 64 weights from p, the first n of them (n < 64: the rest zero). */
+INLINE __m512i i8_load(const int8_t *p, ptrdiff_t n) {
+    if (n >= 64) return _mm512_loadu_si512(p);
+    return _mm512_maskz_loadu_epi8(((__mmask64)1 << n) - 1, p);
+}
+
+/* One step of 64 inputs at k for an MT x NT tile: each weight vector converted once, used by all MT rows. */
+#define I8_STEP(LOAD)                                                                                             \
+    do {                                                                                                          \
+        _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) {                                                    \
+            __m512bh first, second;                                                                               \
+            i8_bf16(LOAD, &t, &first, &second);                                                                   \
+            _Pragma("GCC unroll 8") for (int i = 0; i < MT; i++) {                                                \
+                const uint16_t *xi = r->x + (m0 + i) * r->K64 + k;                                                \
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], first, (__m512bh)_mm512_loadu_si512(xi));                \
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], second, (__m512bh)_mm512_loadu_si512(xi + 32));           \
+            }                                                                                                     \
+        }                                                                                                         \
+    } while (0)
+
+/* out[m0:m0+MT, n0:n0+NT] (MT <= 8, MT * NT <= 16), prefetching as tile_dp does. */
+INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n0, int MT, int NT,
+                      const Epilogue *e, ptrdiff_t m0) {
+    const I8Table t = i8_table(r->table);
+    __m512 acc[8][4];
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
+    ptrdiff_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NT; j++)
+            _mm_prefetch((const char *)(MT == 1 ? w + (n0 + j) * K + k + OWN_AHEAD
+                                                : w + (n0 + DP_AHEAD_TILES * NT + j) * K + k + 64),
+                         _MM_HINT_T1);
+        I8_STEP(_mm512_loadu_si512(w + (n0 + j) * K + k));
+    }
+    if (k < K) I8_STEP(i8_load(w + (n0 + j) * K + k, K - k));
+    for (int i = 0; i < MT; i++)
+        for (int j = 0; j < NT; j++) finish(e, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+}
+
+/* out[m0, n] for one row: the weight row read front to back, prefetched AHEAD_BYTES ahead (the widening row1_i8's
+ * distance: without it, 17-21 GB/s against 30-36 with K = 18944 on the Zen 4 EPYC). */
+INLINE void row1_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n, const Epilogue *e,
+                      ptrdiff_t m0) {
+    const I8Table t = i8_table(r->table);
+    const int8_t *wr = w + n * K;
+    const uint16_t *x = r->x + m0 * r->K64;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (ptrdiff_t k = 0; k < K; k += 64) {
+        AHEAD(wr + k, AHEAD_BYTES(I8), 0);
+        __m512bh first, second;
+        i8_bf16(i8_load(wr + k, K - k), &t, &first, &second);
+        a0 = _mm512_dpbf16_ps(a0, first, (__m512bh)_mm512_loadu_si512(x + k));
+        a1 = _mm512_dpbf16_ps(a1, second, (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
+    finish(e, m0, n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+}
+
+/* Output channels [n0, n1) for all M rows: row tiles of up to 8, each as wide as 16 accumulators allow; one row
+ * reads one weight row at a time, or ROWS_TOGETHER at once from ROWS_TOGETHER_K inputs on (bf16_rows.h). */
+INLINE void block_i8dp(const I8Rows *r, ptrdiff_t M, ptrdiff_t K, const void *wv, ptrdiff_t n0, ptrdiff_t n1,
+                       const Epilogue *e) {
+    const int8_t *w = (const int8_t *)wv;
+    for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {
+        ptrdiff_t n = n0;
+        switch (M - m0 >= 8 ? 8 : M - m0) {
+#define I8_ROWS(MT, NT)                                                                                           \
+    case MT:                                                                                                      \
+        for (; n + NT <= n1; n += NT) tile_i8dp(r, K, w, n, MT, NT, e, m0);                                       \
+        for (; n < n1; n++) tile_i8dp(r, K, w, n, MT, 1, e, m0);                                                  \
+        break;
+        case 1:
+            if (K >= ROWS_TOGETHER_K)
+                for (; n + ROWS_TOGETHER <= n1; n += ROWS_TOGETHER) tile_i8dp(r, K, w, n, 1, ROWS_TOGETHER, e, m0);
+            for (; n < n1; n++) row1_i8dp(r, K, w, n, e, m0);
+            break;
+        I8_ROWS(2, 4) I8_ROWS(3, 4) I8_ROWS(4, 4) I8_ROWS(5, 2) I8_ROWS(6, 2) I8_ROWS(7, 2) I8_ROWS(8, 2)
+#undef I8_ROWS
+        }
+    }
+}
+#undef I8_STEP
+
+DEFINE_RUN(run_i8rows, I8Rows, block_i8dp,)
+
+/* The calling thread's memory for permuted rows (grown, never shrunk). */
+static uint16_t *i8_rows_memory(ptrdiff_t elements) {
+    static __thread uint16_t *memory = NULL;
+    static __thread ptrdiff_t size = 0;
+    if (elements > size) {
+        free(memory);
+        memory = (uint16_t *)aligned_alloc(64, (size_t)((elements + 31) / 32 * 64));
+        size = memory ? (elements + 31) / 32 * 32 : 0;
+    }
+    return memory;
+}
+
+/* run_jobs for M bf16 rows (xb) with int8 weights: 0, or -2 when memory for the permuted rows could not be had. */
+static int run_i8dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {
+    I8Rows r;
+    r.K64 = (K + 63) / 64 * 64;
+    uint16_t *permuted = i8_rows_memory(M * r.K64);
+    if (!permuted) return -2;
+    i8_permute(xb, M, K, r.K64, permuted);
+    r.x = permuted;
+    i8_tables(r.table);
+    run_i8rows(&r, M, K, jobs, njobs, threads);
+    return 0;
+}
+#endif /* HAVE_DP && __AVX512VBMI__ */
+#endif /* AF3_INT8_ROWS_H */
