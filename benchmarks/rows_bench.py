@@ -28,10 +28,15 @@ import torch
 
 PATHS = {"fp32": dict(kernel_rows=0, fused_decode="off"), "kernel": dict(fused_decode="off"),
          "fused": dict(fused_decode="always", fused_rows=1 << 30)}
+#: With ``--int8`` on CPUs with native half GEMMs: torch's int8 products (dequantized GEMMs, or its fused kernel up
+#: to 8 rows) against af3's kernel in each module (int8_rows unbounded) and the fused step.
+INT8_PATHS = {"torch": dict(int8_rows=0, fused_decode="off"),
+              "kernel": dict(int8_rows=1 << 30, fused_decode="off"),
+              "fused": dict(int8_rows=1 << 30, fused_decode="always", fused_rows=1 << 30)}
 
 
-def step_rates(model, proc, rows: int, repeats: int) -> dict[str, float]:
-    """tok/s of each path in :data:`PATHS` over decoding steps of ``rows`` rows, alternating step by step."""
+def step_rates(model, proc, rows: int, repeats: int, paths: dict[str, dict] = PATHS) -> dict[str, float]:
+    """tok/s of each path in ``paths`` over decoding steps of ``rows`` rows, alternating step by step."""
     from af3.generation.engine import Engine
     from af3.kernels import policy
     from benchmarks.engine_bench import conversation
@@ -45,9 +50,9 @@ def step_rates(model, proc, rows: int, repeats: int) -> dict[str, float]:
     while not all(r.tokens for r in reqs):
         engine.step()
     engine.step()  # (every row decodes from here)
-    times: dict[str, list[float]] = {p: [] for p in PATHS}
+    times: dict[str, list[float]] = {p: [] for p in paths}
     for _ in range(repeats):
-        for path, changes in PATHS.items():
+        for path, changes in paths.items():
             with policy.override(**changes):
                 t = time.perf_counter()
                 engine.step()
@@ -75,12 +80,15 @@ def main() -> None:
     folder = serving_checkpoint()
     proc = AF3Processor.from_pretrained(folder)
     model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8" if args.int8 else None)
+    from af3.kernels import policy
+
+    paths = INT8_PATHS if args.int8 and torch.bfloat16 in policy.current().native_half else PATHS
     out = {"cpu": cpu_description(), "weights": "int8" if args.int8 else "bf16", "rates": {}}
     print(f"{out['cpu']}; {out['weights']} weights; decode tok/s summed over the rows")
-    print("| rows | " + " | ".join(PATHS) + " |\n|---|" + "---|" * len(PATHS), flush=True)
+    print("| rows | " + " | ".join(paths) + " |\n|---|" + "---|" * len(paths), flush=True)
     for rows in (int(r) for r in args.rows.split(",")):
-        rates = out["rates"][rows] = step_rates(model, proc, rows, args.repeats)
-        print(f"| {rows} | " + " | ".join(f"{rates[p]:.1f}" for p in PATHS) + " |", flush=True)
+        rates = out["rates"][rows] = step_rates(model, proc, rows, args.repeats, paths)
+        print(f"| {rows} | " + " | ".join(f"{rates[p]:.1f}" for p in paths) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

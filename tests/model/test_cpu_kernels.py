@@ -308,14 +308,18 @@ def test_the_build_names_an_amd_cpu(vendor, amd, monkeypatch):
 
 
 @pytest.mark.parametrize(("flags", "native", "dp"), [
-    ("avx2 avx512f avx512_bf16", {torch.bfloat16}, True),  # AVX512-BF16 without AMX (a Zen 4 EPYC)
-    ("avx2 avx512f avx512_bf16 amx_tile amx_bf16", {torch.bfloat16}, False),  # AMX: its own measured rules
+    ("avx2 avx512f avx512_bf16", {torch.bfloat16}, True),  # AVX512-BF16 without AMX or VBMI (a Cooper Lake Xeon)
+    ("avx2 avx512f avx512_bf16 avx512vbmi", {torch.bfloat16}, True),  # ... with VBMI (a Zen 4 EPYC)
+    ("avx2 avx512f avx512_bf16 avx512vbmi amx_tile amx_bf16", {torch.bfloat16}, False),  # AMX: its own rules
     ("avx2 fma", set(), False),  # AVX2: no native bf16, af3's kernel for all few rows anyway
 ])
 def test_detect_takes_the_pair_dot_product_rules_on_avx512_bf16_without_amx(flags, native, dp, monkeypatch):
     monkeypatch.setattr(policy, "cpuinfo", lambda field: flags if field == "flags" else None)
     monkeypatch.setattr(policy, "_native_half_dtypes", lambda: frozenset(native))
     got = policy.KernelPolicy.detect({})
+    # int8 weights with bf16 rows: byte lookups and pair dot products wherever AVX512-BF16 and VBMI are
+    lookups = "avx512_bf16" in flags and "avx512vbmi" in flags
+    assert got.int8_rows == (policy.INT8_DP_ROWS if lookups else policy.SMALL_ROWS)
     if dp:
         assert (got.dp_rows, got.packed_rows, got.gemv_rows) == (policy.DP_ROWS, policy.DP_ROWS, 0)
     else:

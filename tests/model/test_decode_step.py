@@ -331,9 +331,10 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
     # "auto" where the dtype's GEMMs are native: the fused step up to the measured crossover, torch's kernels above.
     # The crossover is AMX_FUSED_ROWS for bf16 where the kernels multiply bf16 rows with AMX tiles, DP_FUSED_ROWS
     # where they use AVX512-BF16 pair dot products without AMX, else NATIVE_FUSED_ROWS; int8 weights up to
-    # SMALL_ROWS (af3's int8 kernel's own crossover).
-    from af3.kernels.policy import (AMX_FUSED_ROWS, CONVERT_ROWS, DP_FUSED_ROWS, FUSED_ROWS, NATIVE_FUSED_ROWS,
-                                    SMALL_ROWS)
+    # int8_rows (af3's int8 kernel's own crossover: SMALL_ROWS, or INT8_DP_ROWS with its byte lookups), SMALL_ROWS
+    # for fp16 activations.
+    from af3.kernels.policy import (AMX_FUSED_ROWS, CONVERT_ROWS, DP_FUSED_ROWS, FUSED_ROWS, INT8_DP_ROWS,
+                                    NATIVE_FUSED_ROWS, SMALL_ROWS)
 
     level = binding.bf16_rows_level()
     bf16_limit = AMX_FUSED_ROWS if level == 2 else DP_FUSED_ROWS if level == 1 else NATIVE_FUSED_ROWS
@@ -343,6 +344,10 @@ def test_the_policy_is_read_from_the_environment_when_detected(caplog):
         assert not native.fused_decode_takes(limit + 1, dtype, cpu)
     assert native.fused_decode_takes(SMALL_ROWS, torch.bfloat16, cpu, int8=True) == kernels.available()
     assert not native.fused_decode_takes(SMALL_ROWS + 1, torch.bfloat16, cpu, int8=True)
+    lookups = KernelPolicy(native_half=frozenset({torch.bfloat16, torch.float16}), int8_rows=INT8_DP_ROWS)
+    assert lookups.fused_decode_takes(INT8_DP_ROWS, torch.bfloat16, cpu, int8=True) == kernels.available()
+    assert not lookups.fused_decode_takes(INT8_DP_ROWS + 1, torch.bfloat16, cpu, int8=True)
+    assert not lookups.fused_decode_takes(SMALL_ROWS + 1, torch.float16, cpu, int8=True)
     assert not KernelPolicy(native_half=frozenset({torch.bfloat16}), native_fused_rows=0, amx_fused_rows=0,
                             dp_fused_rows=0).fused_decode_takes(1, torch.bfloat16, cpu)
     forced = KernelPolicy(native_half=frozenset({torch.bfloat16}), fused_decode="always")

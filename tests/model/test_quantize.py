@@ -157,17 +157,23 @@ def test_fused_kernel_is_chosen_for_bf16_decode_rows_only_where_af3s_kernels_do_
 @pytest.mark.skipif(not Q.cpu_kernels.available(), reason="af3's CPU kernels do not build on this machine")
 def test_af3s_kernel_takes_int8_decode_rows_up_to_the_crossover_also_with_native_bf16_gemms(monkeypatch,
                                                                                           kernel_policy):
-    policy = kernel_policy(native_half=HALF_DTYPES)  # a CPU with native bf16 GEMMs (AVX-512-BF16/AMX)
+    # a CPU with native bf16 GEMMs (AVX-512-BF16/AMX); its crossover as detected here (INT8_DP_ROWS with the byte
+    # lookups of int8_rows.h, else SMALL_ROWS)
+    policy = kernel_policy(native_half=HALF_DTYPES, dp_rows=0)
+    limit = policy.int8_kernel_rows(torch.bfloat16)
+    assert limit == (kernel_policy_module.INT8_DP_ROWS if Q.cpu_kernels.int8_rows_level()
+                     else kernel_policy_module.SMALL_ROWS)
     calls = counting(monkeypatch)
     lin = varied_linear(128, 48, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)
     with torch.no_grad():
-        for rows in (1, kernel_policy_module.SMALL_ROWS):
+        for rows in (1, limit):
             x = torch.randn(rows, 128, dtype=torch.bfloat16)
             check_error_bound(x, q(x), lin)
         assert calls == {"fused": 0, "fallback": 0, "own": 2, "steps": 0}
-        q(torch.randn(kernel_policy_module.SMALL_ROWS + 1, 128, dtype=torch.bfloat16))  # past it: dequantized
+        q(torch.randn(limit + 1, 128, dtype=torch.bfloat16))  # past it: dequantized
     assert calls == {"fused": 0, "fallback": 1, "own": 2, "steps": 0}
+    assert policy.int8_kernel_rows(torch.float16) == kernel_policy_module.SMALL_ROWS  # fp16 rows widen: as before
     assert not policy.own_int8(1, torch.bfloat16, torch.device("meta"))  # never off the CPU
 
 

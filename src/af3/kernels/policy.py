@@ -33,7 +33,15 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   25.1 in torch's fused ``_weight_int8pack_mm`` and 23-25 dequantized; at 16 rows the dequantized GEMM wins on every
   shape. So up to :data:`SMALL_ROWS` rows int8 products take af3's kernel; torch's fused kernel (vectorised for bf16
   activations only, its cost growing linearly with the rows) serves few rows where af3's kernels do not build;
-  elsewhere the weight is dequantized in chunks and multiplied.
+  elsewhere the weight is dequantized in chunks and multiplied. Where the kernels turn int8 weights into bf16 by
+  byte lookups and multiply bf16 rows with pair dot products (AVX512-BF16 + VBMI, ``binding.int8_rows_level``;
+  fewer than 24 rows), they won at every count up to 23 on a 2-vCPU Zen 4 EPYC (2026-12-07, medians, ms, af3 /
+  torch's fused kernel / dequantized): the 151936 x 896 lm_head at 1, 8, 16 and 23 rows 4.9 / 10.8 / 25.8, 11.7 /
+  25.6 / 34.6, 20.1 / 50.8 / 45.7, 28.3 / 74.4 / 45.0; AF3-8B's 18944 x 3584 at 16 and 23 rows 8.8 / 19.1 / 15.4,
+  12.1 / 26.1 / 18.2; the benchmark's 4864 x 896 at 23 rows 1.28 / 1.55 / 1.39. Whole decoding steps of the
+  mid-size model (``rows_bench --int8``, tok/s, torch's products / af3's kernel in the modules / the fused step) 8
+  rows 61.2 / 126.2 / 154.3, 16 rows 78.9 / 115.5 / 135.8, 23 rows 99.2 / 139.1 / 152.2. So there bf16 rows take
+  it up to :data:`INT8_DP_ROWS` (:attr:`KernelPolicy.int8_rows`), and the fused step with int8 weights too.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway.
   Where oneDNN has native half GEMMs, it depends on how af3's kernels multiply bf16 rows there
   (``binding.bf16_rows_level``). Widening each weight to fp32, as on AVX2, it won only for few rows: on a 2-vCPU
@@ -44,7 +52,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   per tile). Where they use AVX512-BF16 pair dot products without AMX (level 1, a 2-vCPU Zen 4 EPYC, 2026-12-06)
   it won at every count too: 1.45x, 1.31x, 1.61x, 1.22x and 1.09x at 1, 2, 4, 8 and 16 rows, so up to
   :data:`DP_FUSED_ROWS`. int8 weights go through af3's int8 kernel in the step, so up to :data:`SMALL_ROWS` rows, as
-  :meth:`KernelPolicy.own_int8` (in-process: 55.0 against 47.8 tok/s at 8 rows, 86.1 against 92.7 at 16).
+  :meth:`KernelPolicy.own_int8` (in-process: 55.0 against 47.8 tok/s at 8 rows, 86.1 against 92.7 at 16), or
+  :data:`INT8_DP_ROWS` with the byte lookups (above).
   ``fused_decode="always"`` runs it on any x86 CPU where the kernels build (to measure or test it there).
 * Where oneDNN has native half GEMMs (AVX-512-BF16/AMX), ``F.linear`` reorders the weight into oneDNN's blocked
   layout at every call, which costs more than the product itself for a batch of rows: a copy packed once
@@ -117,6 +126,11 @@ DP_ROWS = 3
 AMX_FUSED_ROWS = 16
 #: The same where they multiply bf16 rows with AVX512-BF16's pair dot products and no AMX (``bf16_rows_level() == 1``).
 DP_FUSED_ROWS = 16
+#: Where the kernels multiply int8 weights by bf16 rows with byte lookups and pair dot products
+#: (``binding.int8_rows_level() == 1``; they take fewer than 24 rows that way): rows up to which an int8 product with
+#: bf16 activations takes af3's kernel, and the fused step with int8 weights runs (the measured crossover, module
+#: docstring).
+INT8_DP_ROWS = 23
 #: Fewest queries for af3's AMX attention (it packs every key and value first; decoding keeps SDPA).
 AMX_ATTENTION_QUERIES = 32
 #: torch's fused int8 weight-only product: its name, and the only activation dtype it vectorises on CPU.
@@ -144,6 +158,12 @@ def _dp_without_amx() -> bool:
     """The CPU has AVX512-BF16 but no AMX-BF16 (af3's kernels then multiply bf16 rows with pair dot products)."""
     flags = set((cpuinfo("flags") or "").split())
     return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
+def _int8_dp() -> bool:
+    """The CPU has AVX512-BF16 and AVX512-VBMI (af3's kernels then multiply int8 weights by bf16 rows with byte
+    lookups and pair dot products, ``int8_rows.h``)."""
+    return {"avx512_bf16", "avx512vbmi"} <= set((cpuinfo("flags") or "").split())
 
 
 def _native_half_dtypes() -> frozenset[torch.dtype]:
@@ -194,6 +214,9 @@ class KernelPolicy:
     #: Up to this many rows, bf16 products take af3's kernel even though bf16 is native (CPUs with AVX512-BF16 and
     #: no AMX, where the kernel multiplies bf16 rows with pair dot products; 0 = never).
     dp_rows: int = 0
+    #: Up to this many rows, products of int8 weights and bf16 activations take af3's kernel where half GEMMs are
+    #: native (fp16 activations: up to :data:`SMALL_ROWS`), and so does the fused step with int8 weights.
+    int8_rows: int = SMALL_ROWS
 
     def __post_init__(self) -> None:
         if self.fused_decode not in FUSED_MODES:
@@ -215,7 +238,8 @@ class KernelPolicy:
                    native_half=native, gemv_rows=0 if dp else gemv,
                    int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0,
                    packed_weights=env.get("AF3_PACKED_WEIGHTS", "1") != "0" and _has_packed_linear(),
-                   dp_rows=dp, packed_rows=dp or NATIVE_FUSED_ROWS)
+                   dp_rows=dp, packed_rows=dp or NATIVE_FUSED_ROWS,
+                   int8_rows=INT8_DP_ROWS if _int8_dp() else SMALL_ROWS)
 
     # ------------------------------------------------------------------ the rules
     def kernels_usable(self) -> bool:
@@ -248,10 +272,16 @@ class KernelPolicy:
 
     def own_int8(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A product of ``rows`` rows with ``dtype`` activations and an int8 weight goes through af3's C kernel:
-        wherever half weights would, and up to :data:`SMALL_ROWS` rows on CPUs with native half GEMMs too (neither
+        wherever half weights would, and on CPUs with native half GEMMs too up to :meth:`int8_kernel_rows` (neither
         oneDNN nor torch has a faster int8-weight product for few rows there; module docstring)."""
         return self.own_gemm(rows, dtype, device) or (
-            device.type == "cpu" and rows <= SMALL_ROWS and dtype in HALF_DTYPES and self.kernels_usable())
+            device.type == "cpu" and dtype in HALF_DTYPES and rows <= self.int8_kernel_rows(dtype)
+            and self.kernels_usable())
+
+    def int8_kernel_rows(self, dtype: torch.dtype) -> int:
+        """Where half GEMMs are native: the most rows of ``dtype`` activations that an int8 product (and the fused
+        step with int8 weights) runs in af3's kernel."""
+        return self.int8_rows if dtype == torch.bfloat16 else SMALL_ROWS
 
     def gemv(self, rows: int, dtype: torch.dtype, device: torch.device) -> bool:
         """A half-precision product of ``rows`` rows runs as ``W @ x.T`` (after the two rules above declined)."""
@@ -337,7 +367,7 @@ class KernelPolicy:
             from .binding import bf16_rows_level
 
             if int8:  # the step's int8 products run af3's int8 kernel: where the modules would too (own_int8)
-                return rows <= SMALL_ROWS
+                return rows <= self.int8_kernel_rows(dtype)
             level = bf16_rows_level() if dtype == torch.bfloat16 else 0
             return rows <= (self.amx_fused_rows if level >= 2 else self.dp_fused_rows if level == 1
                             else self.native_fused_rows)
