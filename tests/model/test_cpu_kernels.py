@@ -317,8 +317,8 @@ def test_detect_takes_the_pair_dot_product_rules_on_avx512_bf16_without_amx(flag
     monkeypatch.setattr(policy, "cpuinfo", lambda field: flags if field == "flags" else None)
     monkeypatch.setattr(policy, "_native_half_dtypes", lambda: frozenset(native))
     got = policy.KernelPolicy.detect({})
-    # int8 weights with bf16 rows: byte lookups and pair dot products wherever AVX512-BF16 and VBMI are
-    lookups = "avx512_bf16" in flags and "avx512vbmi" in flags
+    # int8 weights with bf16 rows: up to 23 rows where the byte lookups run (AVX512-BF16 and VBMI) without AMX
+    lookups = "avx512_bf16" in flags and "avx512vbmi" in flags and "amx_bf16" not in flags
     assert got.int8_rows == (policy.INT8_DP_ROWS if lookups else policy.SMALL_ROWS)
     if dp:
         assert (got.dp_rows, got.packed_rows, got.gemv_rows) == (policy.DP_ROWS, policy.DP_ROWS, 0)

@@ -23,6 +23,7 @@ from af3.model import quantize as Q
 from af3.model import linear as L
 from af3.features import conv_output_lengths
 from af3.model.quantize import Int8Embedding, Int8Linear
+from af3.system import cpuinfo
 
 FUSED = kernel_policy_module.current().int8pack_rows > 0  # this torch has a CPU _weight_int8pack_mm kernel
 AUDIO_ID = 3
@@ -158,11 +159,12 @@ def test_fused_kernel_is_chosen_for_bf16_decode_rows_only_where_af3s_kernels_do_
 def test_af3s_kernel_takes_int8_decode_rows_up_to_the_crossover_also_with_native_bf16_gemms(monkeypatch,
                                                                                           kernel_policy):
     # a CPU with native bf16 GEMMs (AVX-512-BF16/AMX); its crossover as detected here (INT8_DP_ROWS with the byte
-    # lookups of int8_rows.h, else SMALL_ROWS)
+    # lookups of int8_rows.h and no AMX, else SMALL_ROWS)
     policy = kernel_policy(native_half=HALF_DTYPES, dp_rows=0)
     limit = policy.int8_kernel_rows(torch.bfloat16)
-    assert limit == (kernel_policy_module.INT8_DP_ROWS if Q.cpu_kernels.int8_rows_level()
-                     else kernel_policy_module.SMALL_ROWS)
+    flags = set((cpuinfo("flags") or "").split())
+    lookups = {"avx512_bf16", "avx512vbmi"} <= flags and "amx_bf16" not in flags
+    assert limit == (kernel_policy_module.INT8_DP_ROWS if lookups else kernel_policy_module.SMALL_ROWS)
     calls = counting(monkeypatch)
     lin = varied_linear(128, 48, True, torch.bfloat16)
     q = Int8Linear.from_linear(lin)

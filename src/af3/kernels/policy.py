@@ -41,7 +41,8 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   12.1 / 26.1 / 18.2; the benchmark's 4864 x 896 at 23 rows 1.28 / 1.55 / 1.39. Whole decoding steps of the
   mid-size model (``rows_bench --int8``, tok/s, torch's products / af3's kernel in the modules / the fused step) 8
   rows 61.2 / 126.2 / 154.3, 16 rows 78.9 / 115.5 / 135.8, 23 rows 99.2 / 139.1 / 152.2. So there bf16 rows take
-  it up to :data:`INT8_DP_ROWS` (:attr:`KernelPolicy.int8_rows`), and the fused step with int8 weights too.
+  it up to :data:`INT8_DP_ROWS` (:attr:`KernelPolicy.int8_rows`), and the fused step with int8 weights too; on AMX
+  CPUs the crossover has not been measured with the lookups, and :data:`SMALL_ROWS` stays.
 * The fused decoding step (every decoder layer in one C call) pays off where af3's few-row kernel is used anyway.
   Where oneDNN has native half GEMMs, it depends on how af3's kernels multiply bf16 rows there
   (``binding.bf16_rows_level``). Widening each weight to fp32, as on AVX2, it won only for few rows: on a 2-vCPU
@@ -127,9 +128,10 @@ AMX_FUSED_ROWS = 16
 #: The same where they multiply bf16 rows with AVX512-BF16's pair dot products and no AMX (``bf16_rows_level() == 1``).
 DP_FUSED_ROWS = 16
 #: Where the kernels multiply int8 weights by bf16 rows with byte lookups and pair dot products
-#: (``binding.int8_rows_level() == 1``; they take fewer than 24 rows that way): rows up to which an int8 product with
-#: bf16 activations takes af3's kernel, and the fused step with int8 weights runs (the measured crossover, module
-#: docstring).
+#: (``binding.int8_rows_level() == 1``; they take fewer than 24 rows that way) and there is no AMX: rows up to which
+#: an int8 product with bf16 activations takes af3's kernel, and the fused step with int8 weights runs (the measured
+#: crossover, module docstring; on AMX CPUs, where oneDNN's dequantized GEMMs are faster and vdpbf16ps slower, the
+#: crossover was 8 rows before the lookups and has not been measured since: SMALL_ROWS stays).
 INT8_DP_ROWS = 23
 #: Fewest queries for af3's AMX attention (it packs every key and value first; decoding keeps SDPA).
 AMX_ATTENTION_QUERIES = 32
@@ -239,7 +241,7 @@ class KernelPolicy:
                    int8pack_rows=SMALL_ROWS if _has_int8pack_cpu_kernel() else 0,
                    packed_weights=env.get("AF3_PACKED_WEIGHTS", "1") != "0" and _has_packed_linear(),
                    dp_rows=dp, packed_rows=dp or NATIVE_FUSED_ROWS,
-                   int8_rows=INT8_DP_ROWS if _int8_dp() else SMALL_ROWS)
+                   int8_rows=INT8_DP_ROWS if _int8_dp() and _dp_without_amx() else SMALL_ROWS)
 
     # ------------------------------------------------------------------ the rules
     def kernels_usable(self) -> bool:

@@ -31,7 +31,7 @@ INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
 /* One row reads ROWS_TOGETHER weight rows at once, each x vector loaded once for all of them, from ROWS_TOGETHER_K
  * inputs on: there x (2 bytes an input) no longer stays in L1 next to the streaming weights, and one row at a time
  * reloads all of it from L2 for every weight row. On a 2-vCPU EPYC Zen 4 (32 KB L1), one-row products over 1 GB of
- * bf16 weights, one row at a time / 4 rows at once with OWN_AHEAD: K = 3584 51-60 / 36-45 GB/s, 6144 48-60 / 40-51,
+ * bf16 weights, one row at a time / 4 rows at once with OWN_AHEAD: K = 3584 51-60 / 35-42 GB/s, 6144 48-60 / 40-51,
  * 9728 31-40 / 44-51, 12288 29-39 / 47-53, 18944 32-38 / 42-55 (minutes when torch's fp32 sum read 42 GB/s). The
  * int8 products (int8_rows.h) take the same rule: their rows are bf16 too. */
 #ifndef ROWS_TOGETHER_K

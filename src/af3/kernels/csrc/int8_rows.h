@@ -5,10 +5,11 @@
  *
  * Why: the widening path (gemm.h's row1_i8 and tiles) turns 16 weights into fp32 with two instructions and then
  * needs the rows in fp32, 4 bytes of x for every byte of weight. On a 2-vCPU EPYC Zen 4 a one-row product over 1 GB
- * of int8 weights read 30-48 GB/s with K = 3584 but only 13-19 GB/s with K = 18944 (AF3-8B's down projection),
- * whose 75 KB of fp32 x no longer fit in L1. Here the rows stay bf16 (2 bytes per input), 64 weights take 5
- * instructions to become two vectors of 32 bf16, and the products are exact in fp32 as before: 40-53 GB/s with
- * K = 3584 and 36-41 with K = 18944 in the same minutes (benchmarks/README.md).
+ * of int8 weights read 34-48 GB/s with K = 3584 but 16-31 with K = 18944 (AF3-8B's down projection), whose 75 KB
+ * of fp32 x no longer fit in L1 (minutes when torch's fp32 sum read 40-43 GB/s). Here the rows stay bf16 (2 bytes
+ * per input), 64 weights take 5 instructions to become two vectors of 32 bf16, and the products are exact in fp32
+ * as before: 42-49 GB/s with K = 3584 and 37-44 with K = 18944 in the same minutes (in slow minutes, ~30 GB/s,
+ * 30-32 against 31-34 and 29-33 against 19-28; benchmarks/README.md).
  *
  * How: a weight byte b (-128..127) is bf16(b) exactly. Its two bytes come from 128-entry tables indexed by |b|
  * (vpermi2b): the low byte (one exponent bit and 7 mantissa bits) as it is, the high byte (sign and 7 exponent bits)
