@@ -11,7 +11,8 @@
  * channels are split across OpenMP threads (the same libgomp runtime as torch's when torch is loaded first).
  *
  * Where the compiler targets AVX512-BF16 (and AMX), bf16 rows meet bf16 weights without widening: pair dot products
- * for one row, AMX tile products for 2-16 rows (block_dp, run_amx below).
+ * for one row, AMX tile products for 2-16 rows (block_dp, run_amx below); with AVX512-VBMI too, int8 weights become
+ * bf16 by byte lookups and meet bf16 rows the same way (int8_rows.h).
  *
  * Built at first use by af3/kernels/binding.py with -O3 -march=native for the machine it runs on. Without AVX2,
  * FMA and F16C the entry points build as stubs, af3_small_gemm_level() is 0, and af3 keeps torch's kernels.
