@@ -119,27 +119,36 @@ INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
     finish(e, m0, n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
 }
 
-/* Output channels [n0, n1) for all M bf16 rows: row tiles of up to 8, each as wide as 16 accumulators allow; one
- * row reads one weight row at a time, or ROWS_TOGETHER at once from ROWS_TOGETHER_K inputs on. */
+/* The plan of block_dp and block_i8dp for the rows from m0 (up to 8 of them) and output channels [n, n1): row tiles
+ * as wide as 16 accumulators allow, TILE(n, MT, NT); one row reads one weight row at a time, ROW1(n), or ROWS_TOGETHER
+ * at once from ROWS_TOGETHER_K inputs on. */
+#define ROW_TILES(TILE, ROW1)                                                                                     \
+    switch (M - m0 >= 8 ? 8 : M - m0) {                                                                           \
+    case 1:                                                                                                       \
+        if (K >= ROWS_TOGETHER_K)                                                                                 \
+            for (; n + ROWS_TOGETHER <= n1; n += ROWS_TOGETHER) TILE(n, 1, ROWS_TOGETHER);                        \
+        for (; n < n1; n++) ROW1(n);                                                                              \
+        break;                                                                                                    \
+        TILE_CASE(TILE, 2, 4) TILE_CASE(TILE, 3, 4) TILE_CASE(TILE, 4, 4) TILE_CASE(TILE, 5, 2)                   \
+        TILE_CASE(TILE, 6, 2) TILE_CASE(TILE, 7, 2) TILE_CASE(TILE, 8, 2)                                         \
+    }
+#define TILE_CASE(TILE, MT, NT)                                                                                   \
+    case MT:                                                                                                      \
+        for (; n + NT <= n1; n += NT) TILE(n, MT, NT);                                                            \
+        for (; n < n1; n++) TILE(n, MT, 1);                                                                       \
+        break;
+
+/* Output channels [n0, n1) for all M bf16 rows (ROW_TILES). */
 INLINE void block_dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w, ptrdiff_t n0, ptrdiff_t n1,
                      const Epilogue *e) {
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {
         const uint16_t *xm = xb + m0 * K;
         ptrdiff_t n = n0;
-        switch (M - m0 >= 8 ? 8 : M - m0) {
-#define DP_ROWS(MT, NT)                                                                                           \
-    case MT:                                                                                                      \
-        for (; n + NT <= n1; n += NT) tile_dp(xm, K, w, n, MT, NT, e, m0);                                        \
-        for (; n < n1; n++) tile_dp(xm, K, w, n, MT, 1, e, m0);                                                   \
-        break;
-        case 1:
-            if (K >= ROWS_TOGETHER_K)
-                for (; n + ROWS_TOGETHER <= n1; n += ROWS_TOGETHER) tile_dp(xm, K, w, n, 1, ROWS_TOGETHER, e, m0);
-            for (; n < n1; n++) row1_dp(xm, K, w, n, e, m0);
-            break;
-        DP_ROWS(2, 4) DP_ROWS(3, 4) DP_ROWS(4, 4) DP_ROWS(5, 2) DP_ROWS(6, 2) DP_ROWS(7, 2) DP_ROWS(8, 2)
-#undef DP_ROWS
-        }
+#define DP_TILE(n, MT, NT) tile_dp(xm, K, w, n, MT, NT, e, m0)
+#define DP_ROW1(n) row1_dp(xm, K, w, n, e, m0)
+        ROW_TILES(DP_TILE, DP_ROW1)
+#undef DP_TILE
+#undef DP_ROW1
     }
 }
 #endif /* __AVX512BF16__ */
@@ -234,23 +243,11 @@ INLINE void block_amx(const uint16_t *packed, const uint16_t *xb, ptrdiff_t M, p
     if (n < n1) block_dp(xb, M, K, w, n, n1, e);
 }
 
-/* The calling thread's memory for packed rows (grown, never shrunk; each caller packs into its own). */
-static uint16_t *amx_rows_memory(ptrdiff_t elements) {
-    static __thread uint16_t *memory = NULL;
-    static __thread ptrdiff_t size = 0;
-    if (elements > size) {
-        free(memory);
-        memory = (uint16_t *)aligned_alloc(64, (size_t)((elements + 31) / 32 * 64));
-        size = memory ? (elements + 31) / 32 * 32 : 0;
-    }
-    return memory;
-}
-
 /* run_jobs for M (2-16) bf16 rows with bf16 weights on AMX: 0, or -1 when it cannot (K % 32, no AMX, no memory) and
  * the caller must use another path. */
 static int run_amx(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {
     if (M < AMX_ROWS_MIN || M > 16 || K % 32 || !amx_permitted()) return -1;
-    uint16_t *packed = amx_rows_memory(K / 32 * 512);
+    uint16_t *packed = rows_memory(K / 32 * 512);
     if (!packed) return -1;
     pack_rows_amx(xb, M, K, packed);
     ptrdiff_t first[MAX_JOBS + 1];

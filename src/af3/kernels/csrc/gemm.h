@@ -416,6 +416,19 @@ DEFINE_RUN(run_bf16, float, block, BF16,)
 DEFINE_RUN(run_f16, float, block, F16,)
 DEFINE_RUN(run_i8, float, block, I8,)
 
+/* The calling thread's memory for rows repacked for one product (the AMX tiles' packed rows, the int8 products'
+ * permuted rows): grown, never shrunk; one product at a time per thread uses it. */
+static inline uint16_t *rows_memory(ptrdiff_t elements) {
+    static __thread uint16_t *memory = NULL;
+    static __thread ptrdiff_t size = 0;
+    if (elements > size) {
+        free(memory);
+        memory = (uint16_t *)aligned_alloc(64, (size_t)((elements + 31) / 32 * 64));
+        size = memory ? (elements + 31) / 32 * 32 : 0;
+    }
+    return memory;
+}
+
 /* bf16 rows times bf16 weights on AVX512-BF16 and AMX (block_dp, run_dp, run_amx; HAVE_DP, HAVE_AMX_ROWS). */
 #include "bf16_rows.h"
 

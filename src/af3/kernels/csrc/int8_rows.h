@@ -133,50 +133,28 @@ INLINE void row1_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
     finish(e, m0, n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
 }
 
-/* Output channels [n0, n1) for all M rows: row tiles of up to 8, each as wide as 16 accumulators allow; one row
- * reads one weight row at a time, or ROWS_TOGETHER at once from ROWS_TOGETHER_K inputs on (bf16_rows.h). */
+/* Output channels [n0, n1) for all M rows (bf16_rows.h's ROW_TILES). */
 INLINE void block_i8dp(const I8Rows *r, ptrdiff_t M, ptrdiff_t K, const void *wv, ptrdiff_t n0, ptrdiff_t n1,
                        const Epilogue *e) {
     const int8_t *w = (const int8_t *)wv;
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {
         ptrdiff_t n = n0;
-        switch (M - m0 >= 8 ? 8 : M - m0) {
-#define I8_ROWS(MT, NT)                                                                                           \
-    case MT:                                                                                                      \
-        for (; n + NT <= n1; n += NT) tile_i8dp(r, K, w, n, MT, NT, e, m0);                                       \
-        for (; n < n1; n++) tile_i8dp(r, K, w, n, MT, 1, e, m0);                                                  \
-        break;
-        case 1:
-            if (K >= ROWS_TOGETHER_K)
-                for (; n + ROWS_TOGETHER <= n1; n += ROWS_TOGETHER) tile_i8dp(r, K, w, n, 1, ROWS_TOGETHER, e, m0);
-            for (; n < n1; n++) row1_i8dp(r, K, w, n, e, m0);
-            break;
-        I8_ROWS(2, 4) I8_ROWS(3, 4) I8_ROWS(4, 4) I8_ROWS(5, 2) I8_ROWS(6, 2) I8_ROWS(7, 2) I8_ROWS(8, 2)
-#undef I8_ROWS
-        }
+#define I8_TILE(n, MT, NT) tile_i8dp(r, K, w, n, MT, NT, e, m0)
+#define I8_ROW1(n) row1_i8dp(r, K, w, n, e, m0)
+        ROW_TILES(I8_TILE, I8_ROW1)
+#undef I8_TILE
+#undef I8_ROW1
     }
 }
 #undef I8_STEP
 
 DEFINE_RUN(run_i8rows, I8Rows, block_i8dp,)
 
-/* The calling thread's memory for permuted rows (grown, never shrunk). */
-static uint16_t *i8_rows_memory(ptrdiff_t elements) {
-    static __thread uint16_t *memory = NULL;
-    static __thread ptrdiff_t size = 0;
-    if (elements > size) {
-        free(memory);
-        memory = (uint16_t *)aligned_alloc(64, (size_t)((elements + 31) / 32 * 64));
-        size = memory ? (elements + 31) / 32 * 32 : 0;
-    }
-    return memory;
-}
-
 /* run_jobs for M bf16 rows (xb) with int8 weights: 0, or -2 when memory for the permuted rows could not be had. */
 static int run_i8dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *jobs, int njobs, int threads) {
     I8Rows r;
     r.K64 = (K + 63) / 64 * 64;
-    uint16_t *permuted = i8_rows_memory(M * r.K64);
+    uint16_t *permuted = rows_memory(M * r.K64);
     if (!permuted) return -2;
     i8_permute(xb, M, K, r.K64, permuted);
     r.x = permuted;
