@@ -41,9 +41,16 @@ INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
 /* How far ahead, in bytes, a tile of one row prefetches its own weight rows. */
 #define OWN_AHEAD 2048
 
+/* The line that column j of a tile of MT x NT (tile_dp, tile_i8dp; weights of `size` bytes) prefetches into L2
+ * at input k: with one row its own weight row OWN_AHEAD bytes on, with more the row DP_AHEAD_TILES tiles on, 64
+ * inputs past k. */
+INLINE void tile_ahead(const void *w, int size, ptrdiff_t K, ptrdiff_t n0, int j, ptrdiff_t k, int MT, int NT) {
+    const char *row = (const char *)w + (MT == 1 ? n0 + j : n0 + DP_AHEAD_TILES * NT + j) * K * size;
+    _mm_prefetch(row + (MT == 1 ? k * size + OWN_AHEAD : (k + 64) * size), _MM_HINT_T1);
+}
+
 /* out[m0:m0+MT, n0:n0+NT] for bf16 rows xb[0:MT] (MT <= 8, MT * NT <= 16 accumulators). While it works, the tile
- * prefetches into L2: with one row (ROWS_TOGETHER_K), its own weight rows OWN_AHEAD bytes on; with more, the rows
- * DP_AHEAD_TILES tiles on, column for column (as `tile` does for the tile after it). */
+ * prefetches (tile_ahead) column for column, as `tile` does for the tile after it. */
 INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_t n0, int MT, int NT,
                     const Epilogue *e, ptrdiff_t m0) {
     __m512 acc[8][4];
@@ -56,10 +63,7 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
     ptrdiff_t k = 0;
     for (; k + 32 <= K; k += 32) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++)
-            _mm_prefetch(MT == 1 ? (const char *)(w + (n0 + j) * K + k) + OWN_AHEAD
-                                 : (const char *)(w + (n0 + DP_AHEAD_TILES * NT + j) * K + k + 64),
-                         _MM_HINT_T1);
+        for (int j = 0; j < NT; j++) tile_ahead(w, 2, K, n0, j, k, MT, NT);
         __m512bh xv[8];
 #pragma GCC unroll 8
         for (int i = 0; i < MT; i++) { /* (the empty asm keeps each row in a register: GCC reloaded the rows for

@@ -104,10 +104,7 @@ INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
     ptrdiff_t k = 0;
     for (; k + 64 <= K; k += 64) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++)
-            _mm_prefetch((const char *)(MT == 1 ? w + (n0 + j) * K + k + OWN_AHEAD
-                                                : w + (n0 + DP_AHEAD_TILES * NT + j) * K + k + 64),
-                         _MM_HINT_T1);
+        for (int j = 0; j < NT; j++) tile_ahead(w, 1, K, n0, j, k, MT, NT);
         I8_STEP(_mm512_loadu_si512(w + (n0 + j) * K + k));
     }
     if (k < K) I8_STEP(i8_load(w + (n0 + j) * K + k, K - k));
