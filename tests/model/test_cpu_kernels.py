@@ -120,6 +120,23 @@ def test_int8_weights_times_bf16_rows_match_float64_on_each_build(rows, n, k, in
 
 
 @needs_kernel
+@pytest.mark.parametrize("k", [29, 100, 8200])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
+def test_a_rows_tail_reads_nothing_past_its_inputs(k, dtype, int8_build):
+    """The inputs past a row's last (the next row's, here infinite) must not reach its products, not even as 0 * inf:
+    tails of 29, 100 (36 past the last whole 64) and 8 inputs, for one row and several."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3, k, generator=g).bfloat16()
+    x[1:] = float("inf")
+    w = (torch.randint(-128, 128, (9, k), generator=g, dtype=torch.int8) if dtype == torch.int8
+         else torch.randn(9, k, generator=g).bfloat16())
+    exact = x[0].double() @ w.double().T
+    for rows in (x[:1], x):
+        got = cpu_kernels.small_gemm(rows, w)[0].double()
+        assert ((got - exact).abs() <= k * 2**-24 * (x[0].double().abs() @ w.double().abs().T)).all()
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 16, 17])
 @pytest.mark.parametrize(("n", "k"), [(37, 29), (200, 256), (64, 96), (9, 8200)])
 def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
