@@ -74,14 +74,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from af3 import AF3Model, AF3Processor
+    from af3.kernels import policy
     from af3.system import cpu_description
     from benchmarks.serve_load import serving_checkpoint
 
     folder = serving_checkpoint()
     proc = AF3Processor.from_pretrained(folder)
     model = AF3Model.from_pretrained(folder, dtype=torch.bfloat16, quantize="int8" if args.int8 else None)
-    from af3.kernels import policy
-
     paths = INT8_PATHS if args.int8 and torch.bfloat16 in policy.current().native_half else PATHS
     out = {"cpu": cpu_description(), "weights": "int8" if args.int8 else "bf16", "rates": {}}
     print(f"{out['cpu']}; {out['weights']} weights; decode tok/s summed over the rows")

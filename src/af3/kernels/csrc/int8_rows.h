@@ -23,19 +23,21 @@
 #if defined(HAVE_DP) && defined(__AVX512VBMI__)
 #define HAVE_I8DP 1
 
-/* The rows of one call: bf16, permuted per 64 inputs (i8_permute) and zero-padded to K64 = K rounded up to 64,
- * with the lookup tables: the high bytes of bf16(v) for v = 128, 1, .., 127, then the low bytes. */
+/* The rows of one call: bf16, permuted per 64 inputs (i8_permute) and zero-padded to K64 = K rounded up to 64. */
 typedef struct {
     const uint16_t *x;
     ptrdiff_t K64;
-    uint8_t table[256];
 } I8Rows;
 
-static void i8_tables(uint8_t table[256]) {
+/* The lookup tables: the high bytes of bf16(v) for v = 128, 1, .., 127, then the low bytes; filled once, when the
+ * library is loaded. */
+static uint8_t i8_table_bytes[256];
+
+__attribute__((constructor)) static void i8_tables(void) {
     for (int v = 0; v < 128; v++) {
         union { float f; uint32_t u; } b = {v ? (float)v : 128.0f};
-        table[v] = (uint8_t)(b.u >> 24);
-        table[128 + v] = (uint8_t)(b.u >> 16);
+        i8_table_bytes[v] = (uint8_t)(b.u >> 24);
+        i8_table_bytes[128 + v] = (uint8_t)(b.u >> 16);
     }
 }
 
@@ -64,7 +66,8 @@ typedef struct {
     __m512i hi0, hi1, lo0, lo1;
 } I8Table;
 
-INLINE I8Table i8_table(const uint8_t *t) {
+INLINE I8Table i8_table(void) {
+    const uint8_t *t = i8_table_bytes;
     I8Table r = {_mm512_loadu_si512(t), _mm512_loadu_si512(t + 64), _mm512_loadu_si512(t + 128),
                  _mm512_loadu_si512(t + 192)};
     return r;
@@ -103,7 +106,7 @@ INLINE __m512i i8_load(const int8_t *p, ptrdiff_t n) {
 /* out[m0:m0+MT, n0:n0+NT] (MT <= 8, MT * NT <= 16), prefetching as tile_dp does. */
 INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n0, int MT, int NT,
                       const Epilogue *e, ptrdiff_t m0) {
-    const I8Table t = i8_table(r->table);
+    const I8Table t = i8_table();
     __m512 acc[8][4];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; i++)
@@ -124,7 +127,7 @@ INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
  * distance: without it, a C harness of this loop read 17-22 GB/s against 29-42 with K = 18944 on the Zen 4 EPYC). */
 INLINE void row1_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n, const Epilogue *e,
                       ptrdiff_t m0) {
-    const I8Table t = i8_table(r->table);
+    const I8Table t = i8_table();
     const int8_t *wr = w + n * K;
     const uint16_t *x = r->x + m0 * r->K64;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
@@ -163,7 +166,6 @@ static int run_i8dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const Job *job
     if (!permuted) return -2;
     i8_permute(xb, M, K, r.K64, permuted);
     r.x = permuted;
-    i8_tables(r.table);
     run_i8rows(&r, M, K, jobs, njobs, threads);
     return 0;
 }
