@@ -247,8 +247,8 @@ def run(args) -> dict:
             def one(c=c):
                 return engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)
 
-            run, share = bracketed_share(one, results["decoder_bytes"])
-            ours_r.append(run)
+            decoded, share = bracketed_share(one, results["decoder_bytes"])
+            ours_r.append(decoded)
             shares.append(share)
             for mode in other_modes:
                 with policy.override(fused_decode=mode):

@@ -152,11 +152,12 @@ def child_af3(folder: Path, mode: str, tokens: int, rows_list: list[int]) -> dic
         def one(rows=rows, convs=convs):
             return engine_decode(Engine(model, proc, max_batch_size=rows), convs, tokens)
 
-        # (probes of 256 MB: bf16 AF3-8B leaves no room for 1 GiB more)
-        run, share = bracketed_share(one, out["decoder_bytes"], probe_bytes=2**28)
+        if rows == 1:  # a share of the bandwidth only where one row reads each weight once per token
+            # (probes of 256 MB: bf16 AF3-8B leaves no room for 1 GiB more)
+            run, out["bracketed1"] = bracketed_share(one, out["decoder_bytes"], probe_bytes=2**28)
+        else:
+            run = one()
         out[f"decode{rows}"] = run.rate
-        if rows == 1:  # (a share of the bandwidth only where one row reads each weight once per token)
-            out["bracketed1"] = share
         out[f"ttft{rows}"] = run.ttft
         report(out)
     return out
