@@ -103,24 +103,22 @@ INLINE __m512i i8_load(const int8_t *p, ptrdiff_t n) {
         }                                                                                                         \
     } while (0)
 
-/* out[m0:m0+MT, n0:n0+NT] (MT <= 8, MT * NT <= 16), prefetching as tile_dp does. */
+/* out[m0:m0+MT, n0:n0+NT] (MT <= 8, MT * NT <= 16), inputs s.k0 .. s.k1, prefetching as tile_dp does. */
 INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n0, int MT, int NT,
-                      const Epilogue *e, ptrdiff_t m0) {
+                      const Epilogue *e, ptrdiff_t m0, Span s) {
     const I8Table t = i8_table();
     __m512 acc[8][4];
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; i++)
+    SPAN_START(acc, s, MT, NT);
+    const Ahead ahead = tile_ahead(w, 1, K, n0, MT, NT, &s);
+    ptrdiff_t k = s.k0;
+    for (; k + 64 <= s.k1; k += 64) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++) acc[i][j] = _mm512_setzero_ps();
-    ptrdiff_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NT; j++) tile_ahead(w, 1, K, n0, j, k, MT, NT);
+        for (int j = 0; j < NT; j++)
+            _mm_prefetch(ahead.at + j * ahead.per_column + k * ahead.per_input, _MM_HINT_T1);
         I8_STEP(_mm512_loadu_si512(w + (n0 + j) * K + k));
     }
-    if (k < K) I8_STEP(i8_load(w + (n0 + j) * K + k, K - k));
-    for (int i = 0; i < MT; i++)
-        for (int j = 0; j < NT; j++) finish(e, m0 + i, n0 + j, _mm512_reduce_add_ps(acc[i][j]));
+    if (k < s.k1) I8_STEP(i8_load(w + (n0 + j) * K + k, K - k));
+    SPAN_END(acc, s, MT, NT, K, e, m0, n0)
 }
 
 /* out[m0, n] for one row: the weight row read front to back, prefetched AHEAD_BYTES ahead (the widening row1_i8's
@@ -141,18 +139,15 @@ INLINE void row1_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
     finish(e, m0, n, _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
 }
 
-/* Output channels [n0, n1) for all M rows (bf16_rows.h's ROW_TILES). */
+/* Output channels [n0, n1) for all M rows (bf16_rows.h's ROW_BLOCKS). */
 INLINE void block_i8dp(const I8Rows *r, ptrdiff_t M, ptrdiff_t K, const void *wv, ptrdiff_t n0, ptrdiff_t n1,
                        const Epilogue *e) {
     const int8_t *w = (const int8_t *)wv;
-    for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {
-        ptrdiff_t n = n0;
-#define I8_TILE(n, MT, NT) tile_i8dp(r, K, w, n, MT, NT, e, m0)
+#define I8_TILE(n, MT, NT) tile_i8dp(r, K, w, n, MT, NT, e, m0, tile_span(&s, n - g, 1))
 #define I8_ROW1(n) row1_i8dp(r, K, w, n, e, m0)
-        ROW_TILES(I8_TILE, I8_ROW1)
+    ROW_BLOCKS(I8_TILE, I8_ROW1, K, 1)
 #undef I8_TILE
 #undef I8_ROW1
-    }
 }
 #undef I8_STEP
 
