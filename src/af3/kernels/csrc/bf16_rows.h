@@ -103,6 +103,11 @@ INLINE Ahead tile_ahead(const void *w, int size, ptrdiff_t K, ptrdiff_t n0, int 
     return a;
 }
 
+/* Prefetches column j's line of `a` at input k. */
+INLINE void prefetch_ahead(const Ahead *a, int j, ptrdiff_t k) {
+    _mm_prefetch(a->at + j * a->per_column + k * a->per_input, _MM_HINT_T1);
+}
+
 /* A tile's MT x NT accumulators at the start of its span (zero, or the sums of the chunks before) and at its end
  * (waiting for the next chunk, or finished into the output). Macros, not functions: an accumulator array passed by
  * pointer made GCC keep it in memory. */
@@ -133,8 +138,7 @@ INLINE void tile_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
     ptrdiff_t k = s.k0;
     for (; k + 32 <= s.k1; k += 32) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++)
-            _mm_prefetch(ahead.at + j * ahead.per_column + k * ahead.per_input, _MM_HINT_T1);
+        for (int j = 0; j < NT; j++) prefetch_ahead(&ahead, j, k);
         __m512bh xv[8];
 #pragma GCC unroll 8
         for (int i = 0; i < MT; i++) { /* (the empty asm keeps each row in a register: GCC reloaded the rows for

@@ -113,8 +113,7 @@ INLINE void tile_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
     ptrdiff_t k = s.k0;
     for (; k + 64 <= s.k1; k += 64) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NT; j++)
-            _mm_prefetch(ahead.at + j * ahead.per_column + k * ahead.per_input, _MM_HINT_T1);
+        for (int j = 0; j < NT; j++) prefetch_ahead(&ahead, j, k);
         I8_STEP(_mm512_loadu_si512(w + (n0 + j) * K + k));
     }
     if (k < s.k1) I8_STEP(i8_load(w + (n0 + j) * K + k, K - k));
