@@ -225,7 +225,8 @@ INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
 
 /* block_dp and block_i8dp: output channels [n0, n1) for all M rows, 8 at a time, by ROW_TILES, in groups of
  * CHUNK_CHANNELS channels and chunks of rows_chunk inputs where the rows do not fit in L1 (else one group, one
- * chunk). TILE(n, MT, NT) and ROW1(n) see m0, the group's first channel g and the span s. */
+ * chunk). TILE(n, MT, NT), ROW1(n) and WIDE see m0, the chunk's length `chunk`, the group's first channel g and the
+ * span s. */
 #define ROW_BLOCKS(TILE, ROW1, CHUNK, WIDE)                                                                       \
     __m512 part[CHUNK_CHANNELS * 8];                                                                              \
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {                                                                     \
