@@ -46,6 +46,19 @@ def _operands(rows: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch
 
 
 @needs_kernel
+@pytest.mark.parametrize("k", [2000, 3100, 8203])
+def test_one_long_row_reads_four_weight_rows_at_once(k, build):
+    """One fp32 row of many inputs multiplies four weight rows at once (tiles of 1 x 4) from WIDE_ROW_K inputs (3072
+    for half weights, 8192 for int8; k = 2000 stays below both): every weight kind, on every build; n = 9 leaves one
+    channel to the one-row loop, k = 8203 a tail of 3 inputs past the last whole 8."""
+    x, scale, bias, weights = _operands(1, 9, k, k)
+    for dtype, w in weights.items():
+        want = (x.double() @ w.double().T) * scale.double() + bias.double()
+        got = cpu_kernels.small_gemm(x, w, scale, bias)
+        assert got.shape == (1, 9) and ((got.double() - want).abs() <= 1e-5 * want.abs().max()).all(), dtype
+
+
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 13, 31])
 @pytest.mark.parametrize(("n", "k"), [(37, 29), (130, 264), (8, 8)])
 def test_products_match_float64(rows, n, k):

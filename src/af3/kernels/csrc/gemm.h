@@ -331,6 +331,18 @@ INLINE void row1_i8(const float *x, ptrdiff_t K, const int8_t *w, ptrdiff_t n, c
 }
 #endif
 
+/* From this many inputs one fp32 row (4 bytes an input) reads four weight rows at once (a tile of 1 x 4), weights of
+ * `kind`: x no longer stays in L1 beside the streaming weights, and row1 (row1_i8) would read all of it again from
+ * L2 for every weight row. The builds for AVX2 and for AVX-512 without VBMI, run on a 2-vCPU Zen 4 EPYC (one row,
+ * 1 GB of weights, GB/s, four at once / one at a time, 8 interleaved rounds): bf16 K = 2560 31-48 / 30-46, 3584
+ * 32-52 / 29-37, 6144 31-53 / 25-26, 18944 29-35 / 19-23; int8 (widened 8 at a time in the tile, so the tile costs
+ * more instructions per byte) K = 3584 22-28 / 23-35, 4864 22-26 / 21-27, 9728 26-30 / 19-21, 18944 27-31 / 19-21;
+ * int8 with AVX-512's 16-wide row1_i8, K = 9728 and 18944 28-36 / 18-21. Not measured on a Zen 3 or a Xeon. (The
+ * pair-dot-product rows, 2 bytes an input, have their own threshold: bf16_rows.h's ROWS_TOGETHER_K.) */
+#ifndef WIDE_ROW_K
+#define WIDE_ROW_K(kind) ((kind) == I8 ? 8192 : 3072)
+#endif
+
 /* Output channels per parallel task: a multiple of 16 (every tile width) so only the last task has a tail. */
 #define TASK_CHANNELS 64
 
@@ -347,6 +359,8 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
         ptrdiff_t n = n0;
         switch (M - m0 >= 4 ? 4 : M - m0) {
         case 1:
+            if (K >= WIDE_ROW_K(kind)) /* four weight rows at once (see WIDE_ROW_K) */
+                for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 1, 4, kind, e, m0);
 #ifdef __AVX512F__
             if (kind == I8) {
                 for (; n < n1; n++) row1_i8(xm, K, (const int8_t *)w, n, e, m0);
