@@ -28,16 +28,15 @@ INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
 #define DP_AHEAD_TILES 2
 #endif
 
-/* One row reads ROWS_TOGETHER weight rows at once, each x vector loaded once for all of them, from ROWS_TOGETHER_K
- * inputs on: there x (2 bytes an input) no longer stays in L1 next to the streaming weights, and one row at a time
- * reloads all of it from L2 for every weight row. On a 2-vCPU EPYC Zen 4 (32 KB L1), one-row products over 1 GB of
- * bf16 weights, one row at a time / 4 rows at once with OWN_AHEAD: K = 3584 51-60 / 35-42 GB/s, 6144 48-60 / 40-51,
- * 9728 31-40 / 44-51, 12288 29-39 / 47-53, 18944 32-38 / 42-55 (minutes when torch's fp32 sum read 42 GB/s). The
- * int8 products (int8_rows.h) take the same rule: their rows are bf16 too. */
+/* One row reads ROWS_TOGETHER (gemm.h) weight rows at once, each x vector loaded once for all of them, from
+ * ROWS_TOGETHER_K inputs on: there x (2 bytes an input) no longer stays in L1 next to the streaming weights, and one
+ * row at a time reloads all of it from L2 for every weight row. On a 2-vCPU EPYC Zen 4 (32 KB L1), one-row
+ * products over 1 GB of bf16 weights, one row at a time / 4 rows at once with OWN_AHEAD: K = 3584 51-60 / 35-42
+ * GB/s, 6144 48-60 / 40-51, 9728 31-40 / 44-51, 12288 29-39 / 47-53, 18944 32-38 / 42-55 (minutes when torch's fp32
+ * sum read 42 GB/s). The int8 products (int8_rows.h) take the same rule: their rows are bf16 too. */
 #ifndef ROWS_TOGETHER_K
 #define ROWS_TOGETHER_K 8192
 #endif
-#define ROWS_TOGETHER 4
 /* How far ahead, in bytes, a tile of one row prefetches its own weight rows. */
 #define OWN_AHEAD 2048
 
@@ -76,11 +75,13 @@ INLINE Span tile_span(const Span *s, ptrdiff_t at, int size) {
     return t;
 }
 
-/* How many inputs of `rows` rows (at most 8 are read at once) one chunk holds: K when they fit or need no chunks; a
- * multiple of 64. */
+/* 1 when `rows` rows (at most 8 are read at once) of K bf16 inputs stay in L1 beside the streaming weights. */
+INLINE int rows_fit(ptrdiff_t rows, ptrdiff_t K) { return (rows > 8 ? 8 : rows) * K * 2 <= ROWS_CHUNK_BYTES; }
+
+/* How many inputs of `rows` rows one chunk holds: K when they fit or need no chunks; a multiple of 64. */
 INLINE ptrdiff_t rows_chunk(ptrdiff_t rows, ptrdiff_t K) {
     if (rows > 8) rows = 8;
-    if (rows <= 2 || rows * K * 2 <= ROWS_CHUNK_BYTES || (rows <= 4 && K >= ROWS_TOGETHER_K)) return K;
+    if (rows <= 2 || rows_fit(rows, K) || (rows <= 4 && K >= ROWS_TOGETHER_K)) return K;
     return ROWS_CHUNK_BYTES / (rows * 2) / 64 * 64;
 }
 
@@ -247,7 +248,7 @@ INLINE void block_dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_
                      const Epilogue *e) {
 #define DP_TILE(n, MT, NT) tile_dp(xb + m0 * K, K, w, n, MT, NT, e, m0, tile_span(&s, n - g, 2))
 #define DP_ROW1(n) row1_dp(xb + m0 * K, K, w, n, e, m0)
-    ROW_BLOCKS(DP_TILE, DP_ROW1, rows_chunk(M - m0, K), chunk == K && (M - m0) * K * 2 > ROWS_CHUNK_BYTES)
+    ROW_BLOCKS(DP_TILE, DP_ROW1, rows_chunk(M - m0, K), chunk == K && !rows_fit(M - m0, K))
 #undef DP_TILE
 #undef DP_ROW1
 }

@@ -331,6 +331,10 @@ INLINE void row1_i8(const float *x, ptrdiff_t K, const int8_t *w, ptrdiff_t n, c
 }
 #endif
 
+/* How many weight rows one row reads at once where its x no longer stays in L1 (here from WIDE_ROW_K inputs,
+ * bf16_rows.h from ROWS_TOGETHER_K): each x vector is loaded once for all of them. */
+#define ROWS_TOGETHER 4
+
 /* From this many inputs one fp32 row (4 bytes an input) reads four weight rows at once (a tile of 1 x 4), weights of
  * `kind`: x no longer stays in L1 beside the streaming weights, and row1 (row1_i8) would read all of it again from
  * L2 for every weight row. The builds for AVX2 and for AVX-512 without VBMI, run on a 2-vCPU Zen 4 EPYC (one row,
@@ -359,8 +363,8 @@ INLINE void block(const float *x, ptrdiff_t M, ptrdiff_t K, const void *w, ptrdi
         ptrdiff_t n = n0;
         switch (M - m0 >= 4 ? 4 : M - m0) {
         case 1:
-            if (K >= WIDE_ROW_K(kind)) /* four weight rows at once (see WIDE_ROW_K) */
-                for (; n + 4 <= n1; n += 4) tile(xm, K, w, n, 1, 4, kind, e, m0);
+            if (K >= WIDE_ROW_K(kind))
+                for (; n + ROWS_TOGETHER <= n1; n += ROWS_TOGETHER) tile(xm, K, w, n, 1, ROWS_TOGETHER, kind, e, m0);
 #ifdef __AVX512F__
             if (kind == I8) {
                 for (; n < n1; n++) row1_i8(xm, K, (const int8_t *)w, n, e, m0);
