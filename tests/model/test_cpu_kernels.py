@@ -133,12 +133,13 @@ def test_int8_weights_times_bf16_rows_match_float64_on_each_build(rows, n, k, in
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [29, 100, 8200])
+@pytest.mark.parametrize("k", [29, 100, 2100, 8200])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.bfloat16])
 def test_a_rows_tail_reads_nothing_past_its_inputs(k, dtype, int8_build):
     """The inputs past a row's last (the next row's, here infinite) must not reach its products, not even as 0 * inf:
-    tails of 29, 100 (36 past the last whole 64) and 8 inputs, for one row and several (8 rows of 8200 inputs run in
-    chunks of inputs, the last one ending in the tail)."""
+    tails of 29, 100 (36 past the last whole 64), 52 and 8 inputs, for one row and several (8 bf16 rows of 2100
+    inputs run in chunks of inputs, the last one ending in the tail; of 8200, as two tiles of 4 rows over the same
+    weight rows)."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(8, k, generator=g).bfloat16()
     x[1:] = float("inf")
@@ -151,14 +152,15 @@ def test_a_rows_tail_reads_nothing_past_its_inputs(k, dtype, int8_build):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 16, 17])
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 7, 8, 13, 16, 17])
 @pytest.mark.parametrize(("n", "k"), [(37, 29), (200, 256), (64, 96), (9, 8200), (70, 2100)])
 def test_bf16_rows_match_float64_on_each_build(rows, n, k, build):
     """bf16 rows times bf16 weights, on every path this CPU has: widened to fp32 (the AVX2 build), AVX512-BF16 pair
     dot products (one row; K % 32 != 0; 17 rows; one row with k = 8200 reading 4 weight rows at once, n = 9 leaving
-    one channel to the one-row loop; 2 rows of 8200 inputs in tiles 4 channels wide; 4-8 rows whose inputs do not
-    fit in L1 in chunks of inputs for groups of channels: k = 8200 and 2100, the last chunk ending in a step and a
-    tail, n = 70 two groups and a second task of 6), AMX tile
+    one channel to the one-row loop; 2 and 4 rows of 8200 inputs in tiles 4 channels wide, 5-8 as two such tiles
+    over the same weight rows, 13 rows the second block of 8 so; 5-8 rows whose inputs do not fit in L1 in chunks of
+    inputs for groups of channels: k = 2100, the last chunk ending in a step and a tail, n = 70 two groups and a
+    second task of 6), AMX tile
     products (2-16 rows with K % 32 == 0, the channels past the last whole 16 by pair dot products: n = 200 is 3 x 64
     + 8)."""
     g = torch.Generator().manual_seed(rows * 1000 + n)

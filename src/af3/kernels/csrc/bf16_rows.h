@@ -40,20 +40,23 @@ INLINE __m512bh dp_load(const uint16_t *p, ptrdiff_t n) {
 /* How far ahead, in bytes, a tile of one row prefetches its own weight rows. */
 #define OWN_AHEAD 2048
 
-/* Products of 3-8 rows whose K inputs (2 bytes each) do not fit in L1 (ROWS_CHUNK_BYTES) beside the streaming
- * weights, bar 3-4 rows from ROWS_TOGETHER_K inputs on (ROW_TILES), run over ROWS_CHUNK_BYTES of every row at a time
- * (rows_chunk inputs) for CHUNK_CHANNELS output channels at a time; each tile keeps its sums in the Span's partial
- * sums between chunks. So a chunk of the rows is read from L1 by all the group's tiles, not from L2 by each: tiles 2
- * channels wide brought MT / 2 times as many bytes of rows from L2 as of weight. While a group runs, its tiles
- * prefetch the next group's weights (contiguous with it) front to back, at the pace they read their own: a chunked
- * group reads each of its rows in pieces, which the hardware prefetchers serve worse than one stream.
- * On a 2-vCPU EPYC Zen 4, over 1 GB of bf16 weights, against the tiles before (4 channels wide for 2-4 rows, no
- * chunks), medians of 14 interleaved rounds (minutes when torch's fp32 sum read 28-48 GB/s), K = 3584 / 4864 / 18944:
- * 8 rows 1.65x / 1.68x / 1.32x, 5 rows 1.55x / 1.57x / 1.31x, 4 rows 1.18x / 1.14x / 1.29x, 3 rows 1.08x / 1.05x /
- * 1.21x, 2 rows 1.02x / 1.05x / 1.05x; K = 896 (the rows in L1, tiles now 2 wide) 1.11x, 1.22x, 1.12x, 1.02x and
- * 0.99x at 2, 3, 4, 5 and 8 rows. Chunks of 8, 12 or 24 KB, groups of 4, 8 or 16 channels, chunks from 5 rows only,
- * and prefetching where the tile in its place reads in the next chunk instead were measured beside these: none
- * better at every K. */
+/* Products of 3-8 rows whose K inputs (2 bytes each) do not fit in L1 (ROWS_CHUNK_BYTES) beside the streaming weights,
+ * below ROWS_TOGETHER_K inputs (from there, ROW_TILES' wide tiles), run over ROWS_CHUNK_BYTES of every row at a time
+ * (rows_chunk inputs) for CHUNK_CHANNELS output channels at a time; each tile keeps its sums in the Span's partial sums
+ * between chunks. So a chunk of the rows is read from L1 by all the group's tiles, not from L2 by each: tiles 2
+ * channels wide brought MT / 2 times as many bytes of rows from L2 as of weight. While a group runs, its tiles prefetch
+ * the next group's weights (contiguous with it) front to back, at the pace they read their own: a chunked group reads
+ * each of its rows in pieces, which the hardware prefetchers serve worse than one stream. On a 2-vCPU EPYC Zen 4, over
+ * 1 GB of bf16 weights, against the tiles before (4 channels wide for 2-4 rows, no chunks), medians of 14 interleaved
+ * rounds (minutes when torch's fp32 sum read 28-48 GB/s), K = 3584 / 4864 / 18944: 8 rows 1.65x / 1.68x / 1.32x, 5 rows
+ * 1.55x / 1.57x / 1.31x, 4 rows 1.18x / 1.14x / 1.29x, 3 rows 1.08x / 1.05x / 1.21x, 2 rows 1.02x / 1.05x / 1.05x; K =
+ * 896 (the rows in L1, tiles now 2 wide) 1.11x, 1.22x, 1.12x, 1.02x and 0.99x at 2, 3, 4, 5 and 8 rows. Chunks of 8, 12
+ * or 24 KB, groups of 4, 8 or 16 channels, chunks from 5 rows only, and prefetching where the tile in its place reads
+ * in the next chunk instead were measured beside these: none better at every K. From ROWS_TOGETHER_K inputs on, 5-8
+ * rows read faster as two tiles of 4 channels (the second reading its weights from L2) than in chunks: AF3-8B's down
+ * projection, 3584 x 18944, and 3584 x 9728, through 1 GB of weights, medians of 6-14 interleaved rounds in four runs,
+ * two tiles / chunks: 8 rows 1.12-1.20x, 7 rows 1.00-1.14x, 6 rows 1.01-1.10x, 5 rows 0.90-1.10x (K = 3584-6144, the
+ * same code in both: 0.97-1.03x). */
 #ifndef ROWS_CHUNK_BYTES
 #define ROWS_CHUNK_BYTES 16384
 #endif
@@ -81,7 +84,7 @@ INLINE int rows_fit(ptrdiff_t rows, ptrdiff_t K) { return (rows > 8 ? 8 : rows) 
 /* How many inputs of `rows` rows one chunk holds: K when they fit or need no chunks; a multiple of 64. */
 INLINE ptrdiff_t rows_chunk(ptrdiff_t rows, ptrdiff_t K) {
     if (rows > 8) rows = 8;
-    if (rows <= 2 || rows_fit(rows, K) || (rows <= 4 && K >= ROWS_TOGETHER_K)) return K;
+    if (rows <= 2 || rows_fit(rows, K) || K >= ROWS_TOGETHER_K) return K;
     return ROWS_CHUNK_BYTES / (rows * 2) / 64 * 64;
 }
 
@@ -199,36 +202,42 @@ INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
 }
 
 /* The plan of block_dp and block_i8dp for the rows from m0 (up to 8 of them) and output channels [n, END): tiles of
- * 2 channels (the last one odd), TILE(n, MT, NT), or for 2-4 rows where WIDE is true ROWS_TOGETHER channels at once;
- * one row reads one weight row at a time, ROW1(n), or ROWS_TOGETHER at once from ROWS_TOGETHER_K inputs on.
- * block_dp's tiles are 4 wide where their rows neither fit in L1 nor run in chunks (rows_chunk), so that each row
- * vector comes from L2 once for 4 weight rows, not 2; else 2 wide (the rows in L1, K = 896: 1.11x, 1.22x and 1.12x
- * as fast as 4 wide at 2, 3 and 4 rows). block_i8dp's tiles are bound by their instructions, not by reading the rows
- * (WIDE always: 2 wide ran 0.93-0.95x as fast for 2-4 rows). */
-#define ROW_TILES(TILE, ROW1, END, WIDE)                                                                          \
+ * 2 channels (the last one odd), TILE(n, r, MT, NT) for the MT rows from m0 + r; one row reads one weight row at a
+ * time, ROW1(n), or ROWS_TOGETHER at once from ROWS_TOGETHER_K inputs on. Where WIDE is true, tiles are ROWS_TOGETHER
+ * channels wide, and 5-8 rows run as two tiles over the same weight rows (4 rows, then the rest; the second reads
+ * the weights from L2): block_dp's rows where they neither fit in L1 nor run in chunks (rows_chunk), so that each
+ * row vector comes from L2 once for 4 weight rows, not 2. (Where the rows fit, 2 wide ran faster, K = 896: 1.11x,
+ * 1.22x and 1.12x as fast as 4 wide at 2, 3 and 4 rows; 5-8 rows from ROWS_TOGETHER_K inputs, against chunks: see
+ * ROWS_CHUNK_BYTES.) block_i8dp's tiles are bound by their instructions, not by reading the rows: 4 wide at 2-4
+ * rows (WIDE; 2 wide ran 0.93-0.95x as fast), 2 wide at 5-8 (HALVES off). */
+#define ROW_TILES(TILE, ROW1, END, WIDE, HALVES)                                                                  \
     switch (M - m0 >= 8 ? 8 : M - m0) {                                                                           \
     case 1:                                                                                                       \
         if (K >= ROWS_TOGETHER_K)                                                                                 \
-            for (; n + ROWS_TOGETHER <= (END); n += ROWS_TOGETHER) TILE(n, 1, ROWS_TOGETHER);                     \
+            for (; n + ROWS_TOGETHER <= (END); n += ROWS_TOGETHER) TILE(n, 0, 1, ROWS_TOGETHER);                  \
         for (; n < (END); n++) ROW1(n);                                                                           \
         break;                                                                                                    \
-        TILE_CASE(TILE, 2, ROWS_TOGETHER, END, WIDE) TILE_CASE(TILE, 3, ROWS_TOGETHER, END, WIDE)                 \
-        TILE_CASE(TILE, 4, ROWS_TOGETHER, END, WIDE) TILE_CASE(TILE, 5, 2, END, 0) TILE_CASE(TILE, 6, 2, END, 0)  \
-        TILE_CASE(TILE, 7, 2, END, 0) TILE_CASE(TILE, 8, 2, END, 0)                                               \
+        TILE_CASE(TILE, 2, END, WIDE, 0) TILE_CASE(TILE, 3, END, WIDE, 0) TILE_CASE(TILE, 4, END, WIDE, 0)        \
+        TILE_CASE(TILE, 5, END, HALVES, 4) TILE_CASE(TILE, 6, END, HALVES, 4) TILE_CASE(TILE, 7, END, HALVES, 4)  \
+        TILE_CASE(TILE, 8, END, HALVES, 4)                                                                        \
     }
-#define TILE_CASE(TILE, MT, NT_WIDE, END, WIDE)                                                                   \
+/* MT rows: with WIDE, tiles ROWS_TOGETHER wide, the first SPLIT rows (0: all) in one and the rest in a second. */
+#define TILE_CASE(TILE, MT, END, WIDE, SPLIT)                                                                     \
     case MT:                                                                                                      \
         if (WIDE)                                                                                                 \
-            for (; n + NT_WIDE <= (END); n += NT_WIDE) TILE(n, MT, NT_WIDE);                                      \
-        for (; n + 2 <= (END); n += 2) TILE(n, MT, 2);                                                            \
-        for (; n < (END); n++) TILE(n, MT, 1);                                                                    \
+            for (; n + ROWS_TOGETHER <= (END); n += ROWS_TOGETHER) {                                              \
+                TILE(n, 0, SPLIT ? SPLIT : MT, ROWS_TOGETHER);                                                    \
+                if (SPLIT) TILE(n, SPLIT, MT - SPLIT, ROWS_TOGETHER);                                             \
+            }                                                                                                     \
+        for (; n + 2 <= (END); n += 2) TILE(n, 0, MT, 2);                                                         \
+        for (; n < (END); n++) TILE(n, 0, MT, 1);                                                                 \
         break;
 
 /* block_dp and block_i8dp: output channels [n0, n1) for all M rows, 8 at a time, by ROW_TILES, in groups of
  * CHUNK_CHANNELS channels and chunks of rows_chunk inputs where the rows do not fit in L1 (else one group, one
- * chunk). TILE(n, MT, NT), ROW1(n) and WIDE see m0, the chunk's length `chunk`, the group's first channel g and the
- * span s. */
-#define ROW_BLOCKS(TILE, ROW1, CHUNK, WIDE)                                                                       \
+ * chunk). TILE(n, r, MT, NT), ROW1(n), WIDE and HALVES see m0, the chunk's length `chunk`, the group's first channel
+ * g and the span s. */
+#define ROW_BLOCKS(TILE, ROW1, CHUNK, WIDE, HALVES)                                                               \
     __m512 part[CHUNK_CHANNELS * 8];                                                                              \
     for (ptrdiff_t m0 = 0; m0 < M; m0 += 8) {                                                                     \
         const ptrdiff_t chunk = (CHUNK), group = chunk < K ? CHUNK_CHANNELS : n1 - n0;                            \
@@ -238,7 +247,7 @@ INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
                 s.k1 = K - s.k0 > chunk ? s.k0 + chunk : K;                                                       \
                 s.next = chunk < K ? (const char *)(w + g1 * K) + s.k0 * (g1 - g) * sizeof(*w) : NULL;            \
                 ptrdiff_t n = g;                                                                                  \
-                ROW_TILES(TILE, ROW1, g1, WIDE)                                                                   \
+                ROW_TILES(TILE, ROW1, g1, WIDE, HALVES)                                                           \
             }                                                                                                     \
         }                                                                                                         \
     }
@@ -246,11 +255,13 @@ INLINE void row1_dp(const uint16_t *xb, ptrdiff_t K, const uint16_t *w, ptrdiff_
 /* Output channels [n0, n1) for all M bf16 rows (ROW_BLOCKS). */
 INLINE void block_dp(const uint16_t *xb, ptrdiff_t M, ptrdiff_t K, const uint16_t *w, ptrdiff_t n0, ptrdiff_t n1,
                      const Epilogue *e) {
-#define DP_TILE(n, MT, NT) tile_dp(xb + m0 * K, K, w, n, MT, NT, e, m0, tile_span(&s, n - g, 2))
+#define DP_TILE(n, r, MT, NT) tile_dp(xb + (m0 + r) * K, K, w, n, MT, NT, e, m0 + r, tile_span(&s, n - g, 2))
 #define DP_ROW1(n) row1_dp(xb + m0 * K, K, w, n, e, m0)
-    ROW_BLOCKS(DP_TILE, DP_ROW1, rows_chunk(M - m0, K), chunk == K && !rows_fit(M - m0, K))
+#define DP_WIDE (chunk == K && !rows_fit(M - m0, K))
+    ROW_BLOCKS(DP_TILE, DP_ROW1, rows_chunk(M - m0, K), DP_WIDE, DP_WIDE)
 #undef DP_TILE
 #undef DP_ROW1
+#undef DP_WIDE
 }
 #endif /* __AVX512BF16__ */
 

@@ -142,9 +142,9 @@ INLINE void row1_i8dp(const I8Rows *r, ptrdiff_t K, const int8_t *w, ptrdiff_t n
 INLINE void block_i8dp(const I8Rows *r, ptrdiff_t M, ptrdiff_t K, const void *wv, ptrdiff_t n0, ptrdiff_t n1,
                        const Epilogue *e) {
     const int8_t *w = (const int8_t *)wv;
-#define I8_TILE(n, MT, NT) tile_i8dp(r, K, w, n, MT, NT, e, m0, tile_span(&s, n - g, 1))
+#define I8_TILE(n, o, MT, NT) tile_i8dp(r, K, w, n, MT, NT, e, m0 + o, tile_span(&s, n - g, 1))
 #define I8_ROW1(n) row1_i8dp(r, K, w, n, e, m0)
-    ROW_BLOCKS(I8_TILE, I8_ROW1, K, 1)
+    ROW_BLOCKS(I8_TILE, I8_ROW1, K, 1, 0)
 #undef I8_TILE
 #undef I8_ROW1
 }
