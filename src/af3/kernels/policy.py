@@ -70,7 +70,13 @@ Why the rules are what they are (measurements in ``benchmarks/README.md``, ``ben
   up to :data:`DP_ROWS` bf16 rows take af3's kernel, more the packed copy, and ``W @ x.T`` never
   (:attr:`KernelPolicy.dp_rows`): the batch-1 lm_head, outside the fused step, went from ``torch.mv`` to the kernel,
   and batch-1 decoding from 19.5 to 35.6 tok/s (``engine_bench``, benchmarks/README.md). (After the pair-dot-product
-  tiles kept their accumulators in registers, the kernel and the packed copy were even from 3 to 8 rows.)
+  tiles kept their accumulators in registers, the kernel and the packed copy were even from 3 to 8 rows.) Once the
+  tiles were 2 wide where the rows stay in L1 and ran in chunks of inputs where they do not (2026-12-07), the kernel
+  won again from 4 to 8 rows: the 151936 x 896 lm_head 1.03-1.33x the packed copy's speed (three runs), AF3-8B's
+  152064 x 3584 one 0.94-1.29x (1.06-1.29x in two runs of three), from 10 rows 0.83-1.22x, at 16 0.88-0.94x. With
+  the fused step taking the decoder's layers, that leaves the lm_head: batch 4, 6 and 8 of the benchmark model
+  decoded 1.056x, 1.053x and 1.075x as fast with 8 as with 3 (medians of 6 alternating runs in one process, 48
+  tokens). So :data:`DP_ROWS` is 8.
 * Once the GEMMs are fast, torch's elementwise ops are a large share of a prefill: RMSNorm alone is six ops, each
   writing and reading back a tensor. af3's row-wise kernels (RMSNorm with the residual add, SiLU * up, rotary) do
   each in one pass, rounding where torch rounds, for any half-precision CPU inference (:meth:`KernelPolicy.rowwise`).
@@ -121,7 +127,7 @@ FUSED_ROWS = 256
 NATIVE_FUSED_ROWS = 4
 #: On CPUs with AVX512-BF16 but no AMX: rows up to which a bf16 product takes af3's kernel (pair dot products)
 #: rather than oneDNN's native GEMM (the measured crossover, module docstring).
-DP_ROWS = 3
+DP_ROWS = 8
 #: Rows up to which ``fused_decode="auto"`` takes the fused step for bf16 where the kernels multiply bf16 rows with
 #: AMX tiles (``binding.bf16_rows_level() == 2``; the measured crossover, module docstring).
 AMX_FUSED_ROWS = 16
