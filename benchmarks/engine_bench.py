@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from af3.system import cpu_description
+from af3.system import advise_huge_pages, cpu_description
 
 CACHE = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "bench-mid"
 SR = 16000
@@ -73,21 +73,30 @@ def conversation(seconds: float, seed: int, question: str = "Describe the record
                                          {"type": "text", "text": question}]}]
 
 
+def ones(*shape: int) -> torch.Tensor:
+    """fp32 ones in huge pages where Linux gives them on request (``af3.system.advise_huge_pages``), as af3's
+    weights are: a probe in 4 KB pages reads slower than the weights it is the roofline of (a 2-vCPU Zen 4 EPYC: an
+    fp32 sum 32-33 against 34-35 GB/s, one-row products 28-29 against 33-36, in the same minutes)."""
+    x = torch.empty(*shape, dtype=torch.float32)
+    advise_huge_pages([x])
+    return x.fill_(1.0)
+
+
 def bandwidth_gbs() -> float:
     """Read bandwidth of this machine: the best of 5 fp32 sums over 1 GiB (a streaming read the process's threads
     share; 4 bytes per element). fp32, not bf16: on CPUs without native bf16 a bf16 sum is partly bound by its
     conversions (18.5 against fp32's 22.2 GB/s on the AVX2 EPYC). :func:`bandwidth_checks` measures it twice more."""
-    x = torch.ones(256 * 1024**2, dtype=torch.float32)
+    x = ones(256 * 1024**2)
     return _best_gbs(x.sum, x.numel() * x.element_size())
 
 
 def bandwidth_checks() -> dict[str, float]:
     """Two other ways to read bandwidth, to check the probe against (GB/s): a copy of 1 GiB (its read and write
     bytes counted) and a GEMV over a 1 GiB fp32 matrix (its bytes; the vector is negligible)."""
-    x = torch.ones(256 * 1024**2, dtype=torch.float32)
-    y = torch.empty_like(x)
+    x = ones(256 * 1024**2)
+    y = ones(256 * 1024**2)
     copy = _best_gbs(lambda: y.copy_(x), 2 * x.numel() * x.element_size())
-    w, v = torch.ones(8192, 32768, dtype=torch.float32), torch.ones(32768, dtype=torch.float32)
+    w, v = ones(8192, 32768), torch.ones(32768, dtype=torch.float32)
     return {"copy_gbs": copy, "gemv_gbs": _best_gbs(lambda: torch.mv(w, v), w.numel() * w.element_size())}
 
 
@@ -109,7 +118,7 @@ def bracketed_share(run, decoder_bytes: int, repeats: int = 3,
 @functools.lru_cache(maxsize=1)
 def _probe(nbytes: int) -> torch.Tensor:
     """The fp32 tensor the bracketing sums read (made once: its first touch costs more than a sum)."""
-    return torch.ones(nbytes // 4, dtype=torch.float32)
+    return ones(nbytes // 4)
 
 
 def _best_gbs(fn, nbytes: int, repeats: int = 5) -> float:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..config import TextConfig
 from ..errors import InputError
-from ..system import available_memory
+from ..system import advise_huge_pages, available_memory
 
 #: Slots a growing cache starts with and rounds its capacity up to.
 GROW_STEP = 256
@@ -55,6 +55,7 @@ class KVCache:
             for i, old in enumerate(kind):
                 # Zeros, not garbage, in the unused slots: a masked-out NaN would still poison attention (0 * NaN).
                 new = torch.empty((rows, heads, slots, dim), dtype=self.dtype, device=self.device)
+                advise_huge_pages([new])  # every decoding step reads it (system.py)
                 if keep:
                     new[:, :, :keep] = old[:, :, :keep]
                 new[:, :, keep:].zero_()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..system import advise_huge_pages
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
 from .linear import even_pieces, fp32_piece
@@ -115,6 +116,7 @@ def quantize_weight(weight: Tensor, scale_dtype: torch.dtype | None = None) -> t
         scale_dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else torch.float32
     n, k = weight.shape
     q = torch.empty(n, k, dtype=torch.int8, device=weight.device)
+    advise_huge_pages([q])  # (before it is written: system.py)
     scales = torch.empty(n, dtype=scale_dtype, device=weight.device)
     rows = max(1, QUANT_CHUNK // max(k, 1))
     info = torch.finfo(scale_dtype)

@@ -38,7 +38,7 @@ from ..config import (DTYPE_NAMES, NVIDIA_FOLDERS, AF3Config, EncoderConfig, Gen
                       folder_path, is_nvidia_layout, read_json, write_json)
 from ..errors import CheckpointError, InputError
 from ..files import atomic_folder
-from ..system import release_free_memory
+from ..system import advise_huge_pages, release_free_memory
 from .tensor_files import (INDEX, SafetensorsFile, StateSource, TensorSource, _names_list, all_finite,  # noqa: F401
                            read_index, weight_files)
 
@@ -129,6 +129,7 @@ def load_state_by_module(model: torch.nn.Module, source: TensorSource, names: li
         for mod_name, tensors in owners.items():
             module = model.get_submodule(mod_name)
             module.to_empty(device=device, recurse=False)
+            advise_huge_pages([*module.parameters(recurse=False), *module.buffers(recurse=False)])
             for name in tensors:
                 target = getattr(module, name.rpartition(".")[2])
                 source.copy_into(name, target)
@@ -292,6 +293,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, dtype: torch.dtype | Non
                 raise
             raise CheckpointError(f"out of memory while allocating the model of {config_path} on {dev}: "
                                   f"{str(e).splitlines()[0][:120]}; free memory or use a smaller dtype") from None
+        advise_huge_pages([*model.parameters(), *model.buffers()])  # before the weights are read in
         if hasattr(model, "init_buffers"):
             model.init_buffers()  # non-persistent buffers (rotary tables) are not in the checkpoint
         load_state(model, source, tie_embeddings=config.text_config.tie_word_embeddings)
