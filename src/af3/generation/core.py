@@ -134,10 +134,12 @@ class EngineCore:
     def _choose_rows(self, reqs: list[Request], logits: torch.Tensor) -> None:
         """:meth:`_choose` for each request and its row of ``logits`` [n, V]. Rows that only take the argmax (greedy,
         no logprobs, no processor but ``min_new_tokens``' end-token ban) share one argmax and one copy to the host:
-        no device sync per row. The ban is written into those rows of ``logits`` first (nothing else reads them)."""
+        no device sync per row, and no fp32 copy of the logits (on a CPU, one pass of af3's argmax over them: a
+        batch-1 step of the benchmark model spent 0.4 ms in ``float()`` and torch's argmax). The ban is written into
+        those rows of ``logits`` first (nothing else reads them)."""
         plain = [_argmax_only(r) for r in reqs]
         tokens = None
-        if sum(plain) > 1:
+        if any(plain):
             short = [i for i, r in enumerate(reqs) if plain[i] and len(r.tokens) < r.options.min_new_tokens]
             banned = [(i, t) for i in short for t in reqs[i].chain.argmax_ban if t < logits.shape[-1]]
             if banned:  # rows still short of min_new_tokens: their end tokens cannot be chosen yet
