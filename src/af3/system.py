@@ -87,32 +87,40 @@ def check_device(device: torch.device | str) -> torch.device:
     raise InputError(f"device {device!r} is not supported here; use cpu or cuda")
 
 
+def _libc_function(name: str, argtypes: list | None = None):
+    """The C library's function ``name`` (with ``argtypes`` and an int result when given), or None where there is
+    none (not glibc, not Linux); looked up once."""
+    if name not in _LIBC:
+        try:
+            import ctypes
+            import ctypes.util
+
+            fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+            if argtypes is not None:
+                fn.argtypes, fn.restype = argtypes, ctypes.c_int
+            _LIBC[name] = fn
+        except (OSError, AttributeError):
+            _LIBC[name] = None
+    return _LIBC[name]
+
+
+_LIBC: dict = {}
+
+
 def release_free_memory() -> None:
     """Give memory that has been freed back to the operating system (glibc's ``malloc_trim``; a no-op elsewhere).
 
     Long jobs free and allocate many tensors and arrays of changing sizes; glibc keeps the freed pages in its heaps,
     so resident memory creeps up with the job's length although nothing is held. Long-form transcription calls this
     between batches, so its memory stays flat with the recording's length."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-            import ctypes.util
-
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim:
+        malloc_trim(0)
 
 
 #: Tensors from this size up are worth huge pages (one 2 MB page of x86-64; smaller ones could not fill one).
 HUGE_PAGE_BYTES = 2 << 20
 _MADV_HUGEPAGE = 14  # <sys/mman.h> on Linux
-_madvise = None
 
 
 def advise_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
@@ -125,22 +133,14 @@ def advise_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
     default, ``transparent_hugepage/enabled`` = madvise), weights sat in 4 KB pages: the hardware prefetchers stop at
     each page's end and every 4 KB costs a TLB miss. On a 2-vCPU Zen 4 EPYC one-row products over 1 GB read 28-29
     GB/s in 4 KB pages and 33-36 in huge pages in the same minutes, and batch-1 decoding of the benchmark model ran
-    1.13x as fast (benchmarks/README.md). ``AF3_HUGE_PAGES=0`` turns it off. The advice covers whole 4 KB pages, so it
+    1.22x as fast (benchmarks/README.md). ``AF3_HUGE_PAGES=0`` turns it off. The advice covers whole 4 KB pages, so it
     may reach a neighbour's memory at the ends: harmless, it is only a hint."""
     if sys.platform != "linux" or os.environ.get("AF3_HUGE_PAGES", "1") == "0":
         return 0
-    global _madvise
-    if _madvise is None:
-        try:
-            import ctypes
-            import ctypes.util
+    import ctypes
 
-            _madvise = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).madvise
-            _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise:
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+    if not madvise:
         return 0
     page, advised = os.sysconf("SC_PAGE_SIZE"), 0
     for t in tensors:
@@ -151,6 +151,6 @@ def advise_huge_pages(tensors: Iterable[torch.Tensor]) -> int:
         if size < HUGE_PAGE_BYTES:
             continue
         first, end = start // page * page, -(-(start + size) // page) * page
-        if _madvise(first, end - first, _MADV_HUGEPAGE) == 0:  # (EINVAL where the kernel has no THP: no matter)
+        if madvise(first, end - first, _MADV_HUGEPAGE) == 0:  # (EINVAL where the kernel has no THP: no matter)
             advised += size
     return advised

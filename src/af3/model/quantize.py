@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..system import advise_huge_pages
 from ..kernels import binding as cpu_kernels
 from ..kernels import policy as kernel_policy
+from ..system import advise_huge_pages
 from .linear import even_pieces, fp32_piece
 
 log = logging.getLogger(__name__)
