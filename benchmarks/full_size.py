@@ -264,13 +264,12 @@ def run(args) -> dict:
 def table(r: dict) -> str:
     # the highest bandwidth read anywhere in the run: the probes at the start and those around af3's batch-1 runs
     # (minutes later, the VM's bandwidth may have moved by 2x)
-    bandwidth = max(r["bandwidth_gbs"], r["copy_gbs"], r["gemv_gbs"],
-                    *(s.get("bracket_gbs", 0.0) for s in r["systems"].values()))
+    brackets = max((s.get("bracket_gbs", 0.0) for s in r["systems"].values()), default=0.0)
+    bandwidth = max(r["bandwidth_gbs"], r["copy_gbs"], r["gemv_gbs"], brackets)
     hf = r["systems"].get("hf-bf16", {})
     lines = [f"CPU: {r['cpu']}; threads {r['threads']}; bandwidth {r['bandwidth_gbs']:.1f} GB/s (fp32 sum), copy "
-             f"{r['copy_gbs']:.1f}, fp32 GEMV {r['gemv_gbs']:.1f}, around af3's batch-1 runs up to "
-             f"{max((s.get('bracket_gbs', 0.0) for s in r['systems'].values()), default=0.0):.1f}: roofline from "
-             f"{bandwidth:.1f} GB/s; random AF3 of "
+             f"{r['copy_gbs']:.1f}, fp32 GEMV {r['gemv_gbs']:.1f}, around af3's batch-1 runs up to {brackets:.1f}: "
+             f"roofline from {bandwidth:.1f} GB/s; random AF3 of "
              f"the real shapes, {r['weights_bytes'] / 1e9:.1f} GB of bf16 weights; {r['tokens']} new tokens after "
              f"{AUDIO_S:g} s of audio per request", "",
              "| system | decoder GB/token | decode tok/s, batch 1 | % of roofline | vs transformers | "

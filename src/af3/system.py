@@ -87,6 +87,9 @@ def check_device(device: torch.device | str) -> torch.device:
     raise InputError(f"device {device!r} is not supported here; use cpu or cuda")
 
 
+_LIBC: dict = {}
+
+
 def _libc_function(name: str, argtypes: list | None = None):
     """The C library's function ``name`` (with ``argtypes`` and an int result when given), or None where there is
     none (not glibc, not Linux); looked up once."""
@@ -102,9 +105,6 @@ def _libc_function(name: str, argtypes: list | None = None):
         except (OSError, AttributeError):
             _LIBC[name] = None
     return _LIBC[name]
-
-
-_LIBC: dict = {}
 
 
 def release_free_memory() -> None:
