@@ -527,6 +527,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.long_runs is None:
         args.long_runs = args.runs
+    from benchmarks import vllm_ref
+    vllm_ref.stop_on_sigterm()  # stopping the benchmark stops a vLLM runner in flight with it
     results = run(args)
     print(table(results))
     if args.json:

@@ -301,17 +301,18 @@ class Server:
         return None if self.proc is None else group_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the server's whole group (its own session), then SIGKILL to whatever of the group is left,
+        the server's workers too when the server itself has already exited."""
+        if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
         time.sleep(2.0)  # workers of the group exit too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
 
 def af3_server(model_dir: Path, port: int, batch: int, queue: int, threads: int, extra: tuple[str, ...] = ()
@@ -885,6 +886,8 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the raw results here")
     args = p.parse_args()
     args.client_levels = [int(c) for c in args.clients.split(",") if c.strip()]
+    from benchmarks.vllm_ref import stop_on_sigterm
+    stop_on_sigterm()  # SIGTERM stops the server under test with the benchmark (``run``'s ``finally``)
     results = run(args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=lambda o: asdict(o) if hasattr(

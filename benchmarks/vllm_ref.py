@@ -6,6 +6,7 @@ measurement runs ``vllm_runner.py`` with that venv's interpreter in a subprocess
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,20 @@ def available(python: str | os.PathLike | None = None) -> bool:
     return done.returncode == 0
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the group ``pgid`` (none left: nothing to do)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this process through ``SystemExit``, so that ``run``'s clean-up kills a runner in flight
+    (by default SIGTERM ends Python at once, and the runner's own session keeps its workers alive)."""
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def run(model_dir: str | os.PathLike, scenario: str, tokens: int, runs: int, audio_seconds: float,
         python: str | os.PathLike | None = None, timeout: float = 3600, extra: tuple[str, ...] = ()) -> dict | None:
     """One ``vllm_runner.py`` scenario (decode1, decode8, prefill, startup) on ``model_dir``; its JSON result, or
@@ -38,15 +53,20 @@ def run(model_dir: str | os.PathLike, scenario: str, tokens: int, runs: int, aud
     cmd = [str(python or DEFAULT_PYTHON), str(RUNNER), "--model", str(model_dir), "--scenario", scenario,
            "--tokens", str(tokens), "--runs", str(runs), "--audio-seconds", str(audio_seconds), *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    try:  # own session: on a timeout the runner's engine-core and worker processes are killed with it
+    # Own session, so that the runner's engine-core and worker processes can be killed as one group: on a
+    # timeout, after the runner's exit (a worker that outlives it would load the next measurement) and when this
+    # process stops early (an exception, Ctrl-C, or SIGTERM once ``stop_on_sigterm`` is installed).
+    try:
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True) as proc:
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_group(proc.pid)
                 out, err = proc.communicate()
                 err += f"\ntimed out after {timeout} s"
+            finally:
+                _kill_group(proc.pid)
     except OSError as exc:
         log.warning("vLLM %s failed: %s", scenario, exc)
         return None
