@@ -68,11 +68,13 @@ def test_key_padding_per_batch_row_matches_sdpa(tile_build):
 
 
 @needs_amx
-# (where the tiles are emulated, decode_dp.h takes it: up to 8 queries and 32 dimensions per value pass, so rep 10
-# and Dh 96 leave partial passes; odd lengths leave a half key pair)
+# (where the tiles are emulated, decode_dp.h takes it: blocks of 16 keys for the scores; for p v up to 8 queries and
+# 32 dimensions per pass, so rep 10 and Dh 96 leave partial passes, over blocks of 64 keys once a head's values pass
+# 512 KB (1101 keys of 256), and odd lengths leave a half key pair)
 @pytest.mark.parametrize(("b", "g", "rep", "s", "dh"), [(8, 2, 7, 834, 64), (15, 2, 7, 100, 64), (3, 4, 7, 50, 128),
                                                          (2, 1, 16, 33, 64), (4, 4, 1, 17, 256), (1, 2, 7, 1, 64),
-                                                         (3, 1, 10, 45, 96)])
+                                                         (3, 1, 10, 45, 96), (2, 1, 10, 1101, 256),
+                                                         (2, 4, 7, 300, 128)])
 def test_decoding_attention_over_cache_prefixes_matches_sdpa(b, g, rep, s, dh, tile_build):
     gen = torch.Generator().manual_seed(s)
     cache_k = torch.randn(b + 1, g, s + 40, dh, generator=gen).bfloat16()  # a cache longer than the slots read

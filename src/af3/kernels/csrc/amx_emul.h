@@ -8,11 +8,11 @@
  * B). Sums run in fp32 in the pairs' order; denormal inputs and sums are taken as zero, as AMX and vdpbf16ps both
  * do. Tiles 0-3 (the accumulators, in every kernel here) are 1 KB each of thread-local memory: a load copies 16 rows
  * of 64 bytes into one, a store copies them out, and a zeroed one is only marked so (its products start from zeros
- * in registers). Tiles 4-7 are only ever operands, loaded just before the products
- * that read them: a load records where the rows are and the products read them there (copying each operand into a
- * tile first made the attention 1.10-1.17x slower on a Zen 4). Tile numbers are those of amx.h (0-7, every tile 16 rows of 64
- * bytes); amx.h's configuration and release have nothing to do here. Include it before amx.h, whose pair transpose
- * the attention uses as well. */
+ * in registers). Tiles 4-7 are only ever operands, loaded just before the products that read them: a load records
+ * where the rows are and the products read them there (copying each operand into a tile first made the attention
+ * 1.10-1.17x slower on a Zen 4). Tile numbers are those of amx.h (0-7, every tile 16 rows of 64 bytes); amx.h's
+ * configuration and release have nothing to do here. Include it before amx.h, whose pair transpose the attention
+ * uses as well. */
 #ifndef AF3_AMX_EMUL_H
 #define AF3_AMX_EMUL_H
 #include <immintrin.h>
@@ -47,11 +47,11 @@ static inline void emul_tile_store(int t, void *p, ptrdiff_t stride) {
                             emul_zero[t] ? _mm512_setzero_si512() : _mm512_load_si512(emul_tiles[t] + 16 * r));
 }
 
-/* acc += (the pair at `pair`, in every lane) . b, the pair read by vdpbf16ps itself ({1to16}): from
+/* acc += (the pair of bf16 at `pair`, in every lane) . b, the pair read by vdpbf16ps itself ({1to16}): from
  * _mm512_set1_epi32 GCC 12 broadcasts it into a register first, one more instruction per product (the attention
- * 1.07-1.17x slower on a Zen 4). */
-#define EMUL_DP_PAIR(acc, pair, b) \
-    __asm__("vdpbf16ps %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*(const uint32_t *)(pair)), "v"(b))
+ * 1.07-1.17x slower on a Zen 4). decode_dp.h uses it too. */
+#define DP_PAIR_AT(acc, pair, b) \
+    __asm__("vdpbf16ps %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*(const uint32_t *)(const void *)(pair)), "v"(b))
 
 /* C += A . B for accumulator tile c and operand tiles a, b: eight rows of C at a time, so that eight dependency
  * chains are in flight. */
@@ -70,7 +70,7 @@ static inline void emul_tile_dp(int c, int a, int b) {
 #pragma GCC unroll 16
         for (int p = 0; p < 16; p++)
 #pragma GCC unroll 8
-            for (int i = 0; i < 8; i++) EMUL_DP_PAIR(acc[i], arows + (i0 + i) * as + 4 * p, bv[p]);
+            for (int i = 0; i < 8; i++) DP_PAIR_AT(acc[i], arows + (i0 + i) * as + 4 * p, bv[p]);
 #pragma GCC unroll 8
         for (int i = 0; i < 8; i++) _mm512_store_ps(ct + 16 * (i0 + i), acc[i]);
     }
