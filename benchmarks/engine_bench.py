@@ -108,11 +108,19 @@ def bracketed_share(run, decoder_bytes: int, repeats: int = 3,
     (a Zen 4 EPYC read 27-35 GB/s in some minutes, 50-61 in others): a decoding run compared with a probe taken
     minutes apart measures the neighbours as much as the code. The tables' rooflines take the highest bandwidth read
     anywhere in their run, these probes included."""
+    out, gbs = bracketed(run, repeats, probe_bytes)
+    return out, out.rate * decoder_bytes / 1e9 / gbs, gbs
+
+
+def bracketed(run, repeats: int = 3, probe_bytes: int = 2**30) -> tuple[object, float]:
+    """``run()``'s result and the higher of two fp32 sums' GB/s over ``probe_bytes``, just before and just after it:
+    the memory speed of the minutes the run fell in (every system's decoding runs are bracketed so, so that a
+    ratio between systems can be read against the minutes each one got)."""
     x = _probe(probe_bytes)
     before = _best_gbs(x.sum, x.numel() * 4, repeats)
     out = run()
     after = _best_gbs(x.sum, x.numel() * 4, repeats)
-    return out, out.rate * decoder_bytes / 1e9 / max(before, after), max(before, after)
+    return out, max(before, after)
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,11 +265,13 @@ def run(args) -> dict:
 
     other_modes = [m for m in args.fused.split(",") if m and m != "auto"]
     if "decode1" in only:
-        hf_r, ours_r, modes, shares, brackets = [], [], {m: [] for m in other_modes}, [], []
+        hf_r, ours_r, modes, shares, brackets, hf_gbs = [], [], {m: [] for m in other_modes}, [], [], []
         for rep in range(args.runs):
             c = [conversation(30.0, 100 + rep)]
             with torch.inference_mode():
-                hf_r.append(hf_decode(hf, batch(c), args.tokens))
+                got, gbs = bracketed(lambda c=c, model=hf: hf_decode(model, batch(c), args.tokens))
+                hf_r.append(got)
+                hf_gbs.append(gbs)
             def one(c=c):
                 return engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens)
 
@@ -274,18 +284,28 @@ def run(args) -> dict:
                     modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=1), c, args.tokens).rate)
         results["decode1"] = {"hf": median([r.rate for r in hf_r]), "ours": median([r.rate for r in ours_r]),
                               "ours_bracketed_share": median(shares), "bracket_gbs": max(brackets),
+                              "hf_memory_gbs": median(hf_gbs), "ours_memory_gbs": median(brackets),
                               "hf_ttft": median([r.ttft for r in hf_r]), "ours_ttft": median([r.ttft for r in ours_r]),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode1", results["decode1"])
     if "decode8" in only:
-        hf_r, ours_r, modes = [], [], {m: [] for m in other_modes}
+        hf_r, ours_r, modes, hf_gbs, ours_gbs = [], [], {m: [] for m in other_modes}, [], []
         for rep in range(args.runs):
             convs = [conversation(30.0, 200 + 10 * rep + i) for i in range(8)]
-            with torch.inference_mode():
+
+            def hf_job(convs=convs, model=hf):
                 t = time.perf_counter()
                 inputs = batch(convs)  # (the processor's time is part of transformers' whole job, as af3's is)
-                hf_r.append(hf_decode(hf, inputs, args.tokens, time.perf_counter() - t))
-            ours_r.append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens))
+                return hf_decode(model, inputs, args.tokens, time.perf_counter() - t)
+
+            with torch.inference_mode():
+                got, gbs = bracketed(hf_job)
+            hf_r.append(got)
+            hf_gbs.append(gbs)
+            got, gbs = bracketed(lambda convs=convs: engine_decode(Engine(ours, proc, max_batch_size=8), convs,
+                                                                   args.tokens))
+            ours_r.append(got)
+            ours_gbs.append(gbs)
             for mode in other_modes:
                 with policy.override(fused_decode=mode):
                     modes[mode].append(engine_decode(Engine(ours, proc, max_batch_size=8), convs, args.tokens).rate)
@@ -293,6 +313,7 @@ def run(args) -> dict:
                               "ours_all_rows": median([r.all_rows for r in ours_r]),
                               "hf_job_s": median([r.job_s for r in hf_r]),
                               "ours_job_s": median([r.job_s for r in ours_r]),
+                              "hf_memory_gbs": median(hf_gbs), "ours_memory_gbs": median(ours_gbs),
                               "modes": {m: median(v) for m, v in modes.items()}}
         progress("decode8", results["decode8"])
     def first_token(reference, seconds: float, seed: int, runs: int) -> dict[str, float]:
@@ -395,7 +416,11 @@ def run_vllm(folder: Path, args, only: set[str]) -> dict | None:
             ("prefill", "prefill", 300.0, 1, args.long_runs), ("load", "startup", 30.0, 16, 1)]
     for key, scenario, seconds, tokens, runs in plan:
         if key in only:
-            out[scenario] = vllm_ref.run(folder, scenario, tokens, runs, seconds, python=args.vllm_python)
+            got, gbs = bracketed(functools.partial(vllm_ref.run, folder, scenario, tokens, runs, seconds,
+                                                   python=args.vllm_python))
+            if got is not None and scenario.startswith("decode"):  # (its load inside the bracket too)
+                got["memory_gbs"] = gbs
+            out[scenario] = got
     return out
 
 
@@ -411,6 +436,21 @@ def progress(what: str, values: dict | None = None) -> None:
         flat.update({f"{k}.{k2}": v2 for k2, v2 in v.items()} if isinstance(v, dict) else {k: v})
     shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float | int) else f"{k} {v}" for k, v in flat.items())
     print(f"[engine_bench] {what}{': ' + shown if shown else ''}", file=sys.stderr, flush=True)
+
+
+def memory_row(lines: list[str], scenario: str, r: dict) -> None:
+    """The table row of the memory speed (median GB/s of the fp32 sums just before and after each run) that each
+    system's runs of ``scenario`` fell in; vLLM's bracket holds its whole process, load included."""
+    d = r[scenario]
+    if "ours_memory_gbs" not in d:
+        return
+
+    def cell(v: float | None) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    lines.append(f"| … memory speed around each system's runs, GB/s (fp32 sum; the ratios above depend on it) | "
+                 f"{cell(d.get('hf_memory_gbs'))} | {cell(_vllm(r, scenario, 'memory_gbs'))} | "
+                 f"{cell(d['ours_memory_gbs'])} | | | |")
 
 
 def table(r: dict) -> str:
@@ -453,6 +493,7 @@ def table(r: dict) -> str:
         for mode, v in d.get("modes", {}).items():
             row(f"… AF3_FUSED_DECODE={mode}", d["hf"], _vllm(r, "decode1", "decode_tok_s"), v, True, "",
                 extra=f" ({v / roof:.0%})")
+        memory_row(lines, "decode1", r)
     if "decode8" in r:
         d = r["decode8"]
         row("decode tok/s, 8 requests (sum)", d["hf"], _vllm(r, "decode8", "decode_tok_s"), d["ours"], True,
@@ -465,6 +506,7 @@ def table(r: dict) -> str:
         if "ours_job_s" in d:
             row("… the whole job: 8 requests from submission to the last token, s", d["hf_job_s"],
                 _vllm(r, "decode8", "wall_s"), d["ours_job_s"], False, "")
+        memory_row(lines, "decode8", r)
     if "prefill_5min" in r:
         d = r["prefill_5min"]
         row("prefill 5 min audio, s (time to first token)", d["hf"], _vllm(r, "prefill", "ttft_frontend_s"),
