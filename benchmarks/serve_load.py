@@ -305,13 +305,13 @@ class Server:
         the server's workers too when the server itself has already exited."""
         if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        from benchmarks.vllm_ref import kill_group
+
+        kill_group(self.proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(60)
         time.sleep(2.0)  # workers of the group exit too
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        kill_group(self.proc.pid)
         self.proc.wait(30)
 
 

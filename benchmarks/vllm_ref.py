@@ -32,10 +32,11 @@ def available(python: str | os.PathLike | None = None) -> bool:
     return done.returncode == 0
 
 
-def _kill_group(pgid: int) -> None:
-    """SIGKILL every process left in the group ``pgid`` (none left: nothing to do)."""
+def kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
+    """Send ``sig`` to every process left in the group ``pgid`` (none left: nothing to do). The runner here and
+    ``serve_load``'s servers start in their own sessions so that their workers can be stopped this way."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, sig)
 
 
 def stop_on_sigterm() -> None:
@@ -62,11 +63,11 @@ def run(model_dir: str | os.PathLike, scenario: str, tokens: int, runs: int, aud
             try:
                 out, err = proc.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
                 out, err = proc.communicate()
                 err += f"\ntimed out after {timeout} s"
             finally:
-                _kill_group(proc.pid)
+                kill_group(proc.pid)
     except OSError as exc:
         log.warning("vLLM %s failed: %s", scenario, exc)
         return None
