@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from af3.system import advise_huge_pages, cpu_description
+from benchmarks.decode_trace import DecodeRun, Step, decode_run
 
 CACHE = Path(os.environ.get("AF3_CACHE", Path.home() / ".cache" / "af3")) / "bench-mid"
 SR = 16000
@@ -177,42 +178,24 @@ def hf_decode(model, inputs, tokens: int, prep_s: float = 0.0) -> HFRun:
     return HFRun(stamps[0] - t0, rows * (len(stamps) - 1) / (stamps[-1] - stamps[0]), prep_s + stamps[-1] - t0)
 
 
-class EngineRun(NamedTuple):
-    ttft: float  #: seconds from submission until every request holds its first token
-    rate: float  #: decode tok/s summed over the requests
-    all_rows: float  #: the same over the steps in which every request decodes
-    job_s: float  #: seconds from submission to the last token of the last request
-
-
-def engine_decode(engine, convs, tokens: int) -> EngineRun:
+def engine_decode(engine, convs, tokens: int) -> DecodeRun:
     """Time to first token of the last request, decode tok/s summed over requests, the same over the steps in which
-    every request decodes, and the whole job's seconds, for the Engine.
+    every request decodes, and the whole job's seconds, for the Engine: its step trace through
+    :func:`benchmarks.decode_trace.decode_run`, the definition vLLM's runner uses too.
 
-    Decode time runs from the step after which every request holds its first tokens to the last step, and counts
-    only the tokens made in between: ``Engine.step()`` runs a request's prefill and its first decoding step in one
-    call, so a request may already hold two tokens at that point (counting ``len - 1`` overstated the rate).
-    Requests admitted together do not finish together: the rows prefilled first decode along with the later rows'
-    prefills (one token per chunk), so they reach ``tokens`` earlier and the last steps carry fewer rows. The third
-    value counts only the steps before the first request ends, where all of them decode (transformers' and vLLM's
-    batches run in lockstep, so for them the two rates are one). The whole job (submission to the last token) is the
-    figure that counts the tokens made during the prefills as well."""
+    ``Engine.step()`` runs a request's prefill and its first decoding step in one call, and requests admitted
+    together do not finish together: the rows prefilled first decode along with the later rows' prefills (one token
+    per chunk), so they reach ``tokens`` earlier and the last steps carry fewer rows. transformers' batches run in
+    lockstep, so for them the two rates are one. The whole job (submission to the last token) is the figure that
+    counts the tokens made during the prefills as well."""
     t0 = time.perf_counter()
     reqs = [engine.submit(c, max_new_tokens=tokens, min_new_tokens=tokens) for c in convs]
-    first = last = full_end = None
-    held = full_tokens = 0
-    full = True  # no request has ended yet: every step so far decoded all of them
+    steps = []
     while not all(r.done.is_set() for r in reqs):
         engine.step()
-        now = time.perf_counter()
-        if first is None and all(r.tokens for r in reqs):
-            first, held = now, sum(len(r.tokens) for r in reqs)
-        elif first is not None and full:
-            full_end, full_tokens = now, sum(len(r.tokens) for r in reqs) - held
-            full = not any(r.done.is_set() for r in reqs)  # (the step that ends one still decoded all)
-        last = now
-    total = sum(len(r.tokens) for r in reqs) - held
-    full_rate = full_tokens / (full_end - first) if full_end is not None else total / (last - first)
-    return EngineRun(first - t0, total / (last - first), full_rate, last - t0)
+        steps.append(Step(time.perf_counter(), tuple(len(r.tokens) for r in reqs),
+                          sum(r.done.is_set() for r in reqs)))
+    return decode_run(t0, steps)
 
 
 def median(values: list[float]) -> float:

