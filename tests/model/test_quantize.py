@@ -219,7 +219,11 @@ def test_fallback_chunks_large_weights(monkeypatch, dtype, kernel_policy):
         assert ((got.double() - exact).abs() <= tol).all(), float(((got.double() - exact).abs() / tol).max())
         return
     check_error_bound(x, got, lin)
-    assert torch.allclose(got, torch.nn.functional.linear(x, q.dequantize(), lin.bias), atol=1e-5, rtol=1e-5)
+    # the same product as one F.linear, up to fp32 summation order: |error| <= K * 2^-24 * sum_k |x_k w_nk| (+ bias)
+    # (a fixed 1e-5 tolerance failed for some inputs: 2.3x over it in 4 of 300 seeds, where terms cancel)
+    deq = q.dequantize()
+    bound = 64 * 2**-24 * (x.abs() @ deq.abs().T + lin.bias.abs())
+    assert ((got - torch.nn.functional.linear(x, deq, lin.bias)).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("chunk", [(L.CONVERT_CHUNK, L.PIECE_COLS), (64 * 10, 1)])
