@@ -121,14 +121,70 @@ INLINE void prefetch_ahead(const Ahead *a, int j, ptrdiff_t k) {
     if ((s).k0)                                                                                                   \
         _Pragma("GCC unroll 8") for (int i = 0; i < MT; i++)                                                      \
             _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) acc[i][j] = (s).part[8 * j + i]
+/* The sums of the 16 vectors v[0..15], lane l holding v[l]'s: pairs interleaved and added within each 128 bits,
+ * then quadruples, then across the four 128-bit lanes (45 instructions for 16 sums, against 16 reductions of ~8). */
+INLINE __m512 sums16(const __m512 *v) {
+    __m512 t[8], u[4];
+    for (int k = 0; k < 8; k++) /* per 128 bits [a0+a2, b0+b2, a1+a3, b1+b3] for a, b = v[2k], v[2k+1] */
+        t[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+    for (int k = 0; k < 4; k++) /* per 128 bits: the partial sums of v[4k] .. v[4k+3] */
+        u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], 0xEE));
+    const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+    const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+/* NT (<= 16) values of `kind` (bf16, fp16 or fp32) from element n, widened to fp32, in lanes 0 .. NT-1. */
+INLINE __m512 load_few(const void *p, ptrdiff_t n, int NT, int kind) {
+    const __mmask16 on = (__mmask16)((1u << NT) - 1u);
+    if (kind == F32) return _mm512_maskz_loadu_ps(on, (const float *)p + n);
+    const __m256i h = _mm256_maskz_loadu_epi16(on, (const uint16_t *)p + n);
+    if (kind == F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* finish() for a tile's MT x NT results at once (MT * NT <= 16), lane i * NT + j holding row m0 + i, channel n0 + j:
+ * scale and bias spread over the lanes, the whole vector rounded, one masked store a row (masked lanes are neither
+ * written nor read, so the store may start before the row). The same values as finish() lane by lane. Why: finish()
+ * one result at a time, after a reduction each, cost more than the products of a tile of 8 rows over 896 inputs:
+ * with this, 8 rows x 4864 x 896 (weights in L3) ran 1.42x as fast, 4 rows 1.33x, 2 rows 1.22x, on a Zen 4 EPYC. */
+INLINE void finish_lanes(const Epilogue *e, ptrdiff_t m0, ptrdiff_t n0, int MT, int NT, __m512 s) {
+    int c[16];
+    for (int l = 0; l < 16; l++) c[l] = l % NT;
+    const __m512i channel = _mm512_loadu_si512(c);
+    if (e->scale) s = _mm512_mul_ps(s, _mm512_permutexvar_ps(channel, load_few(e->scale, n0, NT, e->scale_kind)));
+    if (e->bias) s = _mm512_add_ps(s, _mm512_permutexvar_ps(channel, load_few(e->bias, n0, NT, e->bias_kind)));
+    const unsigned row = (1u << NT) - 1u;
+    if (e->out_kind == F32) {
+        if (e->round_kind == BF16)
+            s = _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(s), 16));
+        else if (e->round_kind == F16)
+            s = _mm512_cvtph_ps(_mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        for (int i = 0; i < MT; i++)
+            _mm512_mask_storeu_ps((float *)e->out + (m0 + i) * e->stride + n0 - i * NT, (__mmask16)(row << i * NT), s);
+        return;
+    }
+    const __m256i h = e->out_kind == BF16 ? bf16x16_from(s, 1)
+                                          : _mm512_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    for (int i = 0; i < MT; i++)
+        _mm256_mask_storeu_epi16((uint16_t *)e->out + (m0 + i) * e->stride + n0 - i * NT, (__mmask16)(row << i * NT),
+                                 h);
+}
+
+/* A tile's MT x NT accumulators at the end of its span: waiting for the next chunk in the Span's partial sums, or
+ * reduced (sums16) and finished (finish_lanes). */
 #define SPAN_END(acc, s, MT, NT, K, e, m0, n0)                                                                    \
-    for (int i = 0; i < MT; i++)                                                                                  \
-        for (int j = 0; j < NT; j++) {                                                                            \
-            if ((s).k1 < (K))                                                                                     \
-                (s).part[8 * j + i] = acc[i][j];                                                                  \
-            else                                                                                                  \
-                finish(e, (m0) + i, (n0) + j, _mm512_reduce_add_ps(acc[i][j]));                                   \
-        }
+    if ((s).k1 < (K)) {                                                                                           \
+        for (int i = 0; i < MT; i++)                                                                              \
+            for (int j = 0; j < NT; j++) (s).part[8 * j + i] = acc[i][j];                                         \
+    } else {                                                                                                      \
+        __m512 v_[16];                                                                                            \
+        _Pragma("GCC unroll 16") for (int l = 0; l < 16; l++) v_[l] = _mm512_setzero_ps();                        \
+        _Pragma("GCC unroll 8") for (int i = 0; i < MT; i++)                                                      \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NT; j++) v_[i * NT + j] = acc[i][j];                      \
+        finish_lanes(e, m0, n0, MT, NT, sums16(v_));                                                              \
+    }
 
 /* out[m0:m0+MT, n0:n0+NT] for bf16 rows xb[0:MT] (MT <= 8, MT * NT <= 16 accumulators), inputs s.k0 .. s.k1. While
  * it works, the tile prefetches (tile_ahead) column for column, as `tile` does for the tile after it. */
