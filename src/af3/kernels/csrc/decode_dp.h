@@ -30,6 +30,12 @@
 #define VALUE_PAIRS 32
 #define VALUE_SPAN (512 << 10)
 
+/* While the scores of a block of keys are worked out, the keys KV_AHEAD slots on are prefetched into L1 and, where
+ * the head's values fit in VALUE_SPAN, their values into L2 for p v. In a decoding step each layer's cache comes
+ * from memory: 8 rows of 14/2 heads, Dh 64, 24 layers' caches in turn, 850 keys: 5.39 ms against 6.72 without (32
+ * slots ahead; 64: 5.05 against 5.60, 128: 5.27), 3000 keys 16.2 against 22.9; 1 row 1.15 against 1.20 (Zen 4). */
+#define KV_AHEAD 32
+
 /* Scores of keys s0 .. s0 + cnt - 1 (cnt <= 16) for queries j0 .. j0 + JN - 1 (JN <= 8): st[j * sst + s0 + i] =
  * q_j . k_(s0 + i) (unscaled; lanes past cnt are not stored). kt [pairs][16]: the block's keys as pairs of
  * dimensions; qw [rep][pairs]: each query's pairs. */
@@ -161,8 +167,14 @@ static int decode_attention_dp(const uint16_t *q, const int64_t *q_strides, cons
         }
         for (ptrdiff_t j = 0; j < rep; j++) /* query j's pairs of dimensions, one 32-bit word each */
             memcpy(qw + j * pairs, q + b * q_strides[0] + (g * rep + j) * q_strides[1], (size_t)Dh * 2);
+        const int values_ahead = n * Dh * 2 <= VALUE_SPAN; /* (they stay in L2 until p v reads them) */
         for (ptrdiff_t s0 = 0; s0 < n; s0 += 16) {
             const ptrdiff_t cnt = n - s0 < 16 ? n - s0 : 16;
+            for (ptrdiff_t r = s0 + KV_AHEAD; r < s0 + KV_AHEAD + 16 && r < n; r++)
+                for (ptrdiff_t line = 0; line < Dh * 2; line += 64) {
+                    _mm_prefetch((const char *)(kh + r * k_strides[2]) + line, _MM_HINT_T0);
+                    if (values_ahead) _mm_prefetch((const char *)(vh + r * v_strides[2]) + line, _MM_HINT_T1);
+                }
             for (ptrdiff_t dc = 0; dc < Dh / 32; dc++) /* 16 pairs of dimensions at a time, zero rows past cnt */
                 transpose_pairs(kh + s0 * k_strides[2] + dc * 32, k_strides[2], cnt, (uint16_t *)(kt + dc * 256));
             for (ptrdiff_t j0 = 0; j0 < rep; j0 += 8)
